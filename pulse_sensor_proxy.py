@@ -7,6 +7,9 @@ import argparse
 import sys
 
 __version__ = "0.1.0"
+# build_zipapp.sh rewrites these two lines in the copy it packages.
+BUILD_COMMIT = "source"
+BUILD_DATE = ""
 
 
 def main(argv=None):
