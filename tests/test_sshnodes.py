@@ -102,15 +102,28 @@ def test_exec_log_records_every_run_and_its_command(ssh_node, client_key, tmp_pa
     assert ssh_node.accepted_publickey_count() == 3
 
 
-def test_sleep_mode_stalls_and_ends_with_its_session(ssh_node, client_key, tmp_path):
+def in_sleep_loop(node: SshNode) -> bool:
+    """The stand-in has reached its sleep loop (a `sleep` child runs as the account)."""
+    for pid in node.session_pids():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.parametrize("kill_client_when", ["run logged", "in sleep loop"])
+def test_sleep_mode_stalls_and_ends_with_its_session(ssh_node, client_key, tmp_path, kill_client_when):
     ssh_node.authorize(client_key.public_line)
     ssh_node.set_mode("sleep", 120)
     client = subprocess.Popen(ssh_command(ssh_node, client_key.private_path, known_hosts(ssh_node, tmp_path)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert poll(lambda: ssh_node.exec_count() == 1)
+        if kill_client_when == "in sleep loop":
+            assert poll(lambda: in_sleep_loop(ssh_node))
         assert client.poll() is None, "the stand-in answered instead of sleeping"
-        assert ssh_node.session_pids()
     finally:
         client.kill()
         client.communicate()
