@@ -276,7 +276,8 @@ class SshLab:
         entry = self._ensure_user(name, home)
         uid, gid = entry.pw_uid, entry.pw_gid
         state = self.nodes_dir / name
-        _kill_and_wait(_pids_with_argument(str(state / "sshd" / "sshd_config")))
+        # Whatever still runs for this account (a killed run's sshd or stand-ins) is a leftover.
+        _kill_and_wait(_pids_with_argument(str(state / "sshd" / "sshd_config")) + pids_of_uid(uid))
         for d in (home, state):
             shutil.rmtree(d, ignore_errors=True)
         (home / ".ssh").mkdir(parents=True, mode=0o700)
