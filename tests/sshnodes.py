@@ -159,12 +159,8 @@ class Keypair:
     @property
     def fingerprint(self) -> str:
         """`SHA256:...` as `ssh-keygen -l` prints it."""
-        return _fingerprint(self.public_line)
-
-
-def _fingerprint(public_line: str) -> str:
-    blob = base64.b64decode(public_line.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+        blob = base64.b64decode(self.public_line.split()[1])
+        return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def make_keypair(directory: Path, comment: str = "pulse-sensor-proxy",

@@ -45,6 +45,7 @@ def test_restricted_key_asking_for_id_still_gets_sensors_json(ssh_node, client_k
     assert (result.returncode, result.stdout, result.stderr) == (0, INTEL, b"")
     assert ssh_node.execs() == ["id"]
     assert ssh_node.accepted_publickey_count() == 1
+    assert client_key.fingerprint in ssh_node.log_path.read_text()
 
 
 def test_production_line_with_plain_sensors_command_reaches_the_stand_in(ssh_node, client_key, tmp_path):
