@@ -244,7 +244,7 @@ NR == 1 { eol = ($0 ~ /\r$/) ? "\r" : "" }
     line = $0; sub(/\r$/, "", line)
     if (in_snapshots) { out($0); next }
     if (line ~ /^\[/) {
-        if (MODE == "add" && !emitted_any) { flush_blanks(); out(entry(DEFAULT_DIR) eol); emitted_any = 1 }
+        if (MODE == "add" && !emitted_any) { out(entry(DEFAULT_DIR) eol); emitted_any = 1 }
         flush_blanks(); in_snapshots = 1; out($0); next
     }
     if (line ~ /^[ \t]*$/) { blanks = blanks $0 "\n"; next }
@@ -257,20 +257,25 @@ NR == 1 { eol = ($0 ~ /\r$/) ? "\r" : "" }
 }
 END {
     if (!in_snapshots) {
-        if (MODE == "add" && !emitted_any) { flush_blanks(); out(entry(DEFAULT_DIR) eol) }
+        if (MODE == "add" && !emitted_any) out(entry(DEFAULT_DIR) eol)
         flush_blanks()
     }
 }'
 
 conf_awk() {
-    local mode=$1 file=$2 out
-    out=$(awk -v MODE="$mode" -v RUN_DIR="$RUN_DIR" -v OPTIONS="$MOUNT_OPTIONS" \
-              -v DEFAULT_DIR="$DEFAULT_CONTAINER_DIR" "$CONF_AWK" "$file"; printf x)
-    out=${out%x}
-    # awk ends every line with a newline; keep a file that had none without one.
-    if [ -s "$file" ] && [ "$(tail -c1 "$file" | od -An -c | tr -d ' ')" != '\n' ] && [ "$mode" != report ]; then
-        out=${out%$'\n'}
+    local mode=$1 file=$2 text eol=$'\n' missing_newline=0 out
+    text=$(cat "$file"; printf x); text=${text%x}
+    # awk ends every line with a newline: end the text with one (CRLF in a CRLF file) and take
+    # it off again afterwards, so a file without a final newline keeps having none.
+    if [ -n "$text" ] && [ "${text: -1}" != $'\n' ]; then
+        missing_newline=1
+        [[ ${text%%$'\n'*} == *$'\r' ]] && eol=$'\r\n'
+        text+=$eol
     fi
+    out=$(printf '%s' "$text" | awk -v MODE="$mode" -v RUN_DIR="$RUN_DIR" -v OPTIONS="$MOUNT_OPTIONS" \
+              -v DEFAULT_DIR="$DEFAULT_CONTAINER_DIR" "$CONF_AWK"; printf x)
+    out=${out%x}
+    if [ "$missing_newline" -eq 1 ] && [ "$mode" != report ]; then out=${out%"$eol"}; fi
     printf '%s' "$out"
 }
 
