@@ -118,7 +118,7 @@ NOTES=()
 
 say() { [ "$QUIET" -eq 1 ] || printf '%s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
-err() { printf 'error: %s\n' "$*" >&2; exit 1; }
+err() { printf 'error: %s\n' "$*" >&2; roll_back_binary; exit 1; }
 usage_err() { printf 'error: %s (see --help)\n' "$*" >&2; exit 2; }
 
 # run CMD...: carry out one change, or under --dry-run only print it.
@@ -473,17 +473,19 @@ ensure_config() {
     for id in "${CTIDS[@]}"; do
         while read -r range; do args+=(--add-peer-uids "$range"); done <<<"${CT_UID_RANGES[$id]}"
     done
+    # Both sides rendered by the same merge, so only a change of content counts (not comments).
+    proxy config merge --config "$CONFIG" >"$WORK/config.current" || err "could not read $CONFIG"
     proxy config merge --config "$CONFIG" "${args[@]}" >"$WORK/config.merged" \
         || err "could not merge $CONFIG"
     proxy config validate --config "$WORK/config.merged" >"$WORK/config.check" 2>&1 \
         || err "the merged config is not valid, $CONFIG left as it is: $(cat "$WORK/config.check")"
-    if [ -f "$CONFIG" ] && cmp -s "$WORK/config.merged" "$CONFIG"; then
+    if [ -f "$CONFIG" ] && cmp -s "$WORK/config.current" "$WORK/config.merged"; then
         report_ok "config $CONFIG"
     else
         CONFIG_CHANGED=1
         report_changed "config $CONFIG"
         if [ "$DRY_RUN" -eq 1 ]; then
-            diff -u "$CONFIG" "$WORK/config.merged" 2>/dev/null | tail -n +3 || true
+            diff -u "$WORK/config.current" "$WORK/config.merged" | tail -n +3 || true
         else
             result=$(proxy config merge --config "$CONFIG" "${args[@]}" --write) || err "$result"
         fi
@@ -644,12 +646,16 @@ wait_for_socket() {
     done
 }
 
+# After a failed step, put back the binary this run replaced and start it again.
 roll_back_binary() {
-    [ -n "$PREVIOUS_BIN" ] || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
-    warn "$SERVICE did not start with the new binary; putting the previous one back"
+    [ -n "$PREVIOUS_BIN" ] && [ -f "$PREVIOUS_BIN" ] || return 0
     mv -f "$PREVIOUS_BIN" "$BIN"
-    systemctl restart "$SERVICE" || true
-    err "the new version failed to start and was rolled back; see: journalctl -u $SERVICE -n 50"
+    PREVIOUS_BIN=
+    printf 'error: the new version was rolled back; the previous binary is running again\n' >&2
+    if systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
+        systemctl restart "$SERVICE" && wait_for_socket \
+            || printf 'error: the previous binary did not start either; see: journalctl -u %s -n 50\n' "$SERVICE" >&2
+    fi
 }
 
 start_service() {
@@ -661,10 +667,10 @@ start_service() {
     fi
     if ! service_active; then
         report_changed "$SERVICE started"
-        run systemctl start "$SERVICE" || roll_back_binary
+        run systemctl start "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
     elif [ "$BINARY_CHANGED" -eq 1 ] || [ "$UNITS_CHANGED" -eq 1 ]; then
         report_changed "$SERVICE restarted"
-        run systemctl restart "$SERVICE" || roll_back_binary
+        run systemctl restart "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
     elif [ "$CONFIG_CHANGED" -eq 1 ]; then
         report_changed "$SERVICE reloaded its config"
         run systemctl reload "$SERVICE"
@@ -672,8 +678,8 @@ start_service() {
         report_ok "$SERVICE running"
     fi
     [ "$DRY_RUN" -eq 1 ] && return 0
-    wait_for_socket || roll_back_binary
-    if [ -n "$PREVIOUS_BIN" ]; then rm -f "$PREVIOUS_BIN"; fi
+    wait_for_socket || err "$SERVICE started but its socket $SOCKET did not appear; see: journalctl -u $SERVICE -n 50"
+    if [ -n "$PREVIOUS_BIN" ]; then rm -f "$PREVIOUS_BIN"; PREVIOUS_BIN=; fi
     report_ok "socket $SOCKET"
 }
 
