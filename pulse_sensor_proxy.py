@@ -153,6 +153,7 @@ DEFAULT_CONFIG = {
             "max_output_bytes": 1024 * 1024},
     "breaker_cooldown_seconds": 30.0,
     "cache_ttl_seconds": 0.0,
+    "admin_identity": ["/root/.ssh/id_ed25519", "/root/.ssh/id_ecdsa", "/root/.ssh/id_rsa"],
 }
 SENSORS_COMMAND = "sensors -j"
 BREAKER_THRESHOLD = 3              # consecutive failures that open a node's breaker
@@ -190,6 +191,13 @@ def _check_abs_path(value):
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise ValueError("expected an absolute path")
     return os.path.normpath(value)
+
+
+def _check_paths(value):
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected an absolute path or a list of them")
+    return [_check_abs_path(item) for item in items]
 
 
 def _check_log_level(value):
@@ -425,6 +433,7 @@ CONFIG_CHECKS = {
     "ssh": _check_ssh,
     "breaker_cooldown_seconds": _positive,
     "cache_ttl_seconds": _check_number,
+    "admin_identity": _check_paths,
 }
 
 
@@ -925,6 +934,89 @@ def authorized_keys_line(public_key, subnets):
     return f"{','.join(options)} {key_type} {key_data} {KEY_COMMENT}"
 
 
+KEY_TYPE = re.compile(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|"
+                      r"sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)(-cert-v01@openssh\.com)?")
+LEGACY_COMMENTS = ("pulse-sensor-proxy", "pulse-temp-proxy")
+
+
+def parse_authorized_key(line):
+    """(options, key type, base64 key, comment) of one authorized_keys line.
+
+    None for blank lines, comments and anything unreadable: such lines are never touched.
+    Options end at the first whitespace outside double quotes (OpenSSH's rule).
+    """
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    options, rest = "", text
+    if not KEY_TYPE.fullmatch(text.split(None, 1)[0]):
+        index, quoted = 0, False
+        while index < len(text) and (quoted or not text[index].isspace()):
+            if text[index] == "\\" and quoted:
+                index += 1
+            elif text[index] == '"':
+                quoted = not quoted
+            index += 1
+        options, rest = text[:index], text[index:].strip()
+    fields = rest.split(None, 2)
+    if len(fields) < 2 or not KEY_TYPE.fullmatch(fields[0]):
+        return None
+    return options, fields[0], fields[1], fields[2] if len(fields) > 2 else ""
+
+
+def key_fingerprint(public_key):
+    """`SHA256:...` of `type base64 [comment]`, as ssh-keygen -l prints it."""
+    import base64
+    import hashlib
+    blob = base64.b64decode(public_key.split()[1], validate=True)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _fingerprint_or_none(key):
+    try:
+        return key_fingerprint("x " + key)
+    except ValueError:
+        return None
+
+
+def edit_authorized_keys(data, add_line=None, remove_keys=()):
+    """authorized_keys bytes with `add_line` present once and lines of `remove_keys` (base64
+    keys or SHA256 fingerprints) gone.
+
+    Returns (new bytes, [(action, base64 key)]). Only lines whose key is ours are added,
+    replaced (a legacy or outdated line of our key is upgraded in place, keeping its line
+    ending) or removed; every other byte stays as it was. When the file does not end with a
+    newline our line goes first, so not even a foreign line's missing newline changes.
+    """
+    add_key = parse_authorized_key(add_line)[2] if add_line else None
+    out, changes, present = [], [], False
+    for raw in data.splitlines(keepends=True):
+        parsed = parse_authorized_key(raw.decode("utf-8", "replace"))
+        key = parsed[2] if parsed else None
+        if key is not None and (key in remove_keys or _fingerprint_or_none(key) in remove_keys):
+            changes.append(("removed", key))
+            continue
+        if key is not None and key == add_key:
+            if present:
+                changes.append(("removed duplicate", key))
+                continue
+            present = True
+            body = raw.rstrip(b"\r\n")
+            if body != add_line.encode():
+                out.append(add_line.encode() + (raw[len(body):] or b"\n"))
+                changes.append(("upgraded", key))
+                continue
+        out.append(raw)
+    if add_line and not present:
+        line = add_line.encode() + b"\n"
+        if out and not out[-1].endswith(b"\n"):
+            out.insert(0, line)
+        else:
+            out.append(line)
+        changes.append(("added", add_key))
+    return b"".join(out), changes
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure logic: metrics (Prometheus text format 0.0.4)
 # ---------------------------------------------------------------------------------------------
@@ -1068,15 +1160,18 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write(path, data, mode=0o600, overwrite=True):
+def atomic_write(path, data, mode=0o600, overwrite=True, owner=None):
     """Write `data` to `path` via a temp file in the same directory, fsync, rename, fsync dir.
 
-    With overwrite=False an existing file is never replaced (FileExistsError instead).
+    With overwrite=False an existing file is never replaced (FileExistsError instead);
+    `owner` (uid, gid) is set before the file appears under its name.
     """
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
@@ -1113,18 +1208,140 @@ def generate_keypair(comment=KEY_COMMENT):
     return private, public + b" " + comment.encode() + b"\n"
 
 
-def ensure_keypair(ssh_dir, log):
-    """Create ssh_dir/id_ed25519(.pub) if the private key is missing; never overwrite one."""
-    os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
-    os.chmod(ssh_dir, 0o700)
-    private_path = os.path.join(ssh_dir, KEY_NAME)
-    if os.path.lexists(private_path):
-        return False
-    private, public = generate_keypair()
-    atomic_write(private_path, private, mode=0o600, overwrite=False)
-    atomic_write(private_path + ".pub", public, mode=0o640)
-    log.log("info", "Generated SSH key", path=private_path)
-    return True
+def state_owner(state_dir):
+    """(uid, gid) for files root writes into the state directory: the directory's owner."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        info = os.stat(state_dir)
+    except FileNotFoundError:
+        return None
+    return info.st_uid, info.st_gid
+
+
+def public_key_of(private_pem):
+    """`ssh-ed25519 AAAA... pulse-sensor-proxy` derived from an OpenSSH private key."""
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_ssh_private_key(private_pem, password=None)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    return public + b" " + KEY_COMMENT.encode() + b"\n"
+
+
+class KeyStore:
+    """The key slots on disk and the rotation journal:
+
+    ssh/ (current, 0700), ssh.d/next/ (staging), ssh.d/prev/ (rollback), ssh.d/rotation.json.
+    Private keys 0600, public keys 0640. Run as root, new files and directories get the
+    owner of the state directory (the service account), so the daemon can read them.
+    """
+
+    DIR_MODES = {"current": 0o700, "next": 0o750, "prev": 0o750}
+
+    def __init__(self, ssh_dir):
+        self.ssh_dir = ssh_dir
+        self.state_dir = os.path.dirname(ssh_dir)
+        staging = os.path.join(self.state_dir, "ssh.d")
+        self.staging = staging
+        self.dirs = {"current": ssh_dir, "next": os.path.join(staging, "next"),
+                     "prev": os.path.join(staging, "prev")}
+        self.journal_path = os.path.join(staging, "rotation.json")
+        self.owner = state_owner(self.state_dir)
+
+    def private_path(self, slot):
+        return os.path.join(self.dirs[slot], KEY_NAME)
+
+    def _mkdir(self, path, mode):
+        os.makedirs(path, mode=mode, exist_ok=True)
+        os.chmod(path, mode)
+        if self.owner:
+            os.chown(path, *self.owner)
+
+    def ensure_layout(self, slots=("current",)):
+        for slot in slots:
+            if slot != "current":
+                self._mkdir(self.staging, 0o750)
+            self._mkdir(self.dirs[slot], self.DIR_MODES[slot])
+
+    def read(self, slot):
+        """(private PEM, public line) of a slot, or None when it holds no key."""
+        try:
+            with open(self.private_path(slot), "rb") as handle:
+                private = handle.read(65536)
+        except FileNotFoundError:
+            return None
+        try:
+            with open(self.private_path(slot) + ".pub", "rb") as handle:
+                public = handle.read(4096)
+        except FileNotFoundError:
+            public = b""
+        return private, public
+
+    def public_line(self, slot):
+        keys = self.read(slot)
+        return public_key_of(keys[0]).decode().strip() if keys else None
+
+    def write(self, slot, private, public, overwrite=True):
+        self.ensure_layout((slot,))
+        path = self.private_path(slot)
+        atomic_write(path, private, mode=0o600, overwrite=overwrite, owner=self.owner)
+        crash_point(f"{slot} private key written")
+        atomic_write(path + ".pub", public, mode=0o640, owner=self.owner)
+
+    def generate(self, slot, overwrite=True):
+        private, public = generate_keypair()
+        self.write(slot, private, public, overwrite=overwrite)
+        return public.decode().strip()
+
+    def copy(self, source, target):
+        private, _ = self.read(source)
+        self.write(target, private, public_key_of(private))
+
+    def clear(self, slot):
+        for suffix in (".pub", ""):
+            try:
+                os.unlink(self.private_path(slot) + suffix)
+            except FileNotFoundError:
+                pass
+
+    def ensure_current(self, log):
+        """Generate the current key if it is missing (never overwrite one); make its .pub
+        match the private key (a rotation interrupted between the two renames leaves them
+        apart)."""
+        keys = self.read("current")
+        if keys is None:
+            self.ensure_layout()
+            try:
+                self.generate("current", overwrite=False)
+            except FileExistsError:
+                return
+            log.log("info", "Generated SSH key", path=self.private_path("current"))
+            return
+        public = public_key_of(keys[0])
+        if keys[1].split()[:2] != public.split()[:2]:
+            atomic_write(self.private_path("current") + ".pub", public, mode=0o640, owner=self.owner)
+            log.log("warning", "Rewrote id_ed25519.pub to match the private key",
+                    path=self.private_path("current"))
+
+    def journal(self):
+        try:
+            with open(self.journal_path) as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"step": "unreadable"}
+
+    def set_journal(self, **entry):
+        self.ensure_layout(("next",))
+        atomic_write(self.journal_path, json.dumps(entry).encode(), mode=0o640, owner=self.owner)
+
+    def clear_journal(self):
+        try:
+            os.unlink(self.journal_path)
+            fsync_dir(self.staging)
+        except FileNotFoundError:
+            pass
 
 
 def read_public_key(ssh_dir):
@@ -1375,6 +1592,15 @@ def parse_known_hosts(text):
     return asyncssh.import_known_hosts(text)
 
 
+def load_private_key(path):
+    import asyncssh
+    try:
+        with open(path, "rb") as handle:
+            return asyncssh.import_private_key(handle.read(65536))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise FetchError(f"cannot load the SSH key {path}: {exc}") from None
+
+
 class NodeState:
     """Per node: its connection, the fetch in flight, its breaker and cache."""
 
@@ -1402,6 +1628,8 @@ class NodePool:
         self.states = {}
         self.key, self.key_stamp, self.key_generation = None, None, 0
         self.known_cache = {}         # path -> (stamp, SSHKnownHosts or error text)
+        self.owner = state_owner(os.path.dirname(config["ssh_dir"]))
+        self.dry_run = False          # keys commands with --dry-run: pin nothing
 
     def state(self, node):
         key = (node.name, node.host, node.port, node.user, node.local)
@@ -1464,30 +1692,38 @@ class NodePool:
         return text
 
     async def ssh_fetch(self, node, state):
-        asyncssh, _, session_class = _asyncssh_classes()
+        asyncssh = _asyncssh_classes()[0]
         for attempt in (1, 2):
             conn, fresh = await self.connection(node, state)
-            timeout = self.ssh["command_timeout"]
             try:
-                async with asyncio.timeout(timeout):
-                    chan, session = await conn.create_session(
-                        lambda: session_class(self.ssh["max_output_bytes"]), SENSORS_COMMAND,
-                        encoding=None)
-                    chan.write_eof()
-                    await session.done
-            except TimeoutError:
+                return await self.run_sensors(conn, node)
+            except FetchError:
                 self.drop(state)
-                raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
+                raise
             except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
                     OSError) as exc:
                 self.drop(state)
                 if fresh or attempt == 2:
                     raise FetchError(f"SSH session to {node.name} failed: {exc}") from None
-                continue    # a reused connection died since its last use: reconnect once
-            if session.too_large:
-                raise FetchError("output too large")
-            return interpret_sensors_output(bytes(session.stdout), bytes(session.stderr),
-                                            session.status)
+                # a reused connection died since its last use (sshd restarted): reconnect once
+
+    async def run_sensors(self, conn, node):
+        """One `sensors -j` on an open connection, bounded in time and size."""
+        session_class = _asyncssh_classes()[2]
+        timeout = self.ssh["command_timeout"]
+        try:
+            async with asyncio.timeout(timeout):
+                chan, session = await conn.create_session(
+                    lambda: session_class(self.ssh["max_output_bytes"]), SENSORS_COMMAND,
+                    encoding=None)
+                chan.write_eof()
+                await session.done
+        except TimeoutError:
+            raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
+        if session.too_large:
+            raise FetchError("output too large")
+        return interpret_sensors_output(bytes(session.stdout), bytes(session.stderr),
+                                        session.status)
 
     def drop(self, state):
         conn, state.conn = state.conn, None
@@ -1502,12 +1738,7 @@ class NodePool:
             raise FetchError(f"no SSH key at {self.key_path}: {exc.strerror}") from None
         stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         if stamp != self.key_stamp:
-            import asyncssh
-            try:
-                with open(self.key_path, "rb") as handle:
-                    self.key = asyncssh.import_private_key(handle.read(65536))
-            except (OSError, asyncssh.KeyImportError) as exc:
-                raise FetchError(f"cannot load the SSH key {self.key_path}: {exc}") from None
+            self.key = load_private_key(self.key_path)
             self.key_stamp = stamp
             self.key_generation += 1
             if self.key_generation > 1:
@@ -1521,6 +1752,18 @@ class NodePool:
         if state.conn is not None and state.conn_key == self.key_generation:
             return state.conn, False
         self.drop(state)
+        made = {}
+
+        def lost():
+            if state.conn is made.get("conn"):
+                state.conn = None
+
+        made["conn"] = await self.connect(node, [key], lost)
+        state.conn, state.conn_key = made["conn"], self.key_generation
+        return made["conn"], True
+
+    async def connect(self, node, client_keys, on_lost=None, whose="the proxy's key"):
+        """A new SSH connection to a node as node.user, its host key checked by our policy."""
         asyncssh, client_class, _ = _asyncssh_classes()
         trusted, revoked = self.known_host_keys(node)
         verdict = {}
@@ -1543,34 +1786,28 @@ class NodePool:
             self.pin_host_key(node, server_key)
             return True
 
-        def lost():
-            if state.conn is conn_ref.get("conn"):
-                state.conn = None
-
-        conn_ref = {}
         timeout = self.ssh["connect_timeout"]
         try:
             async with asyncio.timeout(timeout):
-                conn = await asyncssh.connect(
-                    node.host, node.port, username=node.user, client_keys=[key],
+                return await asyncssh.connect(
+                    node.host, node.port, username=node.user, client_keys=client_keys,
                     known_hosts=(trusted, [], revoked), config=[], agent_path=None,
-                    client_factory=lambda: client_class(judge, lost), preferred_auth=["publickey"],
-                    connect_timeout=timeout, keepalive_interval=15, keepalive_count_max=3,
-                    gss_host=None, password=None, kbdint_auth=False, ignore_encrypted=True)
+                    x509_trusted_certs=None, x509_trusted_cert_paths=[],   # nothing from ~/.ssh
+                    client_factory=lambda: client_class(judge, on_lost or (lambda: None)),
+                    preferred_auth=["publickey"], connect_timeout=timeout, keepalive_interval=15,
+                    keepalive_count_max=3, gss_host=None, password=None, kbdint_auth=False,
+                    ignore_encrypted=True)
         except TimeoutError:
             raise FetchError(f"cannot connect to {node.host}:{node.port}: no SSH answer within "
                              f"{timeout:g} s") from None
         except asyncssh.HostKeyNotVerifiable as exc:
             raise FetchError(verdict.get("error") or f"host key not verifiable: {exc}") from None
         except asyncssh.PermissionDenied:
-            raise FetchError(f"permission denied (publickey) on {node.name}: the proxy's key is "
-                             "not installed there") from None
+            raise FetchError(f"permission denied (publickey) on {node.name}: {whose} is not "
+                             "installed there") from None
         except (asyncssh.Error, OSError) as exc:
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
             raise FetchError(f"cannot connect to {node.host}:{node.port}: {reason}") from None
-        conn_ref["conn"] = conn
-        state.conn, state.conn_key = conn, self.key_generation
-        return conn, True
 
     def known_host_keys(self, node):
         """(trusted keys, revoked keys) for a node from Proxmox's and our known_hosts."""
@@ -1602,6 +1839,10 @@ class NodePool:
 
     def pin_host_key(self, node, server_key):
         """Trust on first use: remember a new node's key in our known_hosts."""
+        if self.dry_run:
+            self.log.log("info", "Would pin host key (dry run)", node=node.name,
+                         fingerprint=server_key.get_fingerprint())
+            return
         key_type, key_data = server_key.export_public_key().decode().split()[:2]
         names = dict.fromkeys([node.name, node.host])
         patterns = ",".join(n if node.port == 22 else f"[{n}]:{node.port}" for n in names)
@@ -1613,7 +1854,7 @@ class NodePool:
         if existing and not existing.endswith(b"\n"):
             existing += b"\n"
         atomic_write(self.known_hosts_path, existing + f"{patterns} {key_type} {key_data}\n".encode(),
-                     mode=0o640)
+                     mode=0o640, owner=self.owner)
         self.known_cache.pop(self.known_hosts_path, None)
         self.log.log("info", "Pinned host key (trust on first use)", node=node.name,
                      fingerprint=server_key.get_fingerprint(), known_hosts=self.known_hosts_path)
@@ -1621,6 +1862,466 @@ class NodePool:
     async def close(self):
         for state in self.states.values():
             self.drop(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: keys on the nodes (run as root: push, revoke, rotate)
+# ---------------------------------------------------------------------------------------------
+
+AUTHORIZED_KEYS = ".ssh/authorized_keys"
+LOCK_NAME = ".pulse-sensor-proxy.lock"
+LOCK_WAIT = 15.0                   # seconds to wait for another editor of the same file
+LOCK_STALE = 120.0                 # a lock older than this was left by a crashed editor
+
+
+class FileInfo:
+    __slots__ = ("is_link", "mode", "uid", "gid", "mtime")
+
+    def __init__(self, is_link, mode, uid, gid, mtime):
+        self.is_link, self.mode, self.uid, self.gid, self.mtime = is_link, mode, uid, gid, mtime
+
+
+class LocalFiles:
+    """File operations on this host, relative to a home directory (root's, on a node)."""
+
+    def __init__(self, home):
+        self.home = home
+
+    def path(self, name):
+        return os.path.join(self.home, name)
+
+    async def info(self, name):
+        try:
+            st = os.lstat(self.path(name))
+        except FileNotFoundError:
+            return None
+        return FileInfo(stat.S_ISLNK(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                        st.st_mtime)
+
+    async def readlink(self, name):
+        return os.readlink(self.path(name))
+
+    async def mkdir(self, name, mode):
+        os.mkdir(self.path(name), mode)
+
+    async def rmdir(self, name):
+        os.rmdir(self.path(name))
+
+    async def read(self, name):
+        with open(self.path(name), "rb") as handle:
+            return handle.read()
+
+    async def write_new(self, name, data, info):
+        fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            if info:
+                os.fchown(fd, info.uid, info.gid)
+                os.fchmod(fd, info.mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def rename(self, source, target):
+        os.rename(self.path(source), self.path(target))
+        fsync_dir(os.path.dirname(self.path(target)))
+
+    async def remove(self, name):
+        os.unlink(self.path(name))
+
+    async def close(self):
+        pass
+
+
+class SftpFiles(LocalFiles):
+    """The same operations on a node over SFTP: no remote shell is ever run."""
+
+    def __init__(self, conn, sftp):
+        self.conn, self.sftp = conn, sftp
+
+    async def info(self, name):
+        import asyncssh
+        try:
+            attrs = await self.sftp.lstat(name)
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        return FileInfo(stat.S_ISLNK(attrs.permissions or 0), stat.S_IMODE(attrs.permissions or 0),
+                        attrs.uid, attrs.gid, attrs.mtime or 0)
+
+    async def readlink(self, name):
+        return await self.sftp.readlink(name)
+
+    async def mkdir(self, name, mode):
+        import asyncssh
+        try:
+            await self.sftp.mkdir(name, asyncssh.SFTPAttrs(permissions=mode))
+        except asyncssh.SFTPFailure:
+            if await self.info(name):
+                raise FileExistsError(name) from None
+            raise
+
+    async def rmdir(self, name):
+        await self.sftp.rmdir(name)
+
+    async def read(self, name):
+        async with self.sftp.open(name, "rb") as handle:
+            return await handle.read()
+
+    async def write_new(self, name, data, info):
+        import asyncssh
+        attrs = asyncssh.SFTPAttrs(permissions=info.mode if info else 0o600)
+        async with self.sftp.open(name, "xb", attrs) as handle:
+            await handle.write(data)
+            if info:
+                await handle.chown(info.uid, info.gid)
+                await handle.chmod(info.mode)
+            await handle.fsync()
+
+    async def rename(self, source, target):
+        await self.sftp.posix_rename(source, target)
+
+    async def remove(self, name):
+        await self.sftp.remove(name)
+
+    async def close(self):
+        self.sftp.exit()
+        self.conn.close()
+
+
+async def resolve_authorized_keys(files):
+    """The real file behind ~/.ssh/authorized_keys (on Proxmox a link into /etc/pve/priv):
+    edits go to the target, so the cluster-wide link is never replaced by a copy."""
+    target = AUTHORIZED_KEYS
+    for _ in range(8):
+        info = await files.info(target)
+        if info is None or not info.is_link:
+            return target, info
+        link = await files.readlink(target)
+        target = link if link.startswith("/") else os.path.join(os.path.dirname(target), link)
+    raise FetchError(f"{AUTHORIZED_KEYS}: too many levels of symbolic links")
+
+
+async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
+    """Apply edit_authorized_keys to a node's file: create ~/.ssh (0700) and the file (0600)
+    if missing, keep owner and mode, write a temp file and rename it, under a lock directory
+    so two editors never interleave. Returns (path, changes)."""
+    if not dry_run and await files.info(".ssh") is None:
+        await files.mkdir(".ssh", 0o700)
+    target, info = await resolve_authorized_keys(files)
+    directory = os.path.dirname(target)
+    if dry_run:
+        data = await files.read(target) if info else b""
+        return target, edit_authorized_keys(data, add_line, remove_keys)[1]
+    lock = os.path.join(directory, LOCK_NAME)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            await files.mkdir(lock, 0o700)
+            break
+        except (FileExistsError, OSError):
+            held = await files.info(lock)
+            if held and time.time() - held.mtime > LOCK_STALE:
+                await files.rmdir(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise FetchError(f"{lock} is held by another editor; remove it if none is running") from None
+            await asyncio.sleep(0.05)
+    try:
+        for _ in range(5):
+            target, info = await resolve_authorized_keys(files)
+            data = await files.read(target) if info else b""
+            new, changes = edit_authorized_keys(data, add_line, remove_keys)
+            if new == data:
+                return target, changes
+            temp = os.path.join(directory, f".authorized_keys.{uuid.uuid4().hex[:12]}.tmp")
+            await files.write_new(temp, new, info)
+            now = (await files.read(target)) if await files.info(target) else b""
+            if now != data:       # someone without our lock changed it meanwhile: start over
+                await files.remove(temp)
+                continue
+            await files.rename(temp, target)
+            return target, changes
+        raise FetchError(f"{target} keeps changing under us; try again")
+    finally:
+        await files.rmdir(lock)
+
+
+class KeyAdmin:
+    """What the root-only key commands share: config, inventory, pool, key slots, output."""
+
+    def __init__(self, config, dry_run=False, out=None):
+        self.config = config
+        self.out = out or sys.stdout
+        self.log = AuditLog("warning", stream=sys.stderr)
+        self.metrics = new_metrics()
+        self.inventory = Inventory(config, self.log)
+        self.pool = NodePool(config, self.log, self.metrics)
+        self.pool.dry_run = dry_run
+        self.dry_run = dry_run
+        self.keys = KeyStore(config["ssh_dir"])
+        self.subnets = config["allowed_source_subnets"] or detect_host_networks()
+
+    def say(self, text):
+        print(text, file=self.out, flush=True)
+
+    def nodes(self, names=()):
+        nodes = self.inventory.current()
+        if not names:
+            return nodes
+        wanted = []
+        for name in names:
+            try:
+                wanted.append(resolve_node(validate_node_name(name), nodes, set(), True))
+            except RequestError as exc:
+                raise FetchError(f"--node {name}: {exc}") from None
+        return wanted
+
+    def admin_keys(self):
+        import asyncssh
+        paths = self.config["admin_identity"]
+        keys = []
+        for path in paths:
+            try:
+                keys.append(asyncssh.read_private_key(path))
+            except FileNotFoundError:
+                continue
+            except (OSError, asyncssh.KeyImportError) as exc:
+                raise FetchError(f"admin identity {path}: {exc}") from None
+        if not keys:
+            raise FetchError("no admin SSH identity found (tried " + ", ".join(paths) +
+                             "); set admin_identity in the config")
+        return keys
+
+    async def files(self, node):
+        """Access to a node's authorized_keys as its admin (root): local, or SFTP."""
+        if node.local:
+            return LocalFiles(os.path.expanduser("~"))
+        conn = await self.pool.connect(node, self.admin_keys(), whose="the admin identity")
+        try:
+            return SftpFiles(conn, await conn.start_sftp_client())
+        except Exception as exc:
+            conn.close()
+            raise FetchError(f"SFTP on {node.name} failed: {exc}") from None
+
+    async def edit(self, node, add_line=None, remove_keys=()):
+        files = await self.files(node)
+        try:
+            return await edit_node_keys(files, add_line, remove_keys, self.dry_run)
+        finally:
+            await files.close()
+
+    async def verify(self, node, slot):
+        """Does `slot`'s key run sensors -j on the node through the restricted path?"""
+        if node.local:
+            return None
+        key = load_private_key(self.keys.private_path(slot))
+        conn = await self.pool.connect(node, [key])
+        try:
+            await self.pool.run_sensors(conn, node)
+        finally:
+            conn.close()
+        return None
+
+    def line(self, public_key):
+        return authorized_keys_line(public_key, self.subnets)
+
+    async def for_each(self, nodes, action, what):
+        """Run `action(node)` on every node; report each; True when all succeeded."""
+        ok = True
+        for node in nodes:
+            try:
+                detail = await action(node)
+                if detail:
+                    self.say(f"  {node.name}: {detail}")
+                crash_point(f"{what}: {node.name}")
+            except (FetchError, OSError) as exc:
+                ok = False
+                self.say(f"  {node.name}: FAILED to {what}: {exc}")
+        return ok
+
+
+def describe_changes(changes, path, dry_run):
+    if not changes:
+        return f"already up to date ({path})"
+    verbs = ", ".join(f"{action} {_fingerprint_or_none(key)}" for action, key in changes)
+    return f"{'would have ' if dry_run else ''}{verbs} ({path})"
+
+
+async def keys_push(admin, names):
+    public = admin.keys.public_line("current")
+    if not public:
+        raise FetchError(f"no key in {admin.config['ssh_dir']}; start the service once to create it")
+    admin.say(f"Installing {key_fingerprint(public)} on the nodes{' (dry run)' if admin.dry_run else ''}:")
+
+    return await admin.for_each(admin.nodes(names), lambda n: _push_line(admin, n, public),
+                                "install the key")
+
+
+async def keys_revoke(admin, names, fingerprint):
+    admin.say(f"Removing {fingerprint} from the nodes{' (dry run)' if admin.dry_run else ''}:")
+
+    async def revoke(node):
+        path, changes = await admin.edit(node, remove_keys={fingerprint})
+        return describe_changes(changes, path, admin.dry_run)
+
+    return await admin.for_each(admin.nodes(names), revoke, "remove the key")
+
+
+async def keys_status(admin):
+    slots = {slot: admin.keys.public_line(slot) for slot in ("current", "next", "prev")}
+    for slot, line in slots.items():
+        admin.say(f"{slot:8} {key_fingerprint(line) if line else '-'}")
+
+    async def status(node):
+        files = await admin.files(node)
+        try:
+            target, info = await resolve_authorized_keys(files)
+            data = (await files.read(target)).decode("utf-8", "replace") if info else ""
+        finally:
+            await files.close()
+        installed = {parse_authorized_key(raw)[2] for raw in data.splitlines()
+                     if parse_authorized_key(raw)}
+        marks = [f"{slot}={'installed' if line and line.split()[1] in installed else 'absent' if line else '-'}"
+                 for slot, line in slots.items()]
+        if node.local:
+            works = "local sensors (no SSH)"
+        else:
+            try:
+                await admin.verify(node, "current")
+                works = "restricted path works"
+            except FetchError as exc:
+                works = f"restricted path FAILS: {exc}"
+        return f"{' '.join(marks)}; {works}"
+
+    return await admin.for_each(admin.inventory.current(), status, "read authorized_keys")
+
+
+async def rotation_check(admin):
+    """Preflight: every node reachable as admin, and the current key works everywhere."""
+    async def check(node):
+        files = await admin.files(node)
+        await files.close()
+        await admin.verify(node, "current")
+        return "admin login ok; " + ("local sensors" if node.local else "current key works")
+
+    admin.say("Preflight:")
+    return await admin.for_each(admin.inventory.current(), check, "pass preflight")
+
+
+async def rotate_keys(admin, rollback=False):
+    """Staged rotation (or rollback) that a crash at any point leaves with a working key."""
+    keys, nodes = admin.keys, admin.inventory.current()
+    journal = keys.journal()
+    if journal:
+        if not await recover_rotation(admin, journal, nodes):
+            return False
+    old = keys.public_line("current")
+    if old is None:
+        raise FetchError(f"no current key in {keys.ssh_dir}")
+    new, source, op = None, "next", "rotate"
+    if rollback:
+        new, source, op = keys.public_line("prev"), "prev", "rollback"
+        if new is None:
+            raise FetchError(f"nothing to roll back to: {keys.dirs['prev']} holds no key")
+    old_fp = key_fingerprint(old)
+    if admin.dry_run:
+        new_fp = key_fingerprint(new) if new else "(a new Ed25519 key)"
+        admin.say(f"Would {op}: {old_fp} -> {new_fp} on " + ", ".join(n.name for n in nodes))
+        if not rollback:
+            admin.say(f"  1. generate the next key in {keys.dirs['next']}")
+        admin.say(f"  2. add {new_fp} to every node, keeping {old_fp}")
+        admin.say(f"  3. check that {new_fp} reads sensors -j on every node")
+        admin.say(f"  4. make {new_fp} current" + ("" if rollback else f", keep {old_fp} in {keys.dirs['prev']}"))
+        admin.say(f"  5. remove {old_fp} from every node")
+        return await admin.for_each(nodes, lambda n: _push_line(admin, n, new or old), "preview")
+    if not rollback:
+        new = keys.generate("next")
+    new_fp = key_fingerprint(new)
+    keys.set_journal(op=op, step="pushing", old=old, new=new)
+    crash_point("journal written")
+    admin.say(f"{op}: {old_fp} -> {new_fp}")
+    pushed = await admin.for_each(nodes, lambda n: _push_line(admin, n, new), "add the new key")
+    verified = pushed and await admin.for_each(nodes, lambda n: _verify(admin, n, source), "verify the new key")
+    crash_point("verified")
+    if not verified:
+        admin.say("Undoing: removing the new key again; the current key stays in place.")
+        await admin.for_each(nodes, lambda n: _remove_key(admin, n, new), "remove the new key")
+        if not rollback:
+            keys.clear("next")
+        keys.clear_journal()
+        return False
+    await finish_rotation(admin, dict(op=op, old=old, new=new), nodes)
+    return True
+
+
+async def _push_line(admin, node, public):
+    path, changes = await admin.edit(node, admin.line(public))
+    return describe_changes(changes, path, admin.dry_run)
+
+
+async def _remove_key(admin, node, public):
+    path, changes = await admin.edit(node, remove_keys={public.split()[1]})
+    return describe_changes(changes, path, admin.dry_run)
+
+
+async def _verify(admin, node, slot):
+    await admin.verify(node, slot)
+    return "local sensors" if node.local else "new key reads sensors -j"
+
+
+def crash_point(name):
+    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named step."""
+    if os.environ.get("PULSE_SENSOR_PROXY_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def finish_rotation(admin, journal, nodes):
+    """Swap the slots (idempotent: a rerun after a crash redoes only what is missing), then
+    take the old key off the nodes."""
+    keys = admin.keys
+    old, new = journal["old"], journal["new"]
+    source = "prev" if journal["op"] == "rollback" else "next"
+    keys.set_journal(op=journal["op"], step="swapping", old=old, new=new)
+    current = keys.public_line("current")
+    if current and current.split()[1] == old.split()[1]:
+        if journal["op"] == "rotate":
+            keys.copy("current", "prev")
+            crash_point("prev saved")
+        keys.copy(source, "current")
+    elif keys.read(source):
+        keys.copy(source, "current")       # the private key was swapped; redo the .pub too
+    keys.set_journal(op=journal["op"], step="removing", old=old, new=new)
+    crash_point("swapped")
+    admin.say(f"Now current: {key_fingerprint(new)}; removing {key_fingerprint(old)} from the nodes")
+    removed = await admin.for_each(nodes, lambda n: _remove_key(admin, n, old), "remove the old key")
+    if removed:
+        keys.clear(source)
+        keys.clear_journal()
+    else:
+        admin.say("The old key stays on the failed nodes; run rotate-keys again to remove it.")
+    return removed
+
+
+async def recover_rotation(admin, journal, nodes):
+    """Complete or undo a rotation that a crash interrupted."""
+    step = journal.get("step")
+    admin.say(f"Found an interrupted {journal.get('op', 'rotation')} at step '{step}'.")
+    if admin.dry_run:
+        admin.say("  (dry run: it would be " + ("undone" if step == "pushing" else "completed") + ")")
+        return True
+    if step == "pushing":
+        new = journal["new"]
+        admin.say("Undoing it: the new key had not been verified.")
+        ok = await admin.for_each(nodes, lambda n: _remove_key(admin, n, new), "remove the new key")
+        if ok:
+            if journal["op"] == "rotate":
+                admin.keys.clear("next")
+            admin.keys.clear_journal()
+        return ok
+    if step in ("swapping", "removing"):
+        admin.say("Completing it: the new key is installed on every node.")
+        return await finish_rotation(admin, journal, nodes)
+    raise FetchError(f"cannot understand {admin.keys.journal_path}; check the key slots by hand")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2058,7 +2759,16 @@ async def run_daemon(config, log, ready=None):
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    ensure_keypair(config["ssh_dir"], log)
+    if not any(os.environ.get(name) for name in ("LOGNAME", "USER")):
+        # asyncssh asks getpass for a local user name, which fails for a uid without a passwd
+        # entry (DynamicUser, containers); any name does, the remote user is configured.
+        os.environ["LOGNAME"] = str(os.geteuid())
+    keys = KeyStore(config["ssh_dir"])
+    keys.ensure_current(log)
+    interrupted = keys.journal()
+    if interrupted:
+        log.log("warning", "A key rotation was interrupted; the current key still works. Run "
+                "`pulse-sensor-proxy rotate-keys` as root to finish or undo it", step=interrupted.get("step"))
     path = config["socket_path"]
     prepare_socket_path(path)
     metrics_server = await start_metrics_server(daemon)
@@ -2235,6 +2945,55 @@ def cmd_config_merge(args):
     return 0
 
 
+def run_key_command(args, action, dry_run=False):
+    """Common frame of the root-only key commands: root check, config, exit code."""
+    if os.geteuid() != 0:
+        return fail(f"{args.command} must run as root: it logs in to the nodes with root's SSH "
+                    f"key and writes the service's key files (try: sudo {PROG} "
+                    f"{' '.join(sys.argv[1:])})")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    admin = KeyAdmin(config, dry_run=dry_run)
+    try:
+        return 0 if asyncio.run(action(admin)) else 1
+    except (FetchError, OSError) as exc:
+        return fail(str(exc))
+
+
+def cmd_keys(args):
+    if args.keys_command == "status":
+        return run_key_command(args, keys_status)
+    if args.keys_command == "push":
+        return run_key_command(args, lambda admin: keys_push(admin, args.node), args.dry_run)
+    if args.fingerprint:
+        fingerprint = args.fingerprint
+        if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fingerprint):
+            print(f"{PROG}: error: --fingerprint: expected SHA256: and 43 base64 characters, as "
+                  "`ssh-keygen -lf KEY.pub` prints it", file=sys.stderr)
+            return 2
+    else:
+        try:
+            with open(args.public_key) as handle:
+                fingerprint = key_fingerprint(handle.read(16384))
+        except (OSError, ValueError, IndexError) as exc:
+            return fail(f"--public-key {args.public_key}: not a readable public key ({exc})")
+    return run_key_command(args, lambda admin: keys_revoke(admin, args.node, fingerprint),
+                           args.dry_run)
+
+
+def cmd_rotate_keys(args):
+    if args.check:
+        if args.rollback or args.dry_run:
+            print(f"{PROG}: error: --check runs alone (it changes nothing anyway)", file=sys.stderr)
+            return 2
+        return run_key_command(args, rotation_check)
+    return run_key_command(args, lambda admin: rotate_keys(admin, args.rollback), args.dry_run)
+
+
 def free_port(host, first, tries=20):
     for port in range(first, first + tries):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -2320,6 +3079,29 @@ def build_parser():
     merge.add_argument("--write", action="store_true",
                        help="write the result (default: print it, change nothing)")
     merge.set_defaults(func=cmd_config_merge)
+
+    keys = sub.add_parser("keys", help="the proxy's key on the nodes (root)")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    status = keys_sub.add_parser("status", help="per node: which keys are installed, does it work")
+    push = keys_sub.add_parser("push", help="install the current key's restricted line on every node")
+    push.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    push.add_argument("--dry-run", action="store_true", help="show what would change")
+    revoke = keys_sub.add_parser("revoke", help="remove a key's lines from every node")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fingerprint", help="SHA256:... as ssh-keygen -l prints it")
+    which.add_argument("--public-key", metavar="FILE", help="a public key file")
+    revoke.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    revoke.add_argument("--dry-run", action="store_true", help="show what would change")
+    for parser_ in (status, push, revoke):
+        parser_.add_argument("--config", help="config file")
+    keys.set_defaults(func=cmd_keys)
+
+    rotate = sub.add_parser("rotate-keys", help="replace the key on every node, staged and verified (root)")
+    rotate.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+    rotate.add_argument("--check", action="store_true", help="preflight only; exit 0 when ready")
+    rotate.add_argument("--rollback", action="store_true", help="make the previous key current again")
+    rotate.add_argument("--config", help="config file")
+    rotate.set_defaults(func=cmd_rotate_keys)
 
     demo = sub.add_parser("demo", help="run the daemon with every path under a local directory")
     demo.add_argument("--dir", default="demo-run", help="directory for socket, key and config "

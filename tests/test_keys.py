@@ -1,0 +1,416 @@
+"""Keys on disk and on nodes: push, revoke, status, rotate-keys (with crashes), against real sshd.
+
+Each test node's account stands in for root: its authorized_keys holds an unrestricted admin
+key (the admin identity, as Proxmox's root-to-root SSH) plus whatever the proxy pushes.
+"""
+import asyncio
+import concurrent.futures
+import json
+import os
+import stat
+import subprocess
+import threading
+
+import pytest
+
+import pulse_sensor_proxy as psp
+from conftest import MODULE, PYTHON, as_uid, wait_for
+from sshnodes import make_keypair
+
+SERVICE_UID = 4300
+FAST_LIMITS = {"per_minute": 1000000, "burst": 100000, "max_concurrent": 100}
+
+
+class Lab:
+    """Nodes with an admin key, a daemon running as a service uid, and the key CLI."""
+
+    def __init__(self, daemon, nodes, admin):
+        self.daemon, self.nodes, self.admin = daemon, nodes, admin
+        self.state = daemon.base / "state"
+
+    def cli(self, *args, uid=None, env=None):
+        return subprocess.run((as_uid(uid) if uid is not None else []) +
+                              [PYTHON, str(MODULE), *args, "--config", str(self.daemon.config_path)],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, **(env or {})))
+
+    def push(self, *extra):
+        out = self.cli("keys", "push", *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def current_public(self):
+        return (self.daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
+
+    def temperatures(self):
+        return [self.daemon.rpc("get_temperature", {"node": f"n{i + 1}"})
+                for i in range(len(self.nodes))]
+
+    def all_temperatures_work(self):
+        replies = self.temperatures()
+        assert all(r["success"] for r in replies), replies
+        return True
+
+    def keys_on(self, node):
+        text = node.authorized_keys_path.read_text() if node.authorized_keys_path.exists() else ""
+        return [psp.parse_authorized_key(line)[2] for line in text.splitlines()
+                if psp.parse_authorized_key(line)]
+
+    def admin_line(self):
+        return self.admin.public_line + "\n"
+
+
+@pytest.fixture
+def lab(daemon_factory, ssh_nodes, base_dir):
+    def make(count=3, push=True):
+        nodes = ssh_nodes(count)
+        admin = make_keypair(base_dir / "admin", comment="root@pve")
+        for node in nodes:
+            node.write_authorized_keys(admin.public_line + "\n")
+        config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
+                            for i, n in enumerate(nodes)},
+                  "admin_identity": [str(admin.private_path)], "rate_limit": FAST_LIMITS,
+                  "ssh": {"connect_timeout": 5, "command_timeout": 5}}
+        daemon = daemon_factory(config, uid=SERVICE_UID)
+        result = Lab(daemon, nodes, admin)
+        if push:
+            result.push()
+        return result
+
+    return make
+
+
+def snapshot(*roots):
+    """Every file's bytes and mtime (and every symlink) under the given paths."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in filenames + dirnames:
+                path = os.path.join(dirpath, name)
+                info = os.lstat(path)
+                content = open(path, "rb").read() if stat.S_ISREG(info.st_mode) else None
+                seen[path] = (info.st_mtime_ns, stat.S_IMODE(info.st_mode), content)
+    return seen
+
+
+# -- the authorized_keys line and the file edit (pure) ------------------------------------------
+
+PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClS3OhHgiDsZx5fXUzLvdNYrSznP4QgBXMtyhhMVV9F pulse-sensor-proxy"
+OURS = psp.authorized_keys_line(PUBLIC, ["10.0.0.0/24", "192.168.1.5/32"])
+FOREIGN = (b"# managed by hand\r\n"
+           b'command="echo \\"hi, there\\"",no-pty ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB user@laptop\r\n'
+           b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBxZ root@pve2\n"
+           b'from="10.0.0.1" ecdsa-sha2-nistp256 AAAAE2VjZHNh no-newline-at-end')
+
+
+def test_line_format():
+    assert OURS == ('from="10.0.0.0/24,192.168.1.5/32",command="sensors -j",restrict,'
+                    "no-port-forwarding,no-X11-forwarding,no-agent-forwarding,no-pty "
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClS3OhHgiDsZx5fXUzLvdNYrSznP4QgBXMtyhhMVV9F "
+                    "pulse-sensor-proxy")
+
+
+def test_parse_lines_with_quoted_options():
+    parsed = psp.parse_authorized_key('command="echo \\"a b\\"",no-pty ssh-rsa AAAA c d')
+    assert parsed == ('command="echo \\"a b\\"",no-pty', "ssh-rsa", "AAAA", "c d")
+    assert psp.parse_authorized_key("# comment") is None
+    assert psp.parse_authorized_key("garbage line") is None
+    assert psp.parse_authorized_key("ssh-ed25519 AAAA")[1:] == ("ssh-ed25519", "AAAA", "")
+
+
+def test_foreign_bytes_are_kept_even_without_a_final_newline():
+    added, changes = psp.edit_authorized_keys(FOREIGN, OURS)
+    assert added == OURS.encode() + b"\n" + FOREIGN, "our line first: no foreign byte changes"
+    assert [c[0] for c in changes] == ["added"]
+    assert psp.edit_authorized_keys(added, OURS) == (added, []), "idempotent"
+    removed, _ = psp.edit_authorized_keys(added, remove_keys={PUBLIC.split()[1]})
+    assert removed == FOREIGN
+
+
+def test_append_when_the_file_ends_with_a_newline():
+    data = FOREIGN + b"\n"
+    added, _ = psp.edit_authorized_keys(data, OURS)
+    assert added == data + OURS.encode() + b"\n"
+
+
+def test_legacy_line_of_our_key_is_upgraded_in_place():
+    legacy = (b"ssh-rsa AAAAB3 a@b\r\n" + b'command="sensors -j",no-pty ' + PUBLIC.split()[0].encode() + b" "
+              + PUBLIC.split()[1].encode() + b" pulse-temp-proxy\r\n" + b"ssh-rsa AAAAB4 c@d\r\n")
+    upgraded, changes = psp.edit_authorized_keys(legacy, OURS)
+    assert upgraded == b"ssh-rsa AAAAB3 a@b\r\n" + OURS.encode() + b"\r\n" + b"ssh-rsa AAAAB4 c@d\r\n"
+    assert [c[0] for c in changes] == ["upgraded"]
+
+
+def test_other_hosts_proxy_keys_are_never_touched():
+    other = b'from="10.9.9.9",command="sensors -j",no-pty ssh-ed25519 AAAAC3NzaOTHER pulse-sensor-proxy\n'
+    result, _ = psp.edit_authorized_keys(other, OURS)
+    assert result.startswith(other)
+
+
+def test_duplicates_of_our_key_collapse_to_one():
+    data = (OURS + "\n" + OURS + "\n").encode()
+    result, changes = psp.edit_authorized_keys(data, OURS)
+    assert result == (OURS + "\n").encode() and changes[0][0] == "removed duplicate"
+
+
+def test_remove_by_fingerprint():
+    fingerprint = psp.key_fingerprint(PUBLIC)
+    result, changes = psp.edit_authorized_keys((OURS + "\n").encode() + FOREIGN, remove_keys={fingerprint})
+    assert result == FOREIGN and changes == [("removed", PUBLIC.split()[1])]
+
+
+# -- push, revoke, status against real nodes -----------------------------------------------------
+
+
+def test_push_installs_a_working_restricted_line_idempotently(lab):
+    lab = lab()
+    assert lab.all_temperatures_work()
+    line = psp.authorized_keys_line(lab.current_public(), ["127.0.0.1/32"])
+    before = [n.authorized_keys_path.read_bytes() for n in lab.nodes]
+    for node, data in zip(lab.nodes, before):
+        assert data == (lab.admin_line() + line + "\n").encode()
+        assert stat.S_IMODE(node.authorized_keys_path.stat().st_mode) == 0o600
+    out = lab.push()
+    assert out.count("already up to date") == 3
+    assert [n.authorized_keys_path.read_bytes() for n in lab.nodes] == before
+
+
+def test_forced_command_holds_for_the_pushed_key(lab):
+    lab = lab(count=1)
+    node = lab.nodes[0]
+    known = lab.daemon.base / "kh"
+    known.write_text(node.host_key_line + "\n")
+    key = lab.daemon.ssh_dir / "id_ed25519"
+    out = subprocess.run(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                          "-o", f"UserKnownHostsFile={known}", "-i", str(key), "-p", str(node.port),
+                          f"{node.user}@127.0.0.1", "id"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and json.loads(out.stdout)["coretemp-isa-0000"], out.stderr
+    assert node.execs()[-1] == "id", "the client asked for id and got sensors output"
+
+
+def test_foreign_lines_survive_push_and_revoke_byte_for_byte(lab):
+    lab = lab(count=1, push=False)
+    node = lab.nodes[0]
+    original = lab.admin_line().encode() + FOREIGN
+    node.write_authorized_keys(original.decode())
+    lab.push()
+    pushed = node.authorized_keys_path.read_bytes()
+    assert pushed.endswith(original) and pushed != original
+    out = lab.cli("keys", "revoke", "--public-key", str(lab.daemon.ssh_dir / "id_ed25519.pub"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert node.authorized_keys_path.read_bytes() == original
+
+
+def test_legacy_lines_are_upgraded_on_the_node(lab):
+    lab = lab(count=1, push=False)
+    node = lab.nodes[0]
+    key_type, key = lab.current_public().split()[:2]
+    node.write_authorized_keys(lab.admin_line() + f'command="sensors -j",no-pty {key_type} {key} pulse-temp-proxy\n')
+    assert "upgraded" in lab.push()
+    assert node.authorized_keys_path.read_text() == lab.admin_line() + psp.authorized_keys_line(
+        lab.current_public(), ["127.0.0.1/32"]) + "\n"
+
+
+def test_local_node_file_and_ssh_dir_are_created_with_safe_modes(base_dir):
+    """This host's own file when it is a node (no SFTP): ~/.ssh 0700, the file 0600."""
+    home = base_dir / "home"
+    home.mkdir()
+    files = psp.LocalFiles(str(home))
+    path, changes = asyncio.run(psp.edit_node_keys(files, OURS))
+    assert [c[0] for c in changes] == ["added"] and path == ".ssh/authorized_keys"
+    assert stat.S_IMODE((home / ".ssh").stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / ".ssh/authorized_keys").stat().st_mode) == 0o600
+    assert (home / ".ssh/authorized_keys").read_text() == OURS + "\n"
+    assert not (home / ".ssh" / psp.LOCK_NAME).exists()
+    before = snapshot(home)
+    assert asyncio.run(psp.edit_node_keys(files, OURS, dry_run=True))[1] == []
+    assert asyncio.run(psp.edit_node_keys(files, remove_keys={PUBLIC.split()[1]}, dry_run=True))[1]
+    assert snapshot(home) == before
+
+
+def test_symlinked_authorized_keys_stays_a_symlink(lab):
+    """Proxmox links /root/.ssh/authorized_keys to the cluster-wide /etc/pve/priv copy."""
+    lab = lab(count=1, push=False)
+    node = lab.nodes[0]
+    shared = node.home / "pve-priv"
+    shared.mkdir()
+    os.chown(shared, node.uid, node.uid)
+    target = shared / "authorized_keys"
+    target.write_text(lab.admin_line())
+    os.chown(target, node.uid, node.uid)
+    target.chmod(0o640)
+    node.authorized_keys_path.unlink()
+    node.authorized_keys_path.symlink_to("../pve-priv/authorized_keys")
+    lab.push()
+    assert node.authorized_keys_path.is_symlink()
+    assert "pulse-sensor-proxy" in target.read_text()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640, "mode kept"
+    assert lab.all_temperatures_work()
+
+
+def test_push_waits_for_another_editor_and_breaks_stale_locks(lab):
+    lab = lab(count=1, push=False)
+    node = lab.nodes[0]
+    lock = node.authorized_keys_path.parent / psp.LOCK_NAME
+    lock.mkdir()
+    proc = subprocess.Popen([PYTHON, str(MODULE), "keys", "push", "--config", str(lab.daemon.config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: node.accepted_publickey_count() >= 1, what="the push to log in")
+        assert proc.poll() is None and "pulse-sensor-proxy" not in node.authorized_keys_path.read_text()
+        lock.rmdir()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "pulse-sensor-proxy" in node.authorized_keys_path.read_text()
+    lock.mkdir()
+    old = 1_000_000_000
+    os.utime(lock, (old, old))
+    lab.push()
+    assert not lock.exists(), "a stale lock is broken and ours is released"
+
+
+def test_dry_run_changes_nothing(lab):
+    lab = lab(push=False)
+    roots = [lab.state] + [n.authorized_keys_path.parent for n in lab.nodes]
+    before = snapshot(*roots)
+    out = lab.cli("keys", "push", "--dry-run")
+    assert out.returncode == 0 and out.stdout.count("would have added") == 3, out.stdout
+    out = lab.cli("rotate-keys", "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Would rotate" in out.stdout and "n1, n2, n3" in out.stdout
+    assert snapshot(*roots) == before
+
+
+def test_revoke_by_fingerprint_only_on_chosen_nodes(lab):
+    lab = lab(count=2)
+    fingerprint = psp.key_fingerprint(lab.current_public())
+    out = lab.cli("keys", "revoke", "--fingerprint", fingerprint, "--node", "n2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    key = lab.current_public().split()[1]
+    assert key in lab.keys_on(lab.nodes[0]) and key not in lab.keys_on(lab.nodes[1])
+    assert lab.cli("keys", "revoke", "--fingerprint", "MD5:xx").returncode == 2
+    assert "unknown node" in lab.cli("keys", "push", "--node", "n9").stderr
+
+
+def test_status_reports_slots_and_the_restricted_path(lab):
+    lab = lab(count=2)
+    lab.nodes[1].set_mode("exit", 2)
+    out = lab.cli("keys", "status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "current=installed next=- prev=-; restricted path works" in out.stdout
+    assert "restricted path FAILS: sensors -j exited with status 2" in out.stdout
+
+
+def test_key_commands_refuse_non_root(lab):
+    lab = lab(count=1, push=False)
+    for args in (["keys", "push"], ["keys", "status"], ["rotate-keys", "--check"]):
+        out = lab.cli(*args, uid=4242)
+        assert out.returncode == 1 and "must run as root" in out.stderr, out.stderr
+
+
+def test_check_is_a_preflight_table(lab):
+    lab = lab()
+    out = lab.cli("rotate-keys", "--check")
+    assert out.returncode == 0 and out.stdout.count("current key works") == 3, out.stdout
+    lab.nodes[2].stop()
+    out = lab.cli("rotate-keys", "--check")
+    assert out.returncode == 1 and "n3: FAILED to pass preflight" in out.stdout
+
+
+# -- rotation ------------------------------------------------------------------------------------
+
+
+def assert_clean_state(lab, current):
+    key = current.split()[1]
+    for node in lab.nodes:
+        proxy_keys = [k for k in lab.keys_on(node) if k != lab.admin.public_line.split()[1]]
+        assert proxy_keys == [key], f"{node.user}: only the current key stays"
+    assert not (lab.state / "ssh.d" / "rotation.json").exists()
+    assert not (lab.state / "ssh.d" / "next" / "id_ed25519").exists()
+
+
+def test_rotation_with_the_daemon_serving_throughout(lab):
+    lab = lab()
+    old = lab.current_public()
+    failures, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            failures.extend(r for r in lab.temperatures() if not r["success"])
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        poller = pool.submit(poll)
+        out = lab.cli("rotate-keys")
+        stop.set()
+        poller.result(timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert failures == [], failures
+    new = lab.current_public()
+    assert new != old
+    assert (lab.state / "ssh.d" / "prev" / "id_ed25519.pub").read_text().split()[:2] == old.split()[:2]
+    assert_clean_state(lab, new)
+    assert lab.all_temperatures_work()
+    modes = {"ssh": 0o700, "ssh/id_ed25519": 0o600, "ssh/id_ed25519.pub": 0o640,
+             "ssh.d": 0o750, "ssh.d/next": 0o750, "ssh.d/prev": 0o750,
+             "ssh.d/prev/id_ed25519": 0o600, "ssh.d/prev/id_ed25519.pub": 0o640}
+    for relative, mode in modes.items():
+        info = (lab.state / relative).stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (mode, SERVICE_UID), relative
+
+
+def test_failed_verification_undoes_everything(lab):
+    lab = lab()
+    old = lab.current_public()
+    lab.nodes[1].set_mode("exit", 4)
+    out = lab.cli("rotate-keys")
+    assert out.returncode == 1
+    assert "n2: FAILED to verify the new key" in out.stdout and "Undoing" in out.stdout
+    assert lab.current_public() == old
+    lab.nodes[1].set_mode("fixture", "intel-coretemp-nvme")
+    assert_clean_state(lab, old)
+    assert lab.all_temperatures_work()
+
+
+def test_rollback_restores_the_previous_key(lab):
+    lab = lab()
+    old = lab.current_public()
+    assert lab.cli("rotate-keys").returncode == 0
+    rotated = lab.current_public()
+    out = lab.cli("rotate-keys", "--rollback")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert lab.current_public().split()[:2] == old.split()[:2]
+    assert_clean_state(lab, old)
+    assert rotated.split()[1] not in lab.keys_on(lab.nodes[0])
+    assert lab.all_temperatures_work()
+    out = lab.cli("rotate-keys", "--rollback")
+    assert out.returncode == 1 and "nothing to roll back to" in out.stderr
+
+
+CRASH_POINTS = ["next private key written", "journal written", "add the new key: n1",
+                "add the new key: n3", "verify the new key: n2", "verified", "prev saved",
+                "current private key written", "swapped", "remove the old key: n2"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_sigkill_at_any_step_leaves_a_working_key(lab, point):
+    lab = lab()
+    out = lab.cli("rotate-keys", env={"PULSE_SENSOR_PROXY_CRASH_AT": point})
+    assert out.returncode == -9, f"the crash point was not reached:\n{out.stdout}{out.stderr}"
+    assert lab.all_temperatures_work()
+    out = lab.cli("rotate-keys")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "interrupted" in out.stdout or point == "next private key written"
+    assert_clean_state(lab, lab.current_public())
+    assert lab.all_temperatures_work()
+
+
+def test_interrupted_rotation_is_reported_at_serve_start(lab):
+    lab = lab(count=1)
+    assert lab.cli("rotate-keys", env={"PULSE_SENSOR_PROXY_CRASH_AT": "swapped"}).returncode == -9
+    lab.daemon.stop()
+    lab.daemon.start()
+    record = lab.daemon.wait_log(lambda r: "interrupted" in r.get("msg", ""), "the warning")
+    assert record["step"] == "removing"
+    assert lab.all_temperatures_work()
