@@ -2004,14 +2004,18 @@ async def resolve_authorized_keys(files):
 async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
     """Apply edit_authorized_keys to a node's file: create ~/.ssh (0700) and the file (0600)
     if missing, keep owner and mode, write a temp file and rename it, under a lock directory
-    so two editors never interleave. Returns (path, changes)."""
-    if not dry_run and await files.info(".ssh") is None:
-        await files.mkdir(".ssh", 0o700)
+    so two editors never interleave. Returns (path, changes).
+
+    A file that needs no change is only read: no lock, no write (on Proxmox every mkdir in
+    /etc/pve/priv is a write the cluster filesystem replicates)."""
     target, info = await resolve_authorized_keys(files)
     directory = os.path.dirname(target)
-    if dry_run:
-        data = await files.read(target) if info else b""
-        return target, edit_authorized_keys(data, add_line, remove_keys)[1]
+    data = await files.read(target) if info else b""
+    new, changes = edit_authorized_keys(data, add_line, remove_keys)
+    if dry_run or new == data:
+        return target, changes
+    if await files.info(".ssh") is None:
+        await files.mkdir(".ssh", 0o700)
     lock = os.path.join(directory, LOCK_NAME)
     deadline = time.monotonic() + LOCK_WAIT
     while True:

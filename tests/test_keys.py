@@ -264,11 +264,24 @@ def test_push_waits_for_another_editor_and_breaks_stale_locks(lab):
         proc.kill()
     assert proc.returncode == 0, out + err
     assert "pulse-sensor-proxy" in node.authorized_keys_path.read_text()
+    node.write_authorized_keys(lab.admin_line())
     lock.mkdir()
     old = 1_000_000_000
     os.utime(lock, (old, old))
     lab.push()
     assert not lock.exists(), "a stale lock is broken and ours is released"
+
+
+def test_push_with_nothing_to_change_writes_nothing(lab):
+    """Not even the lock directory: on Proxmox it would be a cluster-wide write."""
+    lab = lab(count=1)
+    node = lab.nodes[0]
+    old = 1_000_000_000
+    os.utime(node.authorized_keys_path.parent, (old, old))
+    before = snapshot(node.authorized_keys_path.parent)
+    assert "already up to date" in lab.push()
+    assert node.authorized_keys_path.parent.stat().st_mtime_ns == old * 10**9
+    assert snapshot(node.authorized_keys_path.parent) == before
 
 
 def test_dry_run_changes_nothing(lab):
