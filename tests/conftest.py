@@ -1,30 +1,226 @@
-"""Fixtures shared by the fast stage (tests/) and the slow stage (tests/system/)."""
+"""Shared fixtures: a real daemon process, real Unix sockets, real peers under other uids."""
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "pulse_sensor_proxy.py"
+PYTHON = sys.executable
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# A client that needs nothing but the standard library, so it runs as any uid.
+CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+data = b""
+while not data.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode())
+"""
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def base_dir():
+    """A temp dir every uid may traverse (pytest's tmp_path is 0700 under root)."""
+    path = Path(tempfile.mkdtemp(prefix="psp-test-"))
+    path.chmod(0o755)
+    yield path
+    if not os.environ.get("PSP_KEEP"): shutil.rmtree(path, ignore_errors=True)
+
+
+def send_raw(sock_path, payload, timeout=20.0, shutdown=False):
+    """Write bytes to the socket and read until the daemon closes (or a line for one request)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(sock_path))
+        sock.sendall(payload)
+        if shutdown:
+            sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def rpc(sock_path, request, uid=None, gid=None):
+    """One request the way Pulse sends it: one line, one line back; as `uid` when given."""
+    line = request if isinstance(request, str) else json.dumps(request)
+    if uid is None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(20)
+            sock.connect(str(sock_path))
+            sock.sendall(line.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)
+    out = subprocess.run(as_uid(uid, gid) + ["/usr/bin/python3", "-I", "-c", CLIENT,
+                                             str(sock_path), line],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def as_uid(uid, gid=None):
+    gid = uid if gid is None else gid
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+
+
+class Daemon:
+    """`pulse-sensor-proxy serve` as a real process with its own config, socket and key dir."""
+
+    def __init__(self, base, config=None, uid=None, env=None):
+        self.base = Path(base)
+        self.socket = self.base / "run" / "pulse-sensor-proxy.sock"
+        self.ssh_dir = self.base / "state" / "ssh"
+        self.config_path = self.base / "config.yaml"
+        self.log_path = self.base / "daemon.log"
+        self.uid = uid
+        self.config = {"socket_path": str(self.socket), "ssh_dir": str(self.ssh_dir),
+                       "metrics_address": "disabled", "allowed_source_subnets": ["127.0.0.1"],
+                       "subuid_file": str(self.base / "subuid")}
+        self.config.update(config or {})
+        self.env = dict(os.environ, **(env or {}))
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.proc = None
+
+    def write_config(self, config=None, text=None):
+        self.config_path.write_text(text if text is not None else json.dumps(config or self.config))
+        self.config_path.chmod(0o644)
+
+    def start(self, wait=True):
+        self.write_config()
+        (self.base / "run").mkdir(exist_ok=True)
+        (self.base / "state").mkdir(exist_ok=True)
+        prefix = []
+        if self.uid is not None:
+            for path in (self.base / "run", self.base / "state"):
+                os.chown(path, self.uid, self.uid)
+            prefix = as_uid(self.uid)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(prefix + [PYTHON, str(MODULE), "serve", "--config",
+                                               str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self):
+        def ready():
+            assert self.proc.poll() is None, f"daemon exited:\n{self.log_text()}"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.connect(str(self.socket))
+                    return True
+                except OSError:
+                    return False
+        wait_for(ready, what="the daemon's socket")
+
+    def log_text(self):
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self):
+        records = []
+        for line in self.log_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def wait_log(self, predicate, what):
+        return wait_for(lambda: next((r for r in self.log_records() if predicate(r)), None),
+                        what=what)
+
+    def rpc(self, method, params=None, uid=None, gid=None, **extra):
+        return rpc(self.socket, dict({"method": method, "params": params}, **extra), uid, gid)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.log.close()
+        return self.proc.returncode if self.proc else None
+
+
+@pytest.fixture
+def daemon_factory(base_dir):
+    started = []
+
+    def make(config=None, uid=None, env=None, subdir=None, start=True):
+        base = base_dir / subdir if subdir else base_dir
+        base.mkdir(exist_ok=True)
+        base.chmod(0o755)
+        daemon = Daemon(base, config, uid, env)
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    return daemon_factory()
+
+
+# --- the pyz -----------------------------------------------------------------------------------
+
 BUILD = ROOT / "build_zipapp.sh"
 ARCHES = ("x86_64", "aarch64")
 
 
 def build_pyz(out_dir, *args):
     """Run build_zipapp.sh with this test run's Python (it has shiv); return the process."""
-    return subprocess.run([str(BUILD), "--python", sys.executable, "--out", str(out_dir), *args],
+    return subprocess.run([str(BUILD), "--python", PYTHON, "--out", str(out_dir), *args],
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="session")
 def pyz_dir():
-    """Both architectures' pyz, built once per test session.
-
-    The directory is world-traversable so that tests can run the pyz as other uids.
-    """
+    """Both architectures' pyz, built once per test session, in a directory every uid can reach."""
     out = Path(tempfile.mkdtemp(prefix="psp-pyz-"))
     out.chmod(0o755)
     result = build_pyz(out)

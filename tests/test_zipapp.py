@@ -11,7 +11,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,15 +37,6 @@ def run_pyz(pyz, *args, env=None, uid=None, readonly=None):
                    str(readonly), *command]
     return subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env={**BASE_ENV, **(env or {})})
-
-
-@pytest.fixture
-def shared_tmp():
-    """A root-owned 0755 directory that other uids can reach (pytest's tmp_path is not)."""
-    path = Path(tempfile.mkdtemp(prefix="psp-shared-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def shared_dir(parent, name, mode):
@@ -173,15 +163,15 @@ def test_version_names_the_commit_and_date_and_unpacks_nothing(pyz, tmp_path):
 @pytest.mark.parametrize("uid", [None, OTHER_UID], ids=["root", "other-uid"])
 @pytest.mark.parametrize("home", ["unset", "read-only", "missing"])
 @pytest.mark.parametrize("args", [("version",), ("--help",)], ids=["version", "help"])
-def test_version_and_help_work_for_any_user_with_any_home(pyz, shared_tmp, uid, home, args):
-    tmpdir = shared_dir(shared_tmp, "tmp", 0o1777)
+def test_version_and_help_work_for_any_user_with_any_home(pyz, base_dir, uid, home, args):
+    tmpdir = shared_dir(base_dir, "tmp", 0o1777)
     env = {"TMPDIR": str(tmpdir)}
     readonly = None
     if home == "read-only":
-        readonly = shared_dir(shared_tmp, "home", 0o755)
+        readonly = shared_dir(base_dir, "home", 0o755)
         env["HOME"] = str(readonly)
     elif home == "missing":
-        env["HOME"] = str(shared_tmp / "no-such-home")
+        env["HOME"] = str(base_dir / "no-such-home")
     result = run_pyz(pyz, *args, env=env, uid=uid, readonly=readonly)
     assert result.returncode == 0, result.stderr
     if args == ("version",):
@@ -230,9 +220,9 @@ def test_second_run_reuses_the_unpacked_build(pyz, tmp_path):
     assert marker.stat().st_mtime_ns == before
 
 
-def test_other_user_with_read_only_home_unpacks_into_a_private_temp_dir(pyz, shared_tmp):
-    tmpdir = shared_dir(shared_tmp, "tmp", 0o1777)
-    home = shared_dir(shared_tmp, "home", 0o755)
+def test_other_user_with_read_only_home_unpacks_into_a_private_temp_dir(pyz, base_dir):
+    tmpdir = shared_dir(base_dir, "tmp", 0o1777)
+    home = shared_dir(base_dir, "home", 0o755)
     result = run_pyz(pyz, *UNPACKING_ARGS, uid=OTHER_UID, readonly=home,
                      env={"HOME": str(home), "TMPDIR": str(tmpdir)})
     assert result.returncode == 2 and "usage:" in result.stderr, result.stderr
@@ -243,8 +233,8 @@ def test_other_user_with_read_only_home_unpacks_into_a_private_temp_dir(pyz, sha
     assert list(home.iterdir()) == []
 
 
-def test_a_planted_private_temp_dir_is_refused(pyz, shared_tmp):
-    tmpdir = shared_dir(shared_tmp, "tmp", 0o1777)
+def test_a_planted_private_temp_dir_is_refused(pyz, base_dir):
+    tmpdir = shared_dir(base_dir, "tmp", 0o1777)
     planted = tmpdir / f"pulse-sensor-proxy-{OTHER_UID}"
     planted.mkdir(mode=0o700)
     os.chown(planted, OTHER_UID + 1, OTHER_UID + 1)

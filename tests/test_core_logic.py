@@ -1,0 +1,342 @@
+"""Pure logic, tested directly: config, peers, rate limits, request parsing, metrics."""
+import json
+import math
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import pulse_sensor_proxy as psp
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_empty_config_gives_documented_defaults():
+    config = psp.validate_config(None)
+    assert config["metrics_address"] == "127.0.0.1:9127"
+    assert config["rate_limit"] == {"per_minute": 20, "burst": 10, "max_concurrent": 10}
+    assert config["allow_idmapped_root"] is True
+    assert config["socket_path"] == "/run/pulse-sensor-proxy/pulse-sensor-proxy.sock"
+    assert config["allowed_peers"] == []
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(psp.ConfigError) as err:
+        psp.validate_config({"alowed_peers": []}, source="c.yaml")
+    assert err.value.problems == ["c.yaml: unknown key 'alowed_peers' (did you mean 'allowed_peers'?)"]
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(psp.ConfigError) as err:
+        psp.validate_config({"log_level": "loud", "metrics_address": "nowhere",
+                             "rate_limit": {"burst": 0, "per_minut": 3},
+                             "allowed_source_subnets": ["10.0.0.0/33"]})
+    text = "\n".join(err.value.problems)
+    assert len(err.value.problems) == 5, text
+    assert "log_level: got 'loud', expected one of debug, info, warning, error" in text
+    assert "metrics_address: got 'nowhere'" in text
+    assert "rate_limit.burst: got 0, expected an integer >= 1" in text
+    assert "rate_limit: unknown key 'per_minut' (did you mean 'per_minute'?)" in text
+    assert "allowed_source_subnets: got ['10.0.0.0/33']" in text
+
+
+@pytest.mark.parametrize("value, expected", [
+    (["192.168.1.5"], ["192.168.1.5/32"]),
+    (["fd00::1"], ["fd00::1/128"]),
+    (["10.0.0.0/8", "10.0.0.0/8"], ["10.0.0.0/8"]),
+    ([" 192.168.0.0/24 "], ["192.168.0.0/24"]),
+])
+def test_subnets_are_normalized(value, expected):
+    assert psp.validate_config({"allowed_source_subnets": value})["allowed_source_subnets"] == expected
+
+
+@pytest.mark.parametrize("peers, fragment", [
+    ([{"uid": -1}], "allowed_peers[0].uid: got -1, expected an integer >= 0"),
+    ([{"uids": "5-1"}], "allowed_peers[0].uids: got '5-1'"),
+    ([{"uid": 1, "uids": "1-2"}], "allowed_peers[0]: needs exactly one of 'uid' or 'uids'"),
+    ([{"uid": 1, "capabilities": ["root"]}], "allowed_peers[0].capabilities: got ['root']"),
+    ([{"uid": 1, "gid": "x"}], "allowed_peers[0].gid: got 'x'"),
+    ([{"uid": 1, "name": "x"}], "allowed_peers[0]: unknown key 'name'"),
+    (["1001"], "allowed_peers[0]: got '1001', expected a mapping"),
+    ({"uid": 1}, "allowed_peers: got {'uid': 1}, expected a list"),
+])
+def test_bad_peers_are_explained(peers, fragment):
+    with pytest.raises(psp.ConfigError) as err:
+        psp.validate_config({"allowed_peers": peers})
+    assert any(fragment in p for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("value", [True, 1, "yes", None])
+def test_booleans_must_be_booleans(value):
+    if value is True:
+        assert psp.validate_config({"allow_idmapped_root": value})["allow_idmapped_root"] is True
+        return
+    with pytest.raises(psp.ConfigError, match="expected true or false"):
+        psp.validate_config({"allow_idmapped_root": value})
+
+
+@pytest.mark.parametrize("address, ok", [
+    ("127.0.0.1:9127", True), ("[::1]:9127", True), ("localhost:1", True), ("disabled", True),
+    ("0.0.0.0:0", False), ("127.0.0.1:65536", False), ("example.com:80", False), (9127, False),
+    ("127.0.0.1", False),
+])
+def test_metrics_address(address, ok):
+    if ok:
+        assert psp.validate_config({"metrics_address": address})["metrics_address"] == address
+    else:
+        with pytest.raises(psp.ConfigError):
+            psp.validate_config({"metrics_address": address})
+
+
+def test_top_level_must_be_a_mapping():
+    with pytest.raises(psp.ConfigError, match="expected a mapping of keys at the top level, got list"):
+        psp.validate_config([1, 2])
+
+
+def test_yaml_errors_point_at_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("log_level: info\nallowed_peers: [\n")
+    with pytest.raises(psp.ConfigError) as err:
+        psp.load_config(str(path), environ={})
+    assert f"{path}: line 3" in err.value.problems[0] and "invalid YAML" in err.value.problems[0]
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("log_level: info\nlog_level: debug\n")
+    with pytest.raises(psp.ConfigError, match="duplicate key 'log_level'"):
+        psp.load_config(str(path), environ={})
+
+
+def test_binary_and_huge_files_are_refused(tmp_path):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(psp.ConfigError, match="not UTF-8"):
+        psp.load_config(str(binary), environ={})
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (psp.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(psp.ConfigError, match="larger than"):
+        psp.load_config(str(huge), environ={})
+
+
+def test_missing_file_means_defaults(tmp_path):
+    config = psp.load_config(str(tmp_path / "absent.yaml"), environ={})
+    assert config["log_level"] == "info"
+
+
+def test_environment_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("allowed_source_subnets: [10.0.0.0/8]\n")
+    config = psp.load_config(str(path), environ={
+        psp.ENV_SOCKET: "/tmp/x.sock", psp.ENV_SSH_DIR: "/tmp/ssh",
+        psp.ENV_METRICS_ADDR: "disabled", psp.ENV_ALLOWED_SUBNETS: "192.168.1.0/24, 10.0.0.0/8"})
+    assert config["socket_path"] == "/tmp/x.sock"
+    assert config["ssh_dir"] == "/tmp/ssh"
+    assert config["metrics_address"] == "disabled"
+    assert config["allowed_source_subnets"] == ["10.0.0.0/8", "192.168.1.0/24"]
+    with pytest.raises(psp.ConfigError, match=r"\$PULSE_SENSOR_PROXY_METRICS_ADDR: got 'x'"):
+        psp.load_config(str(path), environ={psp.ENV_METRICS_ADDR: "x"})
+
+
+def test_merge_adds_once_and_keeps_everything_else():
+    raw = {"log_level": "debug", "allowed_source_subnets": ["10.0.0.0/8"],
+           "allowed_peers": [{"uid": 1001, "capabilities": ["read", "admin"]}]}
+    merged = psp.merge_config(raw, ["10.0.0.0/8", "192.168.1.7"], ["100000-165535"])
+    assert merged == {"log_level": "debug",
+                      "allowed_source_subnets": ["10.0.0.0/8", "192.168.1.7/32"],
+                      "allowed_peers": [{"uid": 1001, "capabilities": ["read", "admin"]},
+                                        {"uids": "100000-165535", "capabilities": ["read"]}]}
+    assert psp.merge_config(merged, ["192.168.1.7/32"], ["100000-165535"]) == merged
+    assert raw["allowed_source_subnets"] == ["10.0.0.0/8"], "the input must not be modified"
+
+
+def test_subuid_parsing():
+    text = "root:100000:65536\nalice:165536:65536\nroot:200000:10\n# comment\nroot:x:1\n"
+    assert psp.parse_subuid(text) == [(100000, 165535), (200000, 200009)]
+
+
+# -- peers ----------------------------------------------------------------------------------------
+
+PEERS = psp.validate_config({"allowed_peers": [
+    {"uid": 1001}, {"uids": "2000-2999", "gid": 50, "capabilities": ["read", "admin"]}]})["allowed_peers"]
+RANGES = [(100000, 165535)]
+
+
+@pytest.mark.parametrize("uid, gid, expected", [
+    (0, 0, {"read", "admin"}),
+    (999, 999, {"read", "admin"}),            # the daemon's own uid in these cases
+    (1001, 1001, {"read"}),
+    (2500, 50, {"read", "admin"}),
+    (2500, 51, set()),                         # gid must match when configured
+    (100000, 100000, {"read"}),                # container root: read, never admin
+    (165535, 0, {"read"}),
+    (165536, 0, set()),
+    (4242, 4242, set()),
+])
+def test_peer_capabilities(uid, gid, expected):
+    assert psp.peer_capabilities(uid, gid, 999, PEERS, RANGES) == expected
+
+
+def test_idmapped_root_off_means_no_range():
+    assert psp.peer_capabilities(100000, 100000, 999, PEERS, []) == set()
+
+
+# -- rate limiting --------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_burst_then_refusal_then_refill():
+    clock = Clock()
+    limiter = psp.RateLimiter(per_minute=20, burst=10, max_concurrent=100, clock=clock)
+    peer = (1001, 42)
+    for _ in range(10):
+        assert limiter.acquire(peer)
+        limiter.release(peer)
+    assert not limiter.acquire(peer), "the 11th request of a burst is refused"
+    assert limiter.acquire((1001, 43)), "another pid has its own bucket"
+    clock.now += 2.9
+    assert not limiter.acquire(peer), "less than one token after 2.9 s at 20/min"
+    clock.now += 0.2
+    assert limiter.acquire(peer), "one token is back after 3 s"
+    limiter.release(peer)
+    clock.now += 3600
+    for _ in range(10):
+        assert limiter.acquire(peer)
+        limiter.release(peer)
+    assert not limiter.acquire(peer), "refill stops at the burst size"
+
+
+def test_concurrency_cap():
+    limiter = psp.RateLimiter(per_minute=6000, burst=100, max_concurrent=2, clock=Clock())
+    assert limiter.acquire("p") and limiter.acquire("p")
+    assert not limiter.acquire("p")
+    limiter.release("p")
+    assert limiter.acquire("p")
+
+
+def test_idle_peers_are_forgotten():
+    clock = Clock()
+    limiter = psp.RateLimiter(per_minute=20, burst=10, max_concurrent=10, clock=clock)
+    for pid in range(10_000):
+        assert limiter.acquire((100000, pid))
+        limiter.release((100000, pid))
+    assert len(limiter.entries) <= psp.RateLimiter.MAX_ENTRIES
+    clock.now += 31       # buckets are full again after burst / rate = 30 s
+    limiter.acquire((1, 1))
+    assert len(limiter.entries) == 1
+
+
+def test_busy_peers_are_kept_while_in_flight():
+    clock = Clock()
+    limiter = psp.RateLimiter(per_minute=20, burst=10, max_concurrent=1, clock=clock)
+    assert limiter.acquire("busy")
+    clock.now += 3600
+    limiter.acquire("other")
+    assert not limiter.acquire("busy"), "its in-flight request still counts"
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+CID = "0b0f3c3e-7d55-4e0a-9b43-6a6c4d1e2f30"
+
+
+def test_parse_a_pulse_request():
+    line = json.dumps({"correlation_id": CID, "method": "get_temp", "params": {"node": "pve1"}})
+    assert psp.parse_request(line.encode()) == (CID, "get_temp", {"node": "pve1"})
+
+
+def test_correlation_id_is_replaced_unless_uuid():
+    for bad in (None, "abc", 12, "x" * 100, {"a": 1}):
+        corr, _, _ = psp.parse_request(json.dumps({"method": "m", "correlation_id": bad}).encode())
+        assert corr != bad and str(psp.uuid.UUID(corr)) == corr
+    assert psp.parse_request(json.dumps({"method": "m", "correlation_id": CID.upper()}).encode())[0] == CID
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"", psp.E_EMPTY), (b"   \r", psp.E_EMPTY),
+    (b"not json", psp.E_INVALID), (b"[1]", psp.E_INVALID), (b'"s"', psp.E_INVALID),
+    (b'{"method": 5}', psp.E_INVALID), (b'{"params": {}}', psp.E_INVALID),
+    (b'{"method": "m", "params": [1]}', psp.E_INVALID),
+    (b'{"method": "m", "method": "n"}', psp.E_INVALID),
+    (b'{"method": "m", "params": {"x": NaN}}', psp.E_INVALID),
+    (b'{"method": "m", "params": {"x": Infinity}}', psp.E_INVALID),
+    (b'{"method": "\xff"}', psp.E_INVALID),
+    (b"[" * 100000 + b"]" * 100000, psp.E_INVALID),
+    (b'{"method": "m", "params": {"n": ' + b"9" * 5000 + b"}}", psp.E_INVALID),
+])
+def test_bad_requests(line, error):
+    with pytest.raises(psp.RequestError) as err:
+        psp.parse_request(line)
+    assert err.value.args[0] == error
+
+
+def test_invalid_request_still_echoes_its_correlation_id():
+    with pytest.raises(psp.RequestError) as err:
+        psp.parse_request(json.dumps({"correlation_id": CID, "method": 1}).encode())
+    assert err.value.args == (psp.E_INVALID, CID)
+
+
+def test_response_shape():
+    ok = json.loads(psp.response_line(CID, data={"a": 1}))
+    assert ok == {"correlation_id": CID, "success": True, "data": {"a": 1}}
+    bad = json.loads(psp.response_line(CID, error="boom"))
+    assert bad == {"correlation_id": CID, "success": False, "error": "boom"}
+
+
+def test_http_statuses():
+    assert psp.status_for_error(psp.E_TOO_LARGE) == 413
+    assert psp.status_for_error(psp.E_INVALID) == 400
+    assert psp.status_for_error(psp.E_RATE_LIMITED) == 429
+    assert psp.status_for_error(psp.E_UNAUTHORIZED) == 403
+    assert psp.status_for_error("host key changed for pve1") == 200
+
+
+def test_call_params():
+    request = psp.build_call_request("get_temp", "pve1", ["a=1", "b:=2", "c:=[1]", "d=x:=y"])
+    assert request["params"] == {"a": "1", "b": 2, "c": [1], "d": "x:=y", "node": "pve1"}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        psp.build_call_request("m", None, ["novalue"])
+    with pytest.raises(ValueError, match="not JSON"):
+        psp.build_call_request("m", None, ["k:=nope"])
+    assert psp.build_call_request("m", None, [])["params"] is None
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_render_parses_with_prometheus_parser():
+    metrics = psp.new_metrics()
+    metrics.inc("pulse_proxy_rpc_requests_total", ("get_status", "success"))
+    metrics.observe("pulse_proxy_rpc_latency_seconds", 0.0007, ("get_status",))
+    metrics.observe("pulse_proxy_rpc_latency_seconds", 3.0, ("get_status",))
+    metrics.inc("pulse_proxy_ssh_requests_total", ('we"ird\\node\n', "error"))
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render())}
+    assert families["pulse_proxy_rpc_requests"].samples[0].value == 1
+    hist = {(s.name, s.labels.get("le")): s.value for s in families["pulse_proxy_rpc_latency_seconds"].samples}
+    assert hist[("pulse_proxy_rpc_latency_seconds_bucket", "0.001")] == 1
+    assert hist[("pulse_proxy_rpc_latency_seconds_bucket", "+Inf")] == 2
+    assert math.isclose(hist[("pulse_proxy_rpc_latency_seconds_sum", None)], 3.0007)
+    assert families["pulse_proxy_build_info"].samples[0].labels == {"version": psp.__version__}
+    node = families["pulse_proxy_ssh_requests"].samples[0].labels["node"]
+    assert node == 'we"ird\\node'
+
+
+def test_metric_label_values_are_bounded():
+    metrics = psp.Metrics(max_label_values=3)
+    metrics.declare("counter", "c_total", "c", ("node",))
+    for index in range(100):
+        metrics.inc("c_total", (f"n{index}",))
+    assert len(metrics.values["c_total"]) == 4
+    assert metrics.values["c_total"][("other",)] == 97
+
+
+def test_sanitize_label():
+    assert psp.sanitize_label("pve1.example.com") == "pve1.example.com"
+    assert psp.sanitize_label("$(id);x") == "__id__x"
+    assert len(psp.sanitize_label("a" * 500)) == 64

@@ -1,0 +1,491 @@
+"""The daemon as a real process: wire conformance, peers by SO_PEERCRED, limits, life cycle."""
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import urllib.request
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MODULE, PYTHON, rpc, send_raw, wait_for
+
+CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
+
+
+def lines_of(data):
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- wire conformance -----------------------------------------------------------------------------
+
+
+def test_get_status_exactly_as_pulse_sends_it(daemon):
+    request = json.dumps({"correlation_id": CID, "method": "get_status", "params": None})
+    raw = send_raw(daemon.socket, request.encode() + b"\n", shutdown=True)
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    reply = json.loads(raw)
+    assert set(reply) == {"correlation_id", "success", "data"}
+    assert reply["correlation_id"] == CID and reply["success"] is True
+    data = reply["data"]
+    public = (daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
+    assert data["public_key"] == public and public.startswith("ssh-ed25519 ")
+    assert data["ssh_dir"] == str(daemon.ssh_dir) and data["socket"] == str(daemon.socket)
+    assert data["version"] == __import__("pulse_sensor_proxy").__version__
+    assert data["uptime_seconds"] >= 0
+    assert data["peer"] == {"uid": 0, "gid": 0, "pid": data["peer"]["pid"],
+                            "capabilities": ["admin", "read"]}
+
+
+def test_keep_alive_answers_in_order(daemon):
+    requests = [{"correlation_id": str(uuid.uuid4()), "method": m}
+                for m in ("get_status", "nope", "get_status")]
+    payload = b"".join(json.dumps(r).encode() + b"\n" for r in requests)
+    replies = lines_of(send_raw(daemon.socket, payload, shutdown=True))
+    assert [r["correlation_id"] for r in replies] == [r["correlation_id"] for r in requests]
+    assert [r["success"] for r in replies] == [True, False, True]
+    assert replies[1]["error"] == "unknown method" and "data" not in replies[1]
+
+
+def test_missing_or_bad_correlation_id_gets_a_fresh_uuid(daemon):
+    for value in (None, "not-a-uuid"):
+        reply = daemon.rpc("get_status", correlation_id=value)
+        assert str(uuid.UUID(reply["correlation_id"])) == reply["correlation_id"]
+        assert reply["correlation_id"] != value
+
+
+def test_curl_form(daemon):
+    out = subprocess.run(["curl", "-s", "-i", "--unix-socket", str(daemon.socket),
+                          "-d", '{"method":"get_status"}', "http://localhost/"],
+                         capture_output=True, check=True, timeout=20).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["data"]["peer"]["uid"] == 0
+
+
+@pytest.mark.parametrize("body, status, error", [
+    ('{"method":"get_status"', 400, "invalid request format"),
+    ('{"method":"nope"}', 200, "unknown method"),
+    ("", 400, "empty request"),
+])
+def test_curl_errors(daemon, body, status, error):
+    out = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket",
+                          str(daemon.socket), "-d", body, "http://localhost/"],
+                         capture_output=True, text=True, check=True, timeout=20).stdout
+    payload, code = out.rsplit("\n", 1)
+    assert int(code) == status
+    assert json.loads(payload)["error"] == error
+
+
+def test_http_body_too_large(daemon):
+    body = b'{"method":"get_status","params":{"x":"' + b"a" * 17000 + b'"}}'
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    out = send_raw(daemon.socket, head + body)
+    assert out.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["error"] == "payload too large"
+
+
+@pytest.mark.parametrize("payload, error", [
+    (b"\n", "empty request"),
+    (b"{nope\n", "invalid request format"),
+    (b'{"method": "get_status", "params": [1]}\n', "invalid request format"),
+    (b'{"method": "get_status", "method": "x"}\n', "invalid request format"),
+    (b'"just a string"\n', "invalid request format"),
+    (b'{"method": "rm -rf /"}\n', "unknown method"),
+])
+def test_wire_errors(daemon, payload, error):
+    reply = lines_of(send_raw(daemon.socket, payload, shutdown=True))
+    assert reply[0]["success"] is False and reply[0]["error"] == error
+    assert "Traceback" not in json.dumps(reply)
+
+
+@pytest.mark.parametrize("size, too_large", [(16 * 1024, False), (16 * 1024 + 1, True)])
+def test_line_size_limit(daemon, size, too_large):
+    prefix = b'{"method":"get_status","params":{"pad":"'
+    suffix = b'"}}'
+    line = prefix + b"x" * (size - len(prefix) - len(suffix)) + suffix
+    assert len(line) == size
+    reply = lines_of(send_raw(daemon.socket, line + b"\n", shutdown=True))[0]
+    if too_large:
+        assert reply["error"] == "payload too large"
+    else:
+        assert reply["success"] is True
+
+
+def test_unterminated_huge_line_is_cut_off(daemon):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"{" * 40000)
+        reply = sock.recv(65536)
+        assert json.loads(reply)["error"] == "payload too large"
+        assert sock.recv(65536) == b"", "the daemon closes after an oversized line"
+
+
+def test_read_timeout(daemon):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b'{"method":')
+        reply = json.loads(sock.recv(65536))
+        assert reply["error"] == "read timeout"
+        assert sock.recv(65536) == b""
+    daemon.wait_log(lambda r: r.get("error") == "read timeout", "the read timeout audit record")
+
+
+def test_server_busy_over_256_connections(daemon_factory):
+    daemon = daemon_factory({"metrics_address": f"127.0.0.1:{free_port()}"})
+    url = f"http://{daemon.config['metrics_address']}/metrics"
+
+    def connections():
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return next(s.value for f in text_string_to_metric_families(text)
+                    for s in f.samples if s.name == "pulse_proxy_connections")
+
+    wait_for(lambda: connections() == 0, what="the readiness probe's connection to close")
+    held = []
+    try:
+        for _ in range(256):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(daemon.socket))
+            held.append(sock)
+        wait_for(lambda: connections() == 256, what="256 open connections")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.settimeout(20)
+            extra.connect(str(daemon.socket))
+            assert json.loads(extra.recv(4096))["error"] == "server busy"
+            assert extra.recv(4096) == b"", "and the connection is closed"
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: connections() == 0, what="connections to close")
+    assert daemon.rpc("get_status")["success"] is True
+
+
+# -- peers ---------------------------------------------------------------------------------------
+
+
+def test_uid_matrix(daemon_factory):
+    daemon = daemon_factory({"allowed_peers": [{"uid": 1001}]}, start=False)
+    (daemon.base / "subuid").write_text("root:100000:65536\n")
+    daemon.start()
+    admin = {"method": "ensure_cluster_keys"}
+    assert daemon.rpc("get_status")["success"]
+
+    stranger = rpc(daemon.socket, {"method": "get_status"}, uid=4242)
+    assert stranger["success"] is False and stranger["error"] == "unauthorized"
+    record = daemon.wait_log(lambda r: r.get("uid") == 4242, "the refusal in the audit log")
+    assert record["error"] == "unauthorized" and record["pid"] > 0 and record["gid"] == 4242
+
+    configured = rpc(daemon.socket, {"method": "get_status"}, uid=1001)
+    assert configured["success"] and configured["data"]["peer"]["capabilities"] == ["read"]
+    assert rpc(daemon.socket, admin, uid=1001)["error"] == "forbidden: method requires admin"
+
+    container_root = rpc(daemon.socket, {"method": "get_status"}, uid=100000)
+    assert container_root["data"]["peer"] == {
+        "uid": 100000, "gid": 100000, "pid": container_root["data"]["peer"]["pid"],
+        "capabilities": ["read"]}
+    assert rpc(daemon.socket, admin, uid=165535)["error"] == "forbidden: method requires admin"
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=165536)["error"] == "unauthorized"
+
+
+def test_unauthorized_peer_is_disconnected(daemon):
+    script = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
+              "s.sendall(b'{\"method\":\"get_status\"}\\n{\"method\":\"get_status\"}\\n')\n"
+              "d=b''\nwhile True:\n c=s.recv(4096)\n if not c: break\n d+=c\nprint(d.decode())")
+    out = subprocess.run(["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups",
+                          "/usr/bin/python3", "-I", "-c", script, str(daemon.socket)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    replies = [json.loads(line) for line in out.split("\n") if line.strip()]
+    assert [r["error"] for r in replies] == ["unauthorized"], "one answer, then the close"
+
+
+def test_daemon_own_uid_is_admin(daemon_factory):
+    daemon = daemon_factory(uid=4300)
+    mine = rpc(daemon.socket, {"method": "get_status"}, uid=4300)
+    assert mine["data"]["peer"]["capabilities"] == ["admin", "read"]
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=4301)["error"] == "unauthorized"
+    assert daemon.rpc("get_status")["data"]["peer"]["capabilities"] == ["admin", "read"]
+    private = daemon.ssh_dir / "id_ed25519"
+    assert private.stat().st_uid == 4300
+
+
+def test_idmapped_container_root_from_a_real_user_namespace(daemon_factory):
+    """Root inside a user namespace mapped like a Proxmox container (0 -> 100000, 65536 ids)."""
+    daemon = daemon_factory(start=False)
+    (daemon.base / "subuid").write_text("root:100000:65536\n")
+    daemon.start()
+    child_code = (
+        "import ctypes, os, socket, sys\n"
+        "assert ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0\n"   # CLONE_NEWUSER
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"              # the parent has written our uid/gid maps
+        "os.setgid(0); os.setuid(0)\n"        # root of the namespace = host uid 100000
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+        "s.sendall(b'{\"method\":\"get_status\"}\\n')\n"
+        "print(os.getuid(), s.recv(65536).decode())\n")
+    child = subprocess.Popen(["/usr/bin/python3", "-I", "-c", child_code, str(daemon.socket)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child.pid}/{name}", "w") as handle:
+                handle.write("0 100000 65536\n")
+        out, err = child.communicate("go\n", timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    inner_uid, reply = out.split(" ", 1)
+    assert inner_uid == "0"
+    peer = json.loads(reply)["data"]["peer"]
+    assert (peer["uid"], peer["gid"], peer["capabilities"]) == (100000, 100000, ["read"])
+
+
+# -- rate limits -----------------------------------------------------------------------------------
+
+
+def test_eleventh_request_of_a_burst_is_refused(daemon):
+    payload = b'{"method":"get_status"}\n' * 11
+    replies = lines_of(send_raw(daemon.socket, payload, shutdown=True))
+    assert [r["success"] for r in replies] == [True] * 10 + [False]
+    assert replies[-1]["error"] == "rate limit exceeded"
+    record = daemon.wait_log(lambda r: r.get("msg") == "Rate limit exceeded", "the rate-limit log line")
+    assert record["uid"] == 0 and record["pid"] == os.getpid()
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=0)["success"], "another pid, another bucket"
+
+
+# -- metrics and health ----------------------------------------------------------------------------
+
+
+def test_metrics_endpoint_with_promtool(daemon_factory):
+    port = free_port()
+    daemon = daemon_factory({"metrics_address": f"127.0.0.1:{port}"})
+    daemon.rpc("get_status")
+    daemon.rpc("get_temp", {"node": "pve1"})
+    daemon.rpc("made_up_method")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    assert samples[("pulse_proxy_rpc_requests_total", (("method", "get_status"), ("result", "success")))] == 1
+    assert samples[("pulse_proxy_rpc_requests_total", (("method", "get_temperature"), ("result", "error")))] == 1
+    assert samples[("pulse_proxy_rpc_requests_total", (("method", "unknown"), ("result", "invalid")))] == 1
+    assert ("pulse_proxy_rpc_latency_seconds_bucket", (("le", "+Inf"), ("method", "get_status"))) in samples
+    assert samples[("pulse_proxy_queue_depth", ())] == 0
+    assert ("pulse_proxy_build_info", (("version", "0.1.0"),)) in samples
+
+    health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10))
+    assert health["status"] == "ok" and health["version"] == "0.1.0"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+    assert err.value.code == 404
+    os.unlink(daemon.ssh_dir / "id_ed25519.pub")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+    assert err.value.code == 503
+
+
+def test_metrics_listener_cuts_off_slow_and_malformed_clients(daemon_factory):
+    port = free_port()
+    daemon_factory({"metrics_address": f"127.0.0.1:{port}"})
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")       # and never finishes the head
+        assert sock.recv(4096) == b"", "closed at the read timeout"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"X" * 20000)
+        assert sock.recv(4096) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 405 ")
+
+
+# -- life cycle -----------------------------------------------------------------------------------
+
+
+def test_key_is_generated_with_modes_and_never_overwritten(daemon_factory):
+    daemon = daemon_factory()
+    private = daemon.ssh_dir / "id_ed25519"
+    assert stat.S_IMODE(daemon.ssh_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE((daemon.ssh_dir / "id_ed25519.pub").stat().st_mode) == 0o640
+    assert private.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    check = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True)
+    assert check.stdout.split()[:2] == (daemon.ssh_dir / "id_ed25519.pub").read_text().split()[:2]
+    before = private.read_bytes()
+    assert daemon.stop() == 0
+    daemon.start()
+    assert private.read_bytes() == before
+
+
+def test_stale_socket_is_replaced_but_other_files_are_not(daemon_factory):
+    daemon = daemon_factory(start=False)
+    run = daemon.base / "run"
+    run.mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(daemon.socket))
+    stale.close()
+    daemon.start()
+    assert daemon.rpc("get_status")["success"]
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o777
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists(), "SIGTERM removes the socket"
+
+    for make in (lambda p: p.write_text("precious"), lambda p: p.symlink_to("/etc/passwd")):
+        make(daemon.socket)
+        daemon.start(wait=False)
+        assert daemon.proc.wait(timeout=20) == 1
+        assert "refusing to remove it" in daemon.log_text()
+        assert daemon.socket.is_symlink() or daemon.socket.read_text() == "precious"
+        daemon.socket.unlink()
+    assert (daemon.base / "run").exists()
+
+
+def test_second_daemon_on_the_same_socket_refuses(daemon_factory, daemon):
+    other = daemon_factory(daemon.config, subdir="second", start=False)
+    other.start(wait=False)
+    assert other.proc.wait(timeout=20) == 1
+    assert "already serving" in other.log_text()
+    assert daemon.rpc("get_status")["success"]
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(daemon):
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["error"] == "unauthorized"
+    daemon.write_config(dict(daemon.config, allowed_peers=[{"uid": 1001}]))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(lambda r: r.get("msg") == "Configuration reloaded", "the reload")
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["success"]
+
+    daemon.write_config(text="allowed_peers: [{uid: -5}]\nbogus: 1\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    failed = daemon.wait_log(lambda r: r.get("msg", "").startswith("Reload failed"), "the failed reload")
+    assert any("bogus" in p for p in failed["error"])
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["success"], "old config kept"
+    assert daemon.proc.poll() is None
+
+
+def test_sigterm_exits_zero_and_notifies_systemd(daemon_factory, base_dir):
+    notify_path = base_dir / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    try:
+        daemon = daemon_factory(start=False)
+        daemon.env["NOTIFY_SOCKET"] = str(notify_path)
+        daemon.start(wait=False)
+        assert notify.recv(4096) == b"READY=1"
+        assert daemon.rpc("get_status")["success"], "READY=1 means the socket accepts"
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert daemon.proc.wait(timeout=20) == 0
+    finally:
+        notify.close()
+
+
+def test_bad_config_exits_1_with_the_problem(daemon_factory):
+    daemon = daemon_factory(start=False)
+    daemon.config["rate_limt"] = {}
+    daemon.start(wait=False)
+    assert daemon.proc.wait(timeout=20) == 1
+    assert "unknown key 'rate_limt' (did you mean 'rate_limit'?)" in daemon.log_text()
+    assert "Traceback" not in daemon.log_text()
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([PYTHON, str(MODULE), *args], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, **(env or {})))
+
+
+def test_version_does_not_import_dependencies():
+    out = subprocess.run([PYTHON, "-X", "importtime", str(MODULE), "version"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.startswith("pulse-sensor-proxy 0.1.0 (")
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()}
+    assert not imported & {"asyncssh", "yaml", "cryptography", "asyncio"}, imported
+
+
+def test_call_command(daemon):
+    out = run_cli("call", "get_status", "--socket", str(daemon.socket))
+    assert out.returncode == 0 and json.loads(out.stdout)["data"]["peer"]["uid"] == 0
+    out = run_cli("call", "nope", "--socket", str(daemon.socket), "--raw")
+    assert out.returncode == 1 and json.loads(out.stdout)["error"] == "unknown method"
+    out = run_cli("call", "get_status", "--socket", str(daemon.base / "missing.sock"))
+    assert out.returncode == 1 and "no socket at" in out.stderr
+    out = run_cli("call", "get_status", "--param", "oops")
+    assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
+
+
+def test_config_validate_command(base_dir):
+    good = base_dir / "good.yaml"
+    good.write_text("allowed_source_subnets: [10.0.0.0/8]\nallowed_peers:\n  - uids: 100000-165535\n")
+    out = run_cli("config", "validate", "--config", str(good))
+    assert (out.returncode, out.stdout) == (0, "OK\n")
+    bad = base_dir / "bad.yaml"
+    bad.write_text("log_level: chatty\nmetrics_adress: x\n")
+    out = run_cli("config", "validate", "--config", str(bad))
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        f"{bad}: log_level: got 'chatty', expected one of debug, info, warning, error",
+        f"{bad}: unknown key 'metrics_adress' (did you mean 'metrics_address'?)"]
+    out = run_cli("config", "validate", "--config", str(good),
+                  env={"PULSE_SENSOR_PROXY_ALLOWED_SUBNETS": "300.1.1.1"})
+    assert out.returncode == 1 and "PULSE_SENSOR_PROXY_ALLOWED_SUBNETS" in out.stdout
+
+
+def test_config_merge_command(base_dir):
+    path = base_dir / "config.yaml"
+    path.write_text("log_level: debug\n")
+    path.chmod(0o640)
+    out = run_cli("config", "merge", "--config", str(path), "--add-subnet", "10.1.0.0/16",
+                  "--add-peer-uids", "100000-165535")
+    assert out.returncode == 0 and "100000-165535" in out.stdout
+    assert path.read_text() == "log_level: debug\n", "without --write nothing changes"
+    args = ["config", "merge", "--config", str(path), "--add-subnet", "10.1.0.0/16",
+            "--add-peer-uids", "100000-165535", "--write"]
+    assert run_cli(*args).stdout == f"config: updated {path}\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert run_cli(*args).stdout == "config: unchanged\n"
+    assert run_cli("config", "validate", "--config", str(path)).returncode == 0
+    out = run_cli("config", "merge", "--config", str(path), "--add-subnet", "nope", "--write")
+    assert out.returncode == 1 and "expected a CIDR" in out.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run_cli("frobnicate").returncode == 2
+    assert run_cli("config").returncode == 2
+    help_text = run_cli("--help")
+    assert help_text.returncode == 0 and "demo" in help_text.stdout
+
+
+def test_demo_serves_without_root_paths(base_dir):
+    demo_dir = base_dir / "demo"
+    proc = subprocess.Popen([PYTHON, str(MODULE), "demo", "--dir", str(demo_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sock = demo_dir / "run" / "pulse-sensor-proxy.sock"
+        wait_for(lambda: sock.exists(), what="the demo socket")
+        wait_for(lambda: rpc(sock, {"method": "get_status"})["success"], what="get_status")
+        reply = rpc(sock, {"method": "get_status"})
+        assert reply["data"]["ssh_dir"] == str(demo_dir / "ssh")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert "call get_status --socket" in err and "curl -s --unix-socket" in err
+    shutil.rmtree(demo_dir)
