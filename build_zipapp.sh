@@ -249,7 +249,7 @@ main() {
     date=$(date -u -d "@$sde" +%F)
     mkdir -p "$OUT"
     OUT=$(cd "$OUT" && pwd)
-    say "building commit $commit ($date) for ${ARCHES[*]}, CPython $(python_versions | tr '\n' ' ')${WHEELHOUSE:+from $WHEELHOUSE}"
+    say "building commit $commit ($date) for ${ARCHES[*]}, CPython $(python_versions | paste -sd' ')${WHEELHOUSE:+, from $WHEELHOUSE}"
     for arch in "${ARCHES[@]}"; do build_arch "$arch" "$sde" "$commit" "$date"; done
     write_sums
 }
