@@ -57,6 +57,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import time
 import traceback
@@ -143,7 +144,22 @@ DEFAULT_CONFIG = {
     "socket_path": DEFAULT_SOCKET_PATH,
     "ssh_dir": DEFAULT_SSH_DIR,
     "subuid_file": "/etc/subuid",
+    "nodes": {},
+    "pve_dir": "/etc/pve",
+    "strict_node_validation": True,
+    "local_sensors": True,
+    "host_key_policy": "tofu",
+    "ssh": {"user": "root", "port": 22, "connect_timeout": 5.0, "command_timeout": 10.0,
+            "max_output_bytes": 1024 * 1024},
+    "breaker_cooldown_seconds": 30.0,
+    "cache_ttl_seconds": 0.0,
 }
+SENSORS_COMMAND = "sensors -j"
+BREAKER_THRESHOLD = 3              # consecutive failures that open a node's breaker
+BREAKER_MAX_FACTOR = 8             # the cool-down doubles per failed probe, up to this factor
+INVENTORY_RECHECK = 2.0            # seconds between mtime checks of the node sources
+E_INVALID_NODE = "invalid node name"
+E_UNKNOWN_NODE = "unknown node"
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +259,12 @@ def parse_uid_range(value):
     return low, high
 
 
-def _check_nonneg_int(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("expected an integer >= 0")
-    return value
+def _int_at_least(minimum):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}")
+        return value
+    return check
 
 
 def _check_peers(value):
@@ -267,7 +285,7 @@ def _check_peers(value):
         key = "uid" if "uid" in entry else "uids"
         try:
             if key == "uid":
-                uid = _check_nonneg_int(entry["uid"])
+                uid = _int_at_least(0)(entry["uid"])
                 uids = (uid, uid)
             else:
                 uids = parse_uid_range(entry["uids"])
@@ -277,7 +295,7 @@ def _check_peers(value):
         gid = entry.get("gid")
         if gid is not None:
             try:
-                _check_nonneg_int(gid)
+                _int_at_least(0)(gid)
             except ValueError as exc:
                 problems.append(f"{where}.gid: got {_describe(gid)}, {exc}")
                 continue
@@ -292,26 +310,101 @@ def _check_peers(value):
     return peers
 
 
-def _check_rate_limit(value):
+def _check_number(value, minimum=0.0, strict=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and value != float("inf") and (value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ValueError(f"expected a number {'>' if strict else '>='} {minimum:g}")
+    return float(value)
+
+
+def _check_port(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("expected a port between 1 and 65535")
+    return value
+
+
+def _check_user(value):
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", value):
+        raise ValueError("expected a login name such as root")
+    return value
+
+
+def _check_mapping(value, checks, where):
+    """Validate the sub-keys of a mapping; returns the checked values (no defaults)."""
     if not isinstance(value, dict):
-        raise ValueError("expected a mapping with per_minute, burst, max_concurrent")
-    merged = dict(DEFAULT_CONFIG["rate_limit"])
-    problems = []
+        raise ValueError("expected a mapping with " + ", ".join(checks))
+    checked, problems = {}, []
     for key, item in value.items():
-        if key not in merged:
-            problems.append(f"rate_limit: unknown key {key!r}{_suggest(key, merged)}")
+        if key not in checks:
+            problems.append(f"{where}: unknown key {key!r}{_suggest(key, checks)}")
             continue
-        number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item > 0
-        if key != "per_minute":
-            number_ok = number_ok and isinstance(item, int)
-        if not number_ok or item != item or item == float("inf"):
-            kind = "a number > 0" if key == "per_minute" else "an integer >= 1"
-            problems.append(f"rate_limit.{key}: got {_describe(item)}, expected {kind}")
-            continue
-        merged[key] = item
+        try:
+            checked[key] = checks[key](item)
+        except ValueError as exc:
+            problems.append(f"{where}.{key}: got {_describe(item)}, {exc}")
     if problems:
         raise ConfigError(problems)
-    return merged
+    return checked
+
+
+def _positive(value):
+    return _check_number(value, 0, strict=True)
+
+
+RATE_LIMIT_CHECKS = {"per_minute": _positive, "burst": _int_at_least(1),
+                     "max_concurrent": _int_at_least(1)}
+SSH_CHECKS = {"user": _check_user, "port": _check_port, "connect_timeout": _positive,
+              "command_timeout": _positive, "max_output_bytes": _int_at_least(1024)}
+
+
+def _check_rate_limit(value):
+    return dict(DEFAULT_CONFIG["rate_limit"], **_check_mapping(value, RATE_LIMIT_CHECKS, "rate_limit"))
+
+
+def _check_ssh(value):
+    return dict(DEFAULT_CONFIG["ssh"], **_check_mapping(value, SSH_CHECKS, "ssh"))
+
+
+def _check_nodes(value):
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of node name to {host, port, user}")
+    nodes, problems = {}, []
+    for name, entry in value.items():
+        where = f"nodes.{name}"
+        try:
+            validate_node_name(name)
+        except RequestError:
+            problems.append(f"nodes: {_describe(name)} is not a valid node name "
+                            "(1-64 of A-Z a-z 0-9 . _ -)")
+            continue
+        try:
+            checked = _check_mapping(entry if entry is not None else {},
+                                     {"host": _check_host, "port": _check_port, "user": _check_user},
+                                     where)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        except ValueError as exc:
+            problems.append(f"{where}: got {_describe(entry)}, {exc}")
+            continue
+        nodes[name] = checked
+    if problems:
+        raise ConfigError(problems)
+    return nodes
+
+
+def _check_host(value):
+    try:
+        return validate_node_name(value)
+    except RequestError:
+        raise ValueError("expected a host name or an IP address") from None
+
+
+def _check_host_key_policy(value):
+    if value not in ("tofu", "strict"):
+        raise ValueError("expected tofu or strict")
+    return value
 
 
 CONFIG_CHECKS = {
@@ -324,6 +417,14 @@ CONFIG_CHECKS = {
     "socket_path": _check_abs_path,
     "ssh_dir": _check_abs_path,
     "subuid_file": _check_abs_path,
+    "nodes": _check_nodes,
+    "pve_dir": _check_abs_path,
+    "strict_node_validation": _check_bool,
+    "local_sensors": _check_bool,
+    "host_key_policy": _check_host_key_policy,
+    "ssh": _check_ssh,
+    "breaker_cooldown_seconds": _positive,
+    "cache_ttl_seconds": _check_number,
 }
 
 
@@ -690,6 +791,141 @@ def sanitize_label(value, limit=64):
 
 
 # ---------------------------------------------------------------------------------------------
+# Pure logic: nodes, `sensors -j` output, authorized_keys lines
+# ---------------------------------------------------------------------------------------------
+
+NODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def validate_node_name(value):
+    """A node as Pulse names it (host part of its API URL): a name or an IP literal.
+
+    Returns the canonical form; RequestError(invalid node name) for anything else, before any
+    I/O. Nothing a peer sends reaches a shell, but names that look like options (`-o...`),
+    paths (`..`) or carry other characters are refused anyway.
+    """
+    if not isinstance(value, str):
+        raise RequestError(E_INVALID_NODE)
+    literal = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        return str(ipaddress.ip_address(literal))
+    except ValueError:
+        pass
+    if literal != value or not NODE_NAME.fullmatch(value) or ".." in value or value.endswith("."):
+        raise RequestError(E_INVALID_NODE)
+    return value
+
+
+class Node:
+    """One place `sensors -j` can be read: over SSH (host, port, user) or locally."""
+    __slots__ = ("name", "host", "port", "user", "local")
+
+    def __init__(self, name, host=None, port=None, user=None, local=False):
+        self.name, self.host, self.port, self.user, self.local = name, host or name, port, user, local
+
+    def __repr__(self):
+        return f"Node({self.name!r}, {self.host!r}, {self.port!r}, {self.user!r}, local={self.local})"
+
+
+def parse_members(text):
+    """Proxmox's /etc/pve/.members: (this node's name, [Node, ...]); invalid entries skipped."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    local = data.get("nodename") if isinstance(data.get("nodename"), str) else None
+    nodes = []
+    nodelist = data.get("nodelist") if isinstance(data.get("nodelist"), dict) else {}
+    for name, info in nodelist.items():
+        ip = info.get("ip") if isinstance(info, dict) else None
+        try:
+            nodes.append(Node(validate_node_name(name), validate_node_name(ip) if ip else None))
+        except RequestError:
+            continue
+    if not nodes and local:
+        nodes.append(Node(validate_node_name(local)))
+    return local, nodes
+
+
+PVECM_NODE_LINE = re.compile(r"\s*(\d+)\s+(\d+)\s+(\S+)(\s+\(local\))?\s*")
+
+
+def parse_pvecm_nodes(text):
+    """`pvecm nodes` output: (local node's name or None, [Node, ...])."""
+    local, nodes = None, []
+    for line in text.splitlines():
+        match = PVECM_NODE_LINE.fullmatch(line)
+        if not match:
+            continue
+        try:
+            name = validate_node_name(match.group(3))
+        except RequestError:
+            continue
+        nodes.append(Node(name))
+        if match.group(4):
+            local = name
+    return local, nodes
+
+
+def resolve_node(requested, inventory, local_names, strict):
+    """The Node a request means: an inventory member by name, then by address, then this host.
+
+    `requested` is already validated; unknown names are refused when `strict`.
+    """
+    key = requested.lower()
+    for node in inventory:
+        if node.name.lower() == key:
+            return node
+    for node in inventory:
+        if node.host.lower() == key:
+            return node
+    if key in local_names:
+        return next((n for n in inventory if n.local), Node(requested, local=True))
+    if strict:
+        raise RequestError(E_UNKNOWN_NODE)
+    return Node(requested)
+
+
+class FetchError(Exception):
+    """Reading `sensors -j` failed; the message is what the peer and the log see."""
+
+
+def interpret_sensors_output(stdout, stderr, status):
+    """The `sensors -j` JSON text of a run, or FetchError.
+
+    lm-sensors on a machine without sensors prints `{}` (with a blank line), `No sensors
+    found!` on stderr and exits 1: that is a node with no temperatures, not a failure.
+    """
+    text = stdout.decode("utf-8", "replace").strip()
+    no_sensors = status == 1 and b"No sensors found" in stderr
+    if status is None:
+        raise FetchError("sensors -j ended without an exit status")
+    if status != 0 and not no_sensors:
+        detail = stderr.decode("utf-8", "replace").strip().splitlines()
+        raise FetchError(f"sensors -j exited with status {status}"
+                         + (f": {detail[0][:200]}" if detail else ""))
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        raise FetchError("invalid sensors output") from None
+    if not isinstance(parsed, dict):
+        raise FetchError("invalid sensors output")
+    return text
+
+
+def authorized_keys_line(public_key, subnets):
+    """The line that pins our key on a node to `sensors -j` from our subnets only.
+
+    `restrict` disables every optional feature, including ones OpenSSH adds later; the
+    explicit no-* options repeat it for auditors who grep for them (as the hardening guide
+    does) and for older servers.
+    """
+    key_type, key_data = public_key.split()[:2]
+    options = [f'from="{",".join(subnets)}"', f'command="{SENSORS_COMMAND}"', "restrict",
+               "no-port-forwarding", "no-X11-forwarding", "no-agent-forwarding", "no-pty"]
+    return f"{','.join(options)} {key_type} {key_data} {KEY_COMMENT}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Pure logic: metrics (Prometheus text format 0.0.4)
 # ---------------------------------------------------------------------------------------------
 
@@ -780,6 +1016,12 @@ def new_metrics():
     metrics.declare("gauge", "pulse_proxy_queue_depth", "RPC requests being handled now")
     metrics.declare("counter", "pulse_proxy_rate_limit_hits_total", "Requests refused by rate limits")
     metrics.declare("gauge", "pulse_proxy_connections", "Open socket connections")
+    metrics.declare("gauge", "pulse_proxy_node_up", "1 when the last sensors -j read worked",
+                    ("node",))
+    metrics.declare("gauge", "pulse_proxy_node_breaker_open", "1 while the node's breaker is open",
+                    ("node",))
+    metrics.declare("counter", "pulse_proxy_hostkey_changes_total", "Connections refused because "
+                    "a node's host key changed", ("node",))
     metrics.declare("gauge", "pulse_proxy_build_info", "Build information", ("version",))
     metrics.set("pulse_proxy_queue_depth", 0)
     metrics.set("pulse_proxy_connections", 0)
@@ -931,6 +1173,437 @@ def prepare_socket_path(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# I/O: nodes over SSH, and this host's own sensors
+# ---------------------------------------------------------------------------------------------
+
+STDERR_KEEP = 4096
+
+
+def local_names():
+    """Names and addresses that mean this host."""
+    hostname = socket.gethostname().lower()
+    names = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", hostname,
+             hostname.split(".")[0]}
+    names.update(n.split("/")[0] for n in detect_host_networks())
+    return names
+
+
+class Inventory:
+    """The cluster's nodes: config `nodes:`, else /etc/pve/.members, else `pvecm nodes`,
+    else this host alone. .members is re-read when its mtime changes (checked every few
+    seconds, not per request)."""
+
+    def __init__(self, config, log, clock=time.monotonic):
+        self.config, self.log, self.clock = config, log, clock
+        self.members_path = os.path.join(config["pve_dir"], ".members")
+        self.hostname = socket.gethostname().lower()
+        self.names = local_names()
+        self.next_check, self.members_stamp, self.nodes, self.source = 0.0, None, [], ""
+        self.pvecm = None
+
+    def current(self):
+        now = self.clock()
+        if now >= self.next_check:
+            self.next_check = now + INVENTORY_RECHECK
+            self.refresh()
+        return self.nodes
+
+    def refresh(self):
+        if self.config["nodes"]:
+            if self.source != "config":
+                ssh = self.config["ssh"]
+                self.nodes = [self.mark_local(Node(name, e.get("host"), e.get("port", ssh["port"]),
+                                                   e.get("user", ssh["user"])), None)
+                              for name, e in self.config["nodes"].items()]
+                self.source = "config"
+            return
+        try:
+            info = os.stat(self.members_path)
+            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError:
+            stamp = None
+        if stamp is not None:
+            if stamp != self.members_stamp:
+                self.members_stamp = stamp
+                try:
+                    with open(self.members_path) as handle:
+                        local, nodes = parse_members(handle.read(MAX_CONFIG_BYTES))
+                    self.set_nodes(nodes, local, "pve")
+                except (OSError, ValueError) as exc:
+                    self.log.log("warning", "Cannot read cluster members", path=self.members_path,
+                                 error=str(exc))
+            if self.source == "pve":
+                return
+        if self.pvecm is None:
+            self.pvecm = read_pvecm_nodes()
+        if self.pvecm[1]:
+            self.set_nodes(self.pvecm[1], self.pvecm[0], "pvecm")
+        else:
+            self.set_nodes([Node(self.hostname)], self.hostname, "standalone")
+
+    def set_nodes(self, nodes, local, source):
+        ssh = self.config["ssh"]
+        for node in nodes:
+            node.port, node.user = ssh["port"], ssh["user"]
+        self.nodes = [self.mark_local(node, local) for node in nodes]
+        if source != self.source:
+            self.log.log("info", "Node inventory", source=source, nodes=[n.name for n in self.nodes])
+        self.source = source
+
+    def mark_local(self, node, local):
+        name = node.name.lower()
+        node.local = self.config["local_sensors"] and (
+            name == (local or "").lower() or name in (self.hostname, self.hostname.split(".")[0]))
+        return node
+
+    def resolve(self, requested):
+        nodes = self.current()
+        names = self.names if self.config["local_sensors"] else set()
+        return resolve_node(validate_node_name(requested), nodes, names,
+                            self.config["strict_node_validation"])
+
+
+def read_pvecm_nodes():
+    """`pvecm nodes` as (local, nodes); (None, []) where there is no pvecm or it fails."""
+    try:
+        out = subprocess.run(["pvecm", "nodes"], capture_output=True, timeout=5, text=True)
+    except (OSError, subprocess.SubprocessError):
+        return None, []
+    return parse_pvecm_nodes(out.stdout) if out.returncode == 0 else (None, [])
+
+
+async def read_capped(stream, limit, keep=None):
+    """Read a stream to EOF; FetchError past `limit` bytes, or keep only the first `keep`."""
+    data = bytearray()
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return bytes(data)
+        if keep is None:
+            data += chunk
+            if len(data) > limit:
+                raise FetchError("output too large")
+        elif len(data) < keep:
+            data += chunk[:keep - len(data)]
+
+
+async def run_local_sensors(timeout, limit):
+    """`sensors -j` on this host, without a shell."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "sensors", "-j", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise FetchError("sensors is not installed on this host (apt install lm-sensors)") from None
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await asyncio.gather(read_capped(proc.stdout, limit),
+                                                  read_capped(proc.stderr, limit, STDERR_KEEP))
+            status = await proc.wait()
+    except TimeoutError:
+        raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return interpret_sensors_output(stdout, stderr, status)
+
+
+def _asyncssh_classes():
+    """The asyncssh subclasses, built on first use so `version` never imports asyncssh."""
+    import asyncssh
+
+    class GatedClient(asyncssh.SSHClient):
+        """Our host-key policy for keys not already trusted; tells the pool when it drops."""
+
+        def __init__(self, judge, on_lost):
+            self.judge, self.on_lost = judge, on_lost
+
+        def validate_host_public_key(self, host, addr, port, key):
+            return self.judge(key)
+
+        def connection_lost(self, exc):
+            self.on_lost()
+
+    class SensorsSession(asyncssh.SSHClientSession):
+        """Collects one `sensors -j` run with a cap on what it will hold."""
+
+        def __init__(self, limit):
+            self.limit, self.stdout, self.stderr = limit, bytearray(), bytearray()
+            self.status, self.too_large, self.chan = None, False, None
+            self.done = asyncio.get_running_loop().create_future()
+
+        def connection_made(self, chan):
+            self.chan = chan
+
+        def data_received(self, data, datatype):
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                self.stderr += data[:max(0, STDERR_KEEP - len(self.stderr))]
+                return
+            self.stdout += data
+            if len(self.stdout) > self.limit and not self.too_large:
+                self.too_large = True
+                self.chan.abort()
+
+        def exit_status_received(self, status):
+            self.status = status
+
+        def connection_lost(self, exc):
+            if not self.done.done():
+                self.done.set_result(exc)
+
+    return asyncssh, GatedClient, SensorsSession
+
+
+class NodeState:
+    """Per node: its connection, the fetch in flight, its breaker and cache."""
+
+    def __init__(self):
+        self.conn = None
+        self.conn_key = None          # the key generation the connection logged in with
+        self.flight = None
+        self.failures = 0
+        self.opens = 0
+        self.open_until = 0.0
+        self.last_error = ""
+        self.cache = None             # (expires, text)
+
+
+class NodePool:
+    """Reads `sensors -j` from nodes: one persistent SSH connection per node, single flight
+    per node, a breaker per node, host keys always verified."""
+
+    def __init__(self, config, log, metrics, clock=time.monotonic):
+        self.config, self.log, self.metrics, self.clock = config, log, metrics, clock
+        self.ssh = config["ssh"]
+        self.key_path = os.path.join(config["ssh_dir"], KEY_NAME)
+        self.known_hosts_path = os.path.join(os.path.dirname(config["ssh_dir"]), "known_hosts")
+        self.pve_known_hosts_path = os.path.join(config["pve_dir"], "priv", "known_hosts")
+        self.states = {}
+        self.key, self.key_stamp, self.key_generation = None, None, 0
+        self.known_cache = {}         # path -> (stamp, SSHKnownHosts or error text)
+
+    def state(self, node):
+        key = (node.name, node.host, node.port, node.user, node.local)
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = NodeState()
+        return state
+
+    async def fetch(self, node):
+        """(sensors JSON text, cached?) for a node, sharing one run among concurrent callers."""
+        state = self.state(node)
+        if state.cache and state.cache[0] > self.clock():
+            return state.cache[1], True
+        if state.flight is None:
+            state.flight = asyncio.ensure_future(self.fetch_through_breaker(node, state))
+            state.flight.add_done_callback(lambda done: self.flight_done(state, done))
+        return await asyncio.shield(state.flight), False
+
+    @staticmethod
+    def flight_done(state, done):
+        state.flight = None
+        if not done.cancelled():
+            done.exception()    # retrieved here, so a caller that gave up leaves no warning
+
+    async def fetch_through_breaker(self, node, state):
+        label = sanitize_label(node.name)
+        now = self.clock()
+        if state.failures >= BREAKER_THRESHOLD and now < state.open_until:
+            self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "breaker_open"))
+            raise FetchError(f"node unavailable: {state.last_error}")
+        started = time.monotonic()
+        try:
+            if node.local:
+                text = await run_local_sensors(self.ssh["command_timeout"], self.ssh["max_output_bytes"])
+            else:
+                text = await self.ssh_fetch(node, state)
+        except FetchError as exc:
+            state.failures += 1
+            state.last_error = str(exc)
+            if state.failures >= BREAKER_THRESHOLD:
+                state.opens += 1
+                factor = min(2 ** (state.opens - 1), BREAKER_MAX_FACTOR)
+                state.open_until = self.clock() + self.config["breaker_cooldown_seconds"] * factor
+                self.metrics.set("pulse_proxy_node_breaker_open", 1, (label,))
+                self.log.log("warning", "Node breaker open", node=label, error=state.last_error,
+                             retry_after_s=round(state.open_until - self.clock(), 1))
+            self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "error"))
+            self.metrics.set("pulse_proxy_node_up", 0, (label,))
+            raise
+        finally:
+            self.metrics.observe("pulse_proxy_ssh_latency_seconds", time.monotonic() - started, (label,))
+        if state.opens:
+            self.log.log("info", "Node recovered", node=label)
+        state.failures = state.opens = 0
+        self.metrics.set("pulse_proxy_node_breaker_open", 0, (label,))
+        self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "success"))
+        self.metrics.set("pulse_proxy_node_up", 1, (label,))
+        if self.config["cache_ttl_seconds"] > 0:
+            state.cache = (self.clock() + self.config["cache_ttl_seconds"], text)
+        return text
+
+    async def ssh_fetch(self, node, state):
+        asyncssh, _, session_class = _asyncssh_classes()
+        for attempt in (1, 2):
+            conn, fresh = await self.connection(node, state)
+            timeout = self.ssh["command_timeout"]
+            try:
+                async with asyncio.timeout(timeout):
+                    chan, session = await conn.create_session(
+                        lambda: session_class(self.ssh["max_output_bytes"]), SENSORS_COMMAND,
+                        encoding=None)
+                    chan.write_eof()
+                    await session.done
+            except TimeoutError:
+                self.drop(state)
+                raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
+            except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
+                    OSError) as exc:
+                self.drop(state)
+                if fresh or attempt == 2:
+                    raise FetchError(f"SSH session to {node.name} failed: {exc}") from None
+                continue    # a reused connection died since its last use: reconnect once
+            if session.too_large:
+                raise FetchError("output too large")
+            return interpret_sensors_output(bytes(session.stdout), bytes(session.stderr),
+                                            session.status)
+
+    def drop(self, state):
+        conn, state.conn = state.conn, None
+        if conn is not None:
+            conn.close()
+
+    def client_key(self):
+        """The private key, re-read when the file changes (rotation)."""
+        try:
+            info = os.stat(self.key_path)
+        except OSError as exc:
+            raise FetchError(f"no SSH key at {self.key_path}: {exc.strerror}") from None
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if stamp != self.key_stamp:
+            import asyncssh
+            try:
+                with open(self.key_path, "rb") as handle:
+                    self.key = asyncssh.import_private_key(handle.read(65536))
+            except (OSError, asyncssh.KeyImportError) as exc:
+                raise FetchError(f"cannot load the SSH key {self.key_path}: {exc}") from None
+            self.key_stamp = stamp
+            self.key_generation += 1
+            if self.key_generation > 1:
+                self.log.log("info", "SSH key changed on disk; reconnecting with the new key",
+                             fingerprint=self.key.get_fingerprint())
+        return self.key
+
+    async def connection(self, node, state):
+        """(connection, fresh?): the node's open connection, or a new one."""
+        key = self.client_key()
+        if state.conn is not None and state.conn_key == self.key_generation:
+            return state.conn, False
+        self.drop(state)
+        asyncssh, client_class, _ = _asyncssh_classes()
+        trusted, revoked = self.known_host_keys(node)
+        verdict = {}
+
+        def judge(server_key):
+            fingerprint = server_key.get_fingerprint()
+            if trusted:
+                verdict["error"] = f"host key changed for {node.name}"
+                self.metrics.inc("pulse_proxy_hostkey_changes_total", (sanitize_label(node.name),))
+                self.log.log("error", "HOST KEY CHANGED: refusing to connect; if the node was "
+                             "reinstalled, remove its old key from known_hosts", node=node.name,
+                             host=node.host, port=node.port, fingerprint=fingerprint,
+                             known_hosts=self.known_hosts_path)
+                return False
+            if self.config["host_key_policy"] == "strict":
+                verdict["error"] = f"unknown host key for {node.name} (host_key_policy: strict)"
+                self.log.log("warning", "Unknown host key refused", node=node.name,
+                             fingerprint=fingerprint)
+                return False
+            self.pin_host_key(node, server_key)
+            return True
+
+        def lost():
+            if state.conn is conn_ref.get("conn"):
+                state.conn = None
+
+        conn_ref = {}
+        timeout = self.ssh["connect_timeout"]
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await asyncssh.connect(
+                    node.host, node.port, username=node.user, client_keys=[key],
+                    known_hosts=(trusted, [], revoked), config=[], agent_path=None,
+                    client_factory=lambda: client_class(judge, lost), preferred_auth=["publickey"],
+                    connect_timeout=timeout, keepalive_interval=15, keepalive_count_max=3,
+                    gss_host=None, password=None, kbdint_auth=False, ignore_encrypted=True)
+        except TimeoutError:
+            raise FetchError(f"cannot connect to {node.host}:{node.port}: no SSH answer within "
+                             f"{timeout:g} s") from None
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise FetchError(verdict.get("error") or f"host key not verifiable: {exc}") from None
+        except asyncssh.PermissionDenied:
+            raise FetchError(f"permission denied (publickey) on {node.name}: the proxy's key is "
+                             "not installed there") from None
+        except (asyncssh.Error, OSError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise FetchError(f"cannot connect to {node.host}:{node.port}: {reason}") from None
+        conn_ref["conn"] = conn
+        state.conn, state.conn_key = conn, self.key_generation
+        return conn, True
+
+    def known_host_keys(self, node):
+        """(trusted keys, revoked keys) for a node from Proxmox's and our known_hosts."""
+        import asyncssh
+        trusted, revoked = [], []
+        for path in (self.pve_known_hosts_path, self.known_hosts_path):
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+            cached = self.known_cache.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    with open(path) as handle:
+                        parsed = asyncssh.import_known_hosts(handle.read(MAX_CONFIG_BYTES))
+                except PermissionError:
+                    parsed = None   # Proxmox's priv/ is root-only; `keys push` copies its keys
+                except (OSError, ValueError, UnicodeDecodeError) as exc:
+                    parsed = f"cannot use {path}: {exc}"
+                cached = self.known_cache[path] = (stamp, parsed)
+            if isinstance(cached[1], str):
+                raise FetchError(cached[1])    # fail closed: never re-pin over a broken file
+            if cached[1] is not None:
+                match = cached[1].match(node.name, node.host, node.port)
+                trusted.extend(match[0])
+                revoked.extend(match[2])
+        return trusted, revoked
+
+    def pin_host_key(self, node, server_key):
+        """Trust on first use: remember a new node's key in our known_hosts."""
+        key_type, key_data = server_key.export_public_key().decode().split()[:2]
+        names = dict.fromkeys([node.name, node.host])
+        patterns = ",".join(n if node.port == 22 else f"[{n}]:{node.port}" for n in names)
+        try:
+            with open(self.known_hosts_path, "rb") as handle:
+                existing = handle.read()
+        except FileNotFoundError:
+            existing = b""
+        if existing and not existing.endswith(b"\n"):
+            existing += b"\n"
+        atomic_write(self.known_hosts_path, existing + f"{patterns} {key_type} {key_data}\n".encode(),
+                     mode=0o640)
+        self.known_cache.pop(self.known_hosts_path, None)
+        self.log.log("info", "Pinned host key (trust on first use)", node=node.name,
+                     fingerprint=server_key.get_fingerprint(), known_hosts=self.known_hosts_path)
+
+    async def close(self):
+        for state in self.states.values():
+            self.drop(state)
+
+
+# ---------------------------------------------------------------------------------------------
 # I/O: the RPC server
 # ---------------------------------------------------------------------------------------------
 
@@ -1034,6 +1707,17 @@ class Daemon:
             except OSError:
                 pass
         self.idmapped_ranges = ranges
+        previous = getattr(self, "config_for_nodes", None)
+        node_config = {k: config[k] for k in ("nodes", "pve_dir", "strict_node_validation",
+                                              "local_sensors", "host_key_policy", "ssh",
+                                              "breaker_cooldown_seconds", "cache_ttl_seconds",
+                                              "ssh_dir")}
+        if node_config != previous:
+            if previous is not None:
+                asyncio.ensure_future(self.pool.close())
+            self.config_for_nodes = node_config
+            self.inventory = Inventory(config, self.log, self.clock)
+            self.pool = NodePool(config, self.log, self.metrics, self.clock)
         if not config["allowed_source_subnets"]:
             detected = detect_host_networks()
             self.source_subnets = detected
@@ -1257,15 +1941,63 @@ async def get_status(daemon, peer, params, corr_id):
             "uptime_seconds": round(daemon.clock() - daemon.started, 3), "peer": peer.as_dict()}
 
 
-def _not_yet(feature):
-    async def handler(daemon, peer, params, corr_id):
-        raise RequestError(f"not available yet: {feature}")
-    return handler
+@rpc_method("get_temperature", CAP_READ)
+async def get_temperature(daemon, peer, params, corr_id):
+    node = daemon.inventory.resolve(params.get("node"))
+    started = time.monotonic()
+    try:
+        text, cached = await daemon.pool.fetch(node)
+    except FetchError as exc:
+        raise RequestError(str(exc)) from None
+    return {"node": params["node"], "temperature": text, "source": "local" if node.local else "ssh",
+            "cached": cached, "latency_ms": round((time.monotonic() - started) * 1000, 3)}
 
 
-rpc_method("get_temperature", CAP_READ)(_not_yet("temperature fetching over SSH"))
-rpc_method("register_nodes", CAP_READ)(_not_yet("node registration"))
-rpc_method("ensure_cluster_keys", CAP_ADMIN)(_not_yet("cluster key checks"))
+async def probe_nodes(daemon):
+    """Every inventory node read once, concurrently: [(node, error or None)]."""
+    nodes = daemon.inventory.current()
+
+    async def probe(node):
+        try:
+            await daemon.pool.fetch(node)
+            return node, None
+        except FetchError as exc:
+            return node, str(exc)
+
+    return await asyncio.gather(*(probe(node) for node in nodes))
+
+
+@rpc_method("register_nodes", CAP_READ)
+async def register_nodes(daemon, peer, params, corr_id):
+    results = []
+    for node, error in await probe_nodes(daemon):
+        entry = {"name": node.name, "host": node.host, "ssh_ready": error is None,
+                 "source": "local" if node.local else "ssh"}
+        if error:
+            entry["error"] = error
+        results.append(entry)
+    return {"nodes": results}
+
+
+@rpc_method("ensure_cluster_keys", CAP_ADMIN)
+async def ensure_cluster_keys(daemon, peer, params, corr_id):
+    """Report where the key works. The daemon holds no credential that could change a node:
+    installing the key is `pulse-sensor-proxy keys push`, run as root."""
+    public_key = read_public_key(daemon.config["ssh_dir"])
+    if not public_key:
+        raise RequestError(f"no public key in {daemon.config['ssh_dir']}")
+    results = {}
+    for node, error in await probe_nodes(daemon):
+        if error is None:
+            results[node.name] = {"success": True}
+        else:
+            hint = "; run `pulse-sensor-proxy keys push` as root on this host to install it"
+            results[node.name] = {"success": False,
+                                  "error": error + (hint if "permission denied" in error else "")}
+    return {"nodes": [node for node in results], "results": results,
+            "success_count": sum(r["success"] for r in results.values()),
+            "total_count": len(results),
+            "authorized_key": authorized_keys_line(public_key, daemon.source_subnets)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1329,6 +2061,7 @@ async def run_daemon(config, log, ready=None):
         _, pending = await asyncio.wait(list(daemon.handlers), timeout=SHUTDOWN_GRACE)
         for task in pending:
             task.cancel()
+    await daemon.pool.close()
     try:
         if os.stat(path).st_ino == socket_inode:
             os.unlink(path)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["sshfixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "pulse_sensor_proxy.py"
 PYTHON = sys.executable
@@ -53,7 +55,7 @@ def base_dir():
     path = Path(tempfile.mkdtemp(prefix="psp-test-"))
     path.chmod(0o755)
     yield path
-    if not os.environ.get("PSP_KEEP"): shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def send_raw(sock_path, payload, timeout=20.0, shutdown=False):
