@@ -82,7 +82,7 @@ def cache_root():
 
 def build_id():
     import json
-    data = __loader__.get_data(os.path.join(ARCHIVE, "environment.json"))
+    data = __loader__.get_data("environment.json")
     return json.loads(data.decode("utf-8"))["build_id"]
 
 

@@ -208,6 +208,14 @@ def test_unpacks_privately_with_bytecode_and_the_native_deps_import(pyz, tmp_pat
     assert probe.stdout.split() == ["2.24.1", "50.0.2", "True"]
 
 
+def test_runs_when_started_by_a_relative_path(pyz, tmp_path):
+    root = tmp_path / "cache"
+    result = subprocess.run([f"./{pyz.name}", *UNPACKING_ARGS], cwd=pyz.parent, capture_output=True,
+                            text=True, env={**BASE_ENV, "SHIV_ROOT": str(root)})
+    assert result.returncode == 2 and "usage:" in result.stderr, result.stderr
+    unpacked_site_packages(root)
+
+
 def test_second_run_reuses_the_unpacked_build(pyz, tmp_path):
     root = tmp_path / "cache"
     run_pyz(pyz, *UNPACKING_ARGS, env={"SHIV_ROOT": str(root)})
