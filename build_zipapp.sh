@@ -33,7 +33,8 @@ MODULE=pulse_sensor_proxy.py
 LAUNCHER=$ROOT/packaging/pyz_main.py
 REQUIREMENTS=$ROOT/requirements.txt
 SUPPORTED_ARCHES=(x86_64 aarch64)
-# Oldest glibc first: manylinux_2_28 runs on Debian 10 and later, 2_17 on anything newer.
+# Only wheels that run on glibc 2.28 (never cryptography's manylinux_2_34, which needs 2.34);
+# pip takes the earlier tag when a project publishes several.
 PLATFORM_TAGS=(manylinux_2_28 manylinux_2_17 manylinux2014)
 SHEBANG="/usr/bin/env python3"
 
@@ -126,7 +127,7 @@ run_pip() {
 }
 
 download_wheelhouse() {
-    local arch version
+    local arch version opts
     mkdir -p "$DOWNLOAD_TO"
     for arch in "${ARCHES[@]}"; do
         for version in $(python_versions); do
@@ -140,7 +141,7 @@ download_wheelhouse() {
 }
 
 install_for() {
-    local arch=$1 version=$2 dest=$3
+    local arch=$1 version=$2 dest=$3 opts
     mapfile -t opts < <(target_options "$arch" "$version")
     run_pip "$WORK/pip.log" install --quiet --require-hashes --no-compile --no-warn-script-location \
         --target "$dest" "${opts[@]}" -r "$REQUIREMENTS"
@@ -220,7 +221,8 @@ build_arch() {
         --entry-point pulse_sensor_proxy:main --python "$SHEBANG" \
         --output-file "$stage/shiv.pyz" >"$WORK/shiv.log" 2>&1 \
         || { cat "$WORK/shiv.log" >&2; err "shiv failed for $arch"; }
-    swap_launcher "$stage/shiv.pyz" "$OUT/$PROG-$arch.pyz"
+    swap_launcher "$stage/shiv.pyz" "$OUT/.$PROG-$arch.pyz.partial"
+    mv -f "$OUT/.$PROG-$arch.pyz.partial" "$OUT/$PROG-$arch.pyz"
     say "$arch: $OUT/$PROG-$arch.pyz ($(du -k "$OUT/$PROG-$arch.pyz" | cut -f1) KiB)"
 }
 
