@@ -1355,6 +1355,26 @@ def _asyncssh_classes():
     return asyncssh, GatedClient, SensorsSession
 
 
+def parse_known_hosts(text):
+    """known_hosts text as asyncssh's matcher, but every key must decode.
+
+    asyncssh skips entries whose key does not decode; for us a damaged line must be an error,
+    or a corrupted pin would silently turn into a fresh trust-on-first-use.
+    """
+    import asyncssh
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0].startswith("@"):
+            fields = fields[1:]
+        try:
+            asyncssh.import_public_key(" ".join(fields[1:3]))
+        except (asyncssh.KeyImportError, ValueError):
+            raise ValueError(f"line {number}: not a valid host key entry") from None
+    return asyncssh.import_known_hosts(text)
+
+
 class NodeState:
     """Per node: its connection, the fetch in flight, its breaker and cache."""
 
@@ -1566,7 +1586,7 @@ class NodePool:
             if cached is None or cached[0] != stamp:
                 try:
                     with open(path) as handle:
-                        parsed = asyncssh.import_known_hosts(handle.read(MAX_CONFIG_BYTES))
+                        parsed = parse_known_hosts(handle.read(MAX_CONFIG_BYTES))
                 except PermissionError:
                     parsed = None   # Proxmox's priv/ is root-only; `keys push` copies its keys
                 except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -1688,6 +1708,7 @@ class Daemon:
         self.started = clock()
         self.own_uid = os.geteuid()
         self.connections = 0
+        self.metrics_connections = 0
         self.in_flight = 0
         self.handlers = set()
         self.apply_config(config)
@@ -2017,15 +2038,6 @@ async def start_metrics_server(daemon):
 async def run_daemon(config, log, ready=None):
     """Serve until SIGTERM/SIGINT. `ready(daemon)` is called once the socket accepts."""
     daemon = Daemon(config, log)
-    daemon.metrics_connections = 0
-    ensure_keypair(config["ssh_dir"], log)
-    path = config["socket_path"]
-    prepare_socket_path(path)
-    server = await asyncio.start_unix_server(daemon.serve_connection, path=path, backlog=512,
-                                             limit=MAX_REQUEST_BYTES * 2)
-    os.chmod(path, SOCKET_MODE)
-    socket_inode = os.stat(path).st_ino
-    metrics_server = await start_metrics_server(daemon)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -2042,9 +2054,18 @@ async def run_daemon(config, log, ready=None):
         daemon.apply_config(new_config)
         log.log("info", "Configuration reloaded", path=new_config["config_path"])
 
+    # Handlers go in before the socket exists: a client that sees the socket may signal us.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    ensure_keypair(config["ssh_dir"], log)
+    path = config["socket_path"]
+    prepare_socket_path(path)
+    metrics_server = await start_metrics_server(daemon)
+    server = await asyncio.start_unix_server(daemon.serve_connection, path=path, backlog=512,
+                                             limit=MAX_REQUEST_BYTES * 2)
+    os.chmod(path, SOCKET_MODE)
+    socket_inode = os.stat(path).st_ino
     log.log("info", "Serving", socket=path, version=__version__, metrics=config["metrics_address"],
             uid=daemon.own_uid)
     sd_notify("READY=1")

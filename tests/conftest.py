@@ -55,7 +55,7 @@ def base_dir():
     path = Path(tempfile.mkdtemp(prefix="psp-test-"))
     path.chmod(0o755)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if not os.environ.get("PSP_KEEP"): shutil.rmtree(path, ignore_errors=True)
 
 
 def send_raw(sock_path, payload, timeout=20.0, shutdown=False):

@@ -1,0 +1,982 @@
+#!/usr/bin/env bash
+# install-sensor-proxy.sh: install, update or remove pulse-sensor-proxy on a Proxmox VE host.
+# `install-sensor-proxy.sh --help` is the manual.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+install-sensor-proxy.sh: install, update or remove pulse-sensor-proxy on a Proxmox VE host.
+
+pulse-sensor-proxy runs on the host as its own unprivileged account and reads temperatures
+(`sensors -j`) from every cluster node over SSH. Containers running Pulse reach it through a Unix
+socket that this script bind-mounts into them, so no SSH key ever has to live in a container.
+
+USAGE
+  curl -fsSL <url>/install-sensor-proxy.sh | bash -s -- --ctid 105 --version V --url BASE
+  bash install-sensor-proxy.sh --pyz ./pulse-sensor-proxy-x86_64.pyz --ctid 105
+  bash install-sensor-proxy.sh --uninstall [--purge]
+  bash install-sensor-proxy.sh             (on a terminal: a menu)
+
+WHAT TO INSTALL (one of; none keeps the binary already installed)
+  --pyz PATH             the pulse-sensor-proxy .pyz to install (offline)
+  --version V --url BASE download BASE/V/pulse-sensor-proxy-<uname -m>.pyz and check it
+                         against BASE/V/SHA256SUMS
+
+WHERE
+  --ctid N               connect container N (repeatable, or a comma list: 105,106); several
+                         containers share one proxy. The container must be unprivileged.
+  --standalone           no container: the proxy serves this host only (Pulse installed natively
+                         or in Docker on this host)
+
+OPTIONS
+  --allowed-subnets CIDR,...  subnets the nodes accept the proxy's SSH key from (from="...")
+  --enable-rotation-timer     also enable the quarterly key rotation timer
+  --no-restart           never restart a container; print what to do instead
+  --uninstall            stop and remove the service, units and binary, revoke the proxy's key
+                         on every node, remove only this script's lines from container configs;
+                         state (/var/lib/pulse-sensor-proxy) and config are kept
+  --purge                with --uninstall: also remove state, config and the service account
+  --dry-run              print every action, change nothing
+  --quiet                print only warnings, errors and the summary
+  -h, --help             this manual
+
+STEPS (each idempotent, each reported in one line: "ok" already in place, "changed" done now)
+  1 preflight: root, systemd, python3 >= 3.9, architecture, Proxmox VE or standalone
+  2 service account pulse-sensor-proxy (system user, own group, no home, /usr/sbin/nologin)
+  3 directories: /var/lib/pulse-sensor-proxy 0750, ssh/ 0700 (keys 0600/0640),
+    ssh.d/{next,prev} 0750, /etc/pulse-sensor-proxy 0750
+  4 binary /usr/local/bin/pulse-sensor-proxy, swapped atomically; if the new version does not
+    start, the previous binary is put back
+  5 /etc/pulse-sensor-proxy/config.yaml created or merged (your edits are kept), validated first
+  6 systemd units installed, service enabled and started, socket checked
+  7 the proxy's SSH key pushed to every cluster node (forced command `sensors -j`)
+  8 each container: mount entry, read access for its uid range, legacy SSH keys moved out of it
+    (revoked on every node, kept in a root-only backup on the host), restart if needed, check
+  9 summary
+  A second run changes nothing and says so.
+
+CONTAINER CONFIG LINE (in /etc/pve/lxc/<CTID>.conf, main section only)
+  lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir,optional 0 0
+  `optional` keeps the container starting where the proxy is not installed (another node after a
+  migration, or after --uninstall). A socket-level entry or an `mpN: /run/pulse-sensor-proxy...`
+  mount point left by an older installer is replaced by this line, keeping its container path.
+
+EXIT STATUS
+  0 done (or nothing to do), 1 a step failed, 2 bad usage
+EOF
+}
+
+readonly ACCOUNT=pulse-sensor-proxy
+readonly SERVICE=pulse-sensor-proxy.service
+readonly ROTATION_TIMER=pulse-sensor-proxy-key-rotation.timer
+readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.service pulse-sensor-proxy-key-rotation.timer)
+readonly MIN_PYTHON=3.9
+readonly RUN_DIR=/run/pulse-sensor-proxy
+readonly SOCKET_NAME=pulse-sensor-proxy.sock
+readonly DEFAULT_CONTAINER_DIR=run/pulse-sensor-proxy
+readonly MOUNT_OPTIONS=bind,create=dir,optional
+readonly DEFAULT_UID_RANGE=100000-165535
+readonly LEGACY_KEY_DIRS="/root/.ssh /home/pulse/.ssh /opt/pulse/.ssh /etc/pulse/.ssh"
+readonly SOCKET_WAIT_SECONDS=30
+
+# Every path on the host hangs off ROOT, which is empty outside the installer's own tests.
+ROOT=${PULSE_INSTALL_ROOT:-}
+BIN=$ROOT/usr/local/bin/pulse-sensor-proxy
+STATE_DIR=$ROOT/var/lib/pulse-sensor-proxy
+CONF_DIR=$ROOT/etc/pulse-sensor-proxy
+CONFIG=$CONF_DIR/config.yaml
+UNIT_DIR=$ROOT/etc/systemd/system
+PVE_DIR=$ROOT/etc/pve
+SOCKET=$ROOT$RUN_DIR/$SOCKET_NAME
+BACKUP_DIR=$ROOT/var/backups/pulse-sensor-proxy
+
+ACTION=
+CTIDS=()
+STANDALONE=0
+PYZ=
+VERSION=
+URL=
+SUBNETS=()
+ROTATION=0
+NO_RESTART=0
+PURGE=0
+DRY_RUN=0
+QUIET=0
+
+IS_PVE=0
+ARCH=
+WORK=
+CANDIDATE=
+PROXY=
+PREVIOUS_BIN=
+BINARY_CHANGED=0
+UNITS_CHANGED=0
+CONFIG_CHANGED=0
+CHANGES=0
+declare -A CT_UID_RANGES=()
+NOTES=()
+
+say() { [ "$QUIET" -eq 1 ] || printf '%s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+err() { printf 'error: %s\n' "$*" >&2; roll_back_binary; exit 1; }
+usage_err() { printf 'error: %s (see --help)\n' "$*" >&2; exit 2; }
+
+# run CMD...: carry out one change, or under --dry-run only print it.
+run() {
+    if [ "$DRY_RUN" -eq 1 ]; then
+        printf 'would run:'; printf ' %q' "$@"; printf '\n'
+        return 0
+    fi
+    "$@"
+}
+
+# One line per step: "ok" when already in place, "changed" when this run did it.
+report_ok() { say "ok       $*"; }
+report_changed() {
+    CHANGES=$((CHANGES + 1))
+    if [ "$DRY_RUN" -eq 1 ]; then say "would    $*"; else say "changed  $*"; fi
+}
+note() { NOTES+=("$*"); }
+
+# ---------------------------------------------------------------- arguments
+
+add_ctids() {
+    local list=$1 id
+    IFS=, read -r -a ids <<<"$list"
+    for id in "${ids[@]}"; do
+        [[ $id =~ ^[1-9][0-9]{2,8}$ ]] || usage_err "--ctid needs container IDs (100-999999999), got '$id'"
+        [[ " ${CTIDS[*]} " == *" $id "* ]] || CTIDS+=("$id")
+    done
+}
+
+add_subnets() {
+    local list=$1 cidr
+    IFS=, read -r -a cidrs <<<"$list"
+    for cidr in "${cidrs[@]}"; do
+        [[ $cidr =~ ^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$ ]] || usage_err "--allowed-subnets needs CIDRs, got '$cidr'"
+        SUBNETS+=("$cidr")
+    done
+}
+
+need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then usage_err "$1 needs a value"; fi; }
+
+parse_args() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --ctid) need_value "$@"; add_ctids "$2"; shift ;;
+            --ctid=*) add_ctids "${1#*=}" ;;
+            --standalone) STANDALONE=1 ;;
+            --pyz) need_value "$@"; PYZ=$2; shift ;;
+            --version) need_value "$@"; VERSION=$2; shift ;;
+            --url) need_value "$@"; URL=${2%/}; shift ;;
+            --allowed-subnets) need_value "$@"; add_subnets "$2"; shift ;;
+            --enable-rotation-timer) ROTATION=1 ;;
+            --no-restart) NO_RESTART=1 ;;
+            --uninstall) ACTION=uninstall ;;
+            --purge) PURGE=1 ;;
+            --dry-run) DRY_RUN=1 ;;
+            --quiet) QUIET=1 ;;
+            -h|--help) usage; exit 0 ;;
+            *) usage_err "unknown argument '$1'" ;;
+        esac
+        shift
+    done
+    if [ "${#CTIDS[@]}" -gt 0 ] || [ "$STANDALONE" -eq 1 ]; then
+        [ "$ACTION" = uninstall ] && usage_err "--uninstall takes no --ctid or --standalone"
+        ACTION=install
+    fi
+    [ "${#CTIDS[@]}" -gt 0 ] && [ "$STANDALONE" -eq 1 ] && usage_err "--standalone and --ctid exclude each other"
+    [ "$PURGE" -eq 1 ] && [ "$ACTION" != uninstall ] && usage_err "--purge goes with --uninstall"
+    [ -n "$PYZ" ] && [ -n "$VERSION$URL" ] && usage_err "--pyz and --version/--url exclude each other"
+    if [ -n "$VERSION" ] || [ -n "$URL" ]; then
+        if [ -z "$VERSION" ] || [ -z "$URL" ]; then usage_err "--version and --url go together"; fi
+    fi
+    return 0
+}
+
+choose_from_menu() {
+    local answer ids
+    printf 'pulse-sensor-proxy installer\n  [1] Install or update  [2] Remove  [3] Cancel\nChoice: '
+    read -r answer || answer=3
+    case "$answer" in
+        1) ACTION=install
+           printf 'Container IDs to connect (comma list, empty for none): '
+           read -r ids || ids=
+           if [ -n "$ids" ]; then add_ctids "$ids"; else STANDALONE=1; fi ;;
+        2) ACTION=uninstall ;;
+        *) say "Cancelled: nothing changed."; exit 0 ;;
+    esac
+}
+
+# ---------------------------------------------------------------- container config text
+# Only the main section (before the first "[snapshot]" header) is read or edited; every other
+# line is copied byte for byte, CRLF line ends and a missing final newline included.
+
+# awk program shared by the conf_* functions. MODE: "add" (our mount entry exactly once per
+# container path), "remove" (drop every line mounting the proxy's directory), "report" (one line
+# per legacy line that "add" replaces).
+# shellcheck disable=SC2016 # awk program, not shell
+readonly CONF_AWK='
+function container_dir(line,   rest, n, f, src, target, i, opts) {
+    # -> container path of a line that mounts the proxy runtime dir or socket, "" otherwise
+    rest = line
+    if (rest ~ /^lxc\.mount\.entry[ \t]*[:=]/) {
+        sub(/^lxc\.mount\.entry[ \t]*[:=][ \t]*/, "", rest)
+        n = split(rest, f, /[ \t]+/)
+        src = f[1]; target = f[2]
+    } else if (rest ~ /^mp[0-9]+[ \t]*:/) {
+        sub(/^mp[0-9]+[ \t]*:[ \t]*/, "", rest)
+        n = split(rest, f, ",")
+        src = f[1]; target = ""
+        for (i = 2; i <= n; i++) if (f[i] ~ /^mp=/) target = substr(f[i], 4)
+    } else return ""
+    if (src !~ "^" RUN_DIR "(/|$)" || target == "") return ""
+    if (src ~ /\.sock$/) sub(/\/[^\/]*$/, "", target)
+    sub(/^\/+/, "", target)
+    sub(/\/+$/, "", target)
+    return target
+}
+function entry(dir) { return "lxc.mount.entry: " RUN_DIR " " dir " none " OPTIONS " 0 0" }
+function out(text) { if (MODE != "report") print text }
+function flush_blanks() { if (MODE != "report") printf "%s", blanks; blanks = "" }
+NR == 1 { eol = ($0 ~ /\r$/) ? "\r" : "" }
+{
+    line = $0; sub(/\r$/, "", line)
+    if (in_snapshots) { out($0); next }
+    if (line ~ /^\[/) {
+        if (MODE == "add" && !emitted_any) { out(entry(DEFAULT_DIR) eol); emitted_any = 1 }
+        flush_blanks(); in_snapshots = 1; out($0); next
+    }
+    if (line ~ /^[ \t]*$/) { blanks = blanks $0 "\n"; next }
+    flush_blanks()
+    dir = container_dir(line)
+    if (dir == "") { out($0); next }
+    if (MODE == "remove") next
+    if (MODE == "report") { if (line != entry(dir)) print line " -> " entry(dir); next }
+    if (!(dir in emitted)) { out(entry(dir) eol); emitted[dir] = 1; emitted_any = 1 }
+}
+END {
+    if (!in_snapshots) {
+        if (MODE == "add" && !emitted_any) out(entry(DEFAULT_DIR) eol)
+        flush_blanks()
+    }
+}'
+
+conf_awk() {
+    local mode=$1 file=$2 text eol=$'\n' missing_newline=0 out
+    text=$(cat "$file"; printf x); text=${text%x}
+    # awk ends every line with a newline: end the text with one (CRLF in a CRLF file) and take
+    # it off again afterwards, so a file without a final newline keeps having none.
+    if [ -n "$text" ] && [ "${text: -1}" != $'\n' ]; then
+        missing_newline=1
+        [[ ${text%%$'\n'*} == *$'\r' ]] && eol=$'\r\n'
+        text+=$eol
+    fi
+    out=$(printf '%s' "$text" | awk -v MODE="$mode" -v RUN_DIR="$RUN_DIR" -v OPTIONS="$MOUNT_OPTIONS" \
+              -v DEFAULT_DIR="$DEFAULT_CONTAINER_DIR" "$CONF_AWK"; printf x)
+    out=${out%x}
+    if [ "$missing_newline" -eq 1 ] && [ "$mode" != report ]; then out=${out%"$eol"}; fi
+    printf '%s' "$out"
+}
+
+# conf_with_mount FILE: the file's text with our mount entry exactly once (legacy lines replaced).
+conf_with_mount() { conf_awk add "$1"; }
+# conf_without_mount FILE: the file's text without any line mounting the proxy directory.
+conf_without_mount() { conf_awk remove "$1"; }
+# conf_legacy_lines FILE: "OLD -> NEW" for each line conf_with_mount rewrites.
+conf_legacy_lines() { conf_awk report "$1"; }
+
+conf_main_section() { awk '/^\[/ { exit } { sub(/\r$/, ""); print }' "$1"; }
+
+conf_is_unprivileged() { conf_main_section "$1" | grep -Eq '^unprivileged:[[:space:]]*1[[:space:]]*$'; }
+
+# conf_uid_ranges FILE: host uid ranges ("LO-HI", one a line) the container's users map to.
+# Fails when a container user maps to host root.
+conf_uid_ranges() {
+    local maps
+    maps=$(conf_main_section "$1" | awk '
+        /^lxc\.idmap[ \t]*[:=]/ {
+            sub(/^lxc\.idmap[ \t]*[:=][ \t]*/, "")
+            if ($1 == "u" && $3 ~ /^[0-9]+$/ && $4 ~ /^[1-9][0-9]*$/) print $3 "-" ($3 + $4 - 1)
+        }')
+    [ -n "$maps" ] || maps=$DEFAULT_UID_RANGE
+    if printf '%s\n' "$maps" | grep -q '^0-'; then return 1; fi
+    printf '%s\n' "$maps"
+}
+
+# ---------------------------------------------------------------- files
+
+# write_file DEST MODE OWNER GROUP < CONTENT: replace DEST atomically when content or mode differ.
+write_file() {
+    local dest=$1 mode=$2 owner=$3 group=$4 what=$5 tmp
+    tmp=$(mktemp "$WORK/new.XXXXXX")
+    cat >"$tmp"
+    if [ -f "$dest" ] && cmp -s "$tmp" "$dest" && [ "$(stat -c '%a %U %G' "$dest")" = "$mode $owner $group" ]; then
+        report_ok "$what"
+        return 1
+    fi
+    report_changed "$what"
+    run install -m "$mode" -o "$owner" -g "$group" "$tmp" "$dest.new"
+    run mv -f "$dest.new" "$dest"
+}
+
+ensure_dir() {
+    local path=$1 mode=$2 owner=$3 group=$4
+    if [ -d "$path" ] && [ "$(stat -c '%a %U %G' "$path")" = "$mode $owner $group" ]; then
+        report_ok "$path $mode $owner:$group"
+        return 0
+    fi
+    report_changed "$path $mode $owner:$group"
+    run install -d -m "$mode" -o "$owner" -g "$group" "$path"
+}
+
+ensure_file_mode() {
+    local path=$1 mode=$2 owner=$3 group=$4
+    [ -e "$path" ] || return 0
+    if [ "$(stat -c '%a %U %G' "$path")" = "$mode $owner $group" ]; then
+        report_ok "$path $mode $owner:$group"
+        return 0
+    fi
+    report_changed "$path $mode $owner:$group"
+    run chown "$owner:$group" "$path"
+    run chmod "$mode" "$path"
+}
+
+# ---------------------------------------------------------------- 1 preflight
+
+check_containers() {
+    local id conf ranges
+    for id in "${CTIDS[@]}"; do
+        conf=$PVE_DIR/lxc/$id.conf
+        [ -f "$conf" ] || err "container $id: $conf not found; run this on the node that hosts it"
+        conf_is_unprivileged "$conf" || err "container $id is privileged: its root is the host's root, so the proxy could not tell it from the host and the container could read the proxy's keys anyway. Convert it to an unprivileged container (backup, then restore with --unprivileged 1) and run this again."
+        ranges=$(conf_uid_ranges "$conf") || err "container $id maps a user to host root (lxc.idmap); refusing to grant it access"
+        CT_UID_RANGES[$id]=$ranges
+    done
+}
+
+preflight() {
+    local python_version
+    [ "$(id -u)" -eq 0 ] || err "run as root (sudo bash $0 ...)"
+    [ -d "$ROOT/run/systemd/system" ] || err "systemd is not running here; the proxy needs it"
+    command -v python3 >/dev/null || err "python3 >= $MIN_PYTHON is required (apt-get install python3)"
+    python_version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    python3 -c "import sys; sys.exit(sys.version_info[:2] < tuple(map(int, '$MIN_PYTHON'.split('.'))))" \
+        || err "python3 >= $MIN_PYTHON is required, found $python_version"
+    ARCH=$(uname -m)
+    case "$ARCH" in
+        x86_64|aarch64) ;;
+        *) err "unsupported architecture $ARCH (x86_64 or aarch64)" ;;
+    esac
+    if command -v pvecm >/dev/null || [ -d "$PVE_DIR" ]; then IS_PVE=1; fi
+    if [ "${#CTIDS[@]}" -gt 0 ]; then
+        [ "$IS_PVE" -eq 1 ] || err "--ctid needs Proxmox VE ($PVE_DIR not found); use --standalone"
+        check_containers
+    fi
+    if [ "$IS_PVE" -eq 1 ]; then
+        report_ok "preflight: root, systemd, python3 $python_version, $ARCH, Proxmox VE"
+    else
+        report_ok "preflight: root, systemd, python3 $python_version, $ARCH, standalone (no Proxmox VE)"
+    fi
+}
+
+# ---------------------------------------------------------------- 2 account, 3 directories
+
+ensure_account() {
+    if getent passwd "$ACCOUNT" >/dev/null; then
+        report_ok "service account $ACCOUNT"
+        return 0
+    fi
+    report_changed "service account $ACCOUNT"
+    run useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$ACCOUNT"
+}
+
+ensure_directories() {
+    ensure_dir "$STATE_DIR" 750 "$ACCOUNT" "$ACCOUNT"
+    ensure_dir "$STATE_DIR/ssh" 700 "$ACCOUNT" "$ACCOUNT"
+    ensure_file_mode "$STATE_DIR/ssh/id_ed25519" 600 "$ACCOUNT" "$ACCOUNT"
+    ensure_file_mode "$STATE_DIR/ssh/id_ed25519.pub" 640 "$ACCOUNT" "$ACCOUNT"
+    ensure_dir "$STATE_DIR/ssh.d" 750 "$ACCOUNT" "$ACCOUNT"
+    ensure_dir "$STATE_DIR/ssh.d/next" 750 "$ACCOUNT" "$ACCOUNT"
+    ensure_dir "$STATE_DIR/ssh.d/prev" 750 "$ACCOUNT" "$ACCOUNT"
+    ensure_dir "$CONF_DIR" 750 root "$ACCOUNT"
+}
+
+# ---------------------------------------------------------------- 4 binary
+
+download_pyz() {
+    local name=pulse-sensor-proxy-$ARCH.pyz base=$URL/$VERSION
+    command -v curl >/dev/null || err "--url needs curl"
+    say "downloading $base/$name"
+    curl -fsSL -o "$WORK/$name" "$base/$name" || err "download of $base/$name failed"
+    curl -fsSL -o "$WORK/SHA256SUMS" "$base/SHA256SUMS" || err "download of $base/SHA256SUMS failed"
+    grep -E "^[0-9a-f]{64}  \*?$name\$" "$WORK/SHA256SUMS" >"$WORK/SHA256SUMS.mine" \
+        || err "SHA256SUMS has no line for $name"
+    (cd "$WORK" && sha256sum --quiet -c SHA256SUMS.mine) || err "$name does not match SHA256SUMS"
+    CANDIDATE=$WORK/$name
+}
+
+# proxy ARGS...: run the pulse-sensor-proxy being installed (the new one under --dry-run).
+proxy() { "$PROXY" "$@"; }
+
+select_binary() {
+    if [ -n "$PYZ" ]; then
+        [ -f "$PYZ" ] || err "--pyz $PYZ: no such file"
+        CANDIDATE=$PYZ
+    elif [ -n "$VERSION" ]; then
+        download_pyz
+    fi
+    if [ -n "$CANDIDATE" ]; then
+        chmod 0755 "$CANDIDATE" 2>/dev/null || true
+        python3 "$CANDIDATE" version >/dev/null 2>"$WORK/version.err" \
+            || err "$CANDIDATE does not run here: $(cat "$WORK/version.err")"
+    elif [ ! -x "$BIN" ]; then
+        err "nothing to install: give --pyz PATH or --version V --url BASE"
+    fi
+    if [ "$DRY_RUN" -eq 1 ] && [ -n "$CANDIDATE" ]; then PROXY=$WORK/candidate; else PROXY=$BIN; fi
+    if [ "$PROXY" != "$BIN" ]; then
+        printf '#!/bin/sh\nexec python3 %q "$@"\n' "$CANDIDATE" >"$PROXY"
+        chmod 0755 "$PROXY"
+    fi
+}
+
+service_active() { systemctl is-active --quiet "$SERVICE" 2>/dev/null; }
+
+install_binary() {
+    local version
+    if [ -z "$CANDIDATE" ]; then
+        report_ok "binary $BIN ($("$BIN" version)), no new one given"
+        return 0
+    fi
+    version=$(python3 "$CANDIDATE" version)
+    if [ -f "$BIN" ] && cmp -s "$CANDIDATE" "$BIN"; then
+        report_ok "binary $BIN ($version)"
+        return 0
+    fi
+    BINARY_CHANGED=1
+    report_changed "binary $BIN ($version)"
+    run install -m 0755 -o root -g root "$CANDIDATE" "$BIN.new"
+    if [ -f "$BIN" ]; then
+        PREVIOUS_BIN=$BIN.previous
+        run cp -p "$BIN" "$PREVIOUS_BIN"
+        if service_active; then run systemctl stop "$SERVICE"; fi
+    fi
+    run mv -f "$BIN.new" "$BIN"
+}
+
+# ---------------------------------------------------------------- 5 config
+
+ensure_config() {
+    local args=() cidr id range result
+    for cidr in "${SUBNETS[@]}"; do args+=(--add-subnet "$cidr"); done
+    for id in "${CTIDS[@]}"; do
+        while read -r range; do args+=(--add-peer-uids "$range"); done <<<"${CT_UID_RANGES[$id]}"
+    done
+    # Both sides rendered by the same merge, so only a change of content counts (not comments).
+    proxy config merge --config "$CONFIG" >"$WORK/config.current" || err "could not read $CONFIG"
+    proxy config merge --config "$CONFIG" "${args[@]}" >"$WORK/config.merged" \
+        || err "could not merge $CONFIG"
+    proxy config validate --config "$WORK/config.merged" >"$WORK/config.check" 2>&1 \
+        || err "the merged config is not valid, $CONFIG left as it is: $(cat "$WORK/config.check")"
+    if [ -f "$CONFIG" ] && cmp -s "$WORK/config.current" "$WORK/config.merged"; then
+        report_ok "config $CONFIG"
+    else
+        CONFIG_CHANGED=1
+        report_changed "config $CONFIG"
+        if [ "$DRY_RUN" -eq 1 ]; then
+            diff -u "$WORK/config.current" "$WORK/config.merged" | tail -n +3 || true
+        else
+            result=$(proxy config merge --config "$CONFIG" "${args[@]}" --write) || err "$result"
+        fi
+    fi
+    [ "$DRY_RUN" -eq 1 ] && [ ! -f "$CONFIG" ] && return 0
+    ensure_file_mode "$CONFIG" 640 root "$ACCOUNT"
+}
+
+# ---------------------------------------------------------------- 6 units
+
+# unit_text NAME: the unit file shipped in units/NAME (kept identical by the test suite).
+unit_text() {
+    case "$1" in
+        pulse-sensor-proxy.service) cat <<'UNIT'
+[Unit]
+Description=Pulse sensor proxy (temperature bridge for containers)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+User=pulse-sensor-proxy
+Group=pulse-sensor-proxy
+Environment=SHIV_ROOT=%C/pulse-sensor-proxy
+ExecStartPre=/usr/local/bin/pulse-sensor-proxy config validate --config /etc/pulse-sensor-proxy/config.yaml
+ExecStart=/usr/local/bin/pulse-sensor-proxy serve --config /etc/pulse-sensor-proxy/config.yaml
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=5s
+TimeoutStopSec=30s
+
+RuntimeDirectory=pulse-sensor-proxy
+RuntimeDirectoryMode=0775
+RuntimeDirectoryPreserve=no
+StateDirectory=pulse-sensor-proxy
+StateDirectoryMode=0750
+CacheDirectory=pulse-sensor-proxy
+CacheDirectoryMode=0700
+UMask=0077
+
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+        ;;
+        pulse-sensor-proxy-key-rotation.service) cat <<'UNIT'
+[Unit]
+Description=Rotate the pulse-sensor-proxy SSH key on every cluster node
+After=pulse-sensor-proxy.service network-online.target
+Wants=network-online.target
+Requires=pulse-sensor-proxy.service
+
+[Service]
+Type=oneshot
+# Root: pushing the new key uses root's own SSH identity on the cluster nodes, and the new key
+# files are handed to the service account.
+ExecStart=/usr/local/bin/pulse-sensor-proxy rotate-keys
+Environment=SHIV_ROOT=%C/pulse-sensor-proxy-rotation
+CacheDirectory=pulse-sensor-proxy-rotation
+CacheDirectoryMode=0700
+UMask=0077
+
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=/var/lib/pulse-sensor-proxy
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
+UNIT
+        ;;
+        pulse-sensor-proxy-key-rotation.timer) cat <<'UNIT'
+[Unit]
+Description=Rotate the pulse-sensor-proxy SSH key every quarter
+
+[Timer]
+OnCalendar=quarterly
+RandomizedDelaySec=1h
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+UNIT
+        ;;
+        *) err "no unit $1" ;;
+    esac
+}
+
+install_units() {
+    local unit
+    for unit in "${UNITS[@]}"; do
+        if unit_text "$unit" | write_file "$UNIT_DIR/$unit" 644 root root "unit $UNIT_DIR/$unit"; then
+            UNITS_CHANGED=1
+        fi
+    done
+    if [ "$UNITS_CHANGED" -eq 1 ]; then run systemctl daemon-reload; fi
+}
+
+wait_for_socket() {
+    local deadline=$((SECONDS + SOCKET_WAIT_SECONDS))
+    until [ -S "$SOCKET" ]; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+# After a failed step, put back the binary this run replaced and start it again.
+roll_back_binary() {
+    [ -n "$PREVIOUS_BIN" ] && [ -f "$PREVIOUS_BIN" ] || return 0
+    mv -f "$PREVIOUS_BIN" "$BIN"
+    PREVIOUS_BIN=
+    printf 'error: the new version was rolled back; the previous binary is running again\n' >&2
+    if systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
+        systemctl restart "$SERVICE" && wait_for_socket \
+            || printf 'error: the previous binary did not start either; see: journalctl -u %s -n 50\n' "$SERVICE" >&2
+    fi
+}
+
+start_service() {
+    if systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
+        report_ok "$SERVICE enabled"
+    else
+        report_changed "$SERVICE enabled"
+        run systemctl enable --quiet "$SERVICE"
+    fi
+    if ! service_active; then
+        report_changed "$SERVICE started"
+        run systemctl start "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
+    elif [ "$BINARY_CHANGED" -eq 1 ] || [ "$UNITS_CHANGED" -eq 1 ]; then
+        report_changed "$SERVICE restarted"
+        run systemctl restart "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
+    elif [ "$CONFIG_CHANGED" -eq 1 ]; then
+        report_changed "$SERVICE reloaded its config"
+        run systemctl reload "$SERVICE"
+    else
+        report_ok "$SERVICE running"
+    fi
+    [ "$DRY_RUN" -eq 1 ] && return 0
+    wait_for_socket || err "$SERVICE started but its socket $SOCKET did not appear; see: journalctl -u $SERVICE -n 50"
+    if [ -n "$PREVIOUS_BIN" ]; then rm -f "$PREVIOUS_BIN"; PREVIOUS_BIN=; fi
+    report_ok "socket $SOCKET"
+}
+
+ensure_rotation_timer() {
+    if [ "$ROTATION" -eq 0 ]; then
+        systemctl is-enabled --quiet "$ROTATION_TIMER" 2>/dev/null \
+            || note "key rotation is off; turn it on with: systemctl enable --now $ROTATION_TIMER"
+        return 0
+    fi
+    if systemctl is-enabled --quiet "$ROTATION_TIMER" 2>/dev/null; then
+        report_ok "$ROTATION_TIMER enabled"
+    else
+        report_changed "$ROTATION_TIMER enabled"
+        run systemctl enable --now --quiet "$ROTATION_TIMER"
+    fi
+}
+
+# ---------------------------------------------------------------- 7 nodes
+
+# cluster_nodes: one node name a line, from the cluster membership Proxmox keeps.
+cluster_nodes() {
+    [ -f "$PVE_DIR/.members" ] || { hostname; return 0; }
+    python3 -c 'import json, sys; print("\n".join(sorted(json.load(open(sys.argv[1]))["nodelist"])))' \
+        "$PVE_DIR/.members"
+}
+
+push_keys() {
+    local dry=()
+    if [ "$IS_PVE" -eq 0 ]; then
+        report_ok "node keys: standalone, this host's sensors are read locally"
+        return 0
+    fi
+    [ "$DRY_RUN" -eq 1 ] && dry=(--dry-run)
+    if proxy keys push --config "$CONFIG" "${dry[@]}" >"$WORK/push.out" 2>&1; then
+        [ "$QUIET" -eq 1 ] || sed 's/^/         /' "$WORK/push.out"
+        report_ok "node keys pushed to: $(cluster_nodes | tr '\n' ' ')"
+    else
+        warn "pushing the proxy's key to the nodes failed: $(tail -n 3 "$WORK/push.out")"
+        note "some nodes lack the proxy's key; fix their SSH access and run: pulse-sensor-proxy keys push"
+    fi
+}
+
+# ---------------------------------------------------------------- 8 containers
+
+ct_running() { pct status "$1" 2>/dev/null | grep -q 'status: running'; }
+
+# ct_rewrite_conf ID: put our mount entry into the container's config; 0 when it changed.
+ct_rewrite_conf() {
+    local id=$1 conf=$PVE_DIR/lxc/$1.conf legacy
+    conf_with_mount "$conf" >"$WORK/$id.conf"
+    if cmp -s "$WORK/$id.conf" "$conf"; then
+        report_ok "container $id: mount entry in $conf"
+        return 1
+    fi
+    legacy=$(conf_legacy_lines "$conf")
+    if [ -n "$legacy" ]; then
+        say "container $id: replacing what an older installer wrote (an mpN: line blocks snapshots and migration; a socket-level mount breaks when the socket is recreated):"
+        say "$legacy" | sed 's/^/         /'
+    fi
+    report_changed "container $id: mount entry in $conf"
+    run cp "$WORK/$id.conf" "$conf.tmp"
+    run mv -f "$conf.tmp" "$conf"
+}
+
+# ct_socket_paths ID: the socket's path inside the container, for every mount entry of ours.
+ct_socket_paths() {
+    local conf=$PVE_DIR/lxc/$1.conf
+    conf_main_section "$conf" | awk -v RUN_DIR="$RUN_DIR" -v S="$SOCKET_NAME" \
+        '$1 == "lxc.mount.entry:" && $2 == RUN_DIR { print "/" $3 "/" S }'
+}
+
+migrate_legacy_keys() {
+    local id=$1 found path safe backup
+    if ! ct_running "$id"; then
+        note "container $id is stopped: legacy SSH keys inside it were not checked; run this again once it runs"
+        return 0
+    fi
+    # shellcheck disable=SC2016 # expanded inside the container
+    found=$(pct exec "$id" -- sh -c 'for d in '"$LEGACY_KEY_DIRS"'; do for f in "$d"/id_*; do
+              case "$f" in *.pub) ;; *) [ -f "$f" ] && printf "%s\n" "$f" ;; esac; done; done' 2>/dev/null || true)
+    if [ -z "$found" ]; then
+        report_ok "container $id: no SSH keys inside"
+        return 0
+    fi
+    backup=$BACKUP_DIR/ct$id
+    while read -r path; do
+        safe=${path#/}; safe=${safe//\//_}
+        report_changed "container $id: key $path moved to $backup/$safe and revoked on every node"
+        [ "$DRY_RUN" -eq 1 ] && continue
+        install -d -m 0700 "$BACKUP_DIR" "$backup"
+        pct exec "$id" -- cat "$path" >"$backup/$safe"
+        chmod 0600 "$backup/$safe"
+        ssh-keygen -y -f "$backup/$safe" >"$backup/$safe.pub" 2>/dev/null \
+            || pct exec "$id" -- cat "$path.pub" >"$backup/$safe.pub" 2>/dev/null || true
+        if [ -s "$backup/$safe.pub" ] && proxy keys revoke --public-key "$backup/$safe.pub" >"$WORK/revoke.out" 2>&1; then
+            :
+        else
+            warn "could not revoke $path's public key on every node: $(tail -n 2 "$WORK/revoke.out" 2>/dev/null)"
+            note "revoke the old key of container $id by hand: pulse-sensor-proxy keys revoke --public-key $backup/$safe.pub"
+        fi
+        pct exec "$id" -- rm -f "$path" "$path.pub"
+    done <<<"$found"
+}
+
+readonly RPC_CHECK='import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"correlation_id": "installer", "method": "get_status", "params": {}}).encode() + b"\n")
+data = b""
+while not data.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.exit(0 if json.loads(data).get("success") else 1)'
+
+check_container() {
+    local id=$1 sock
+    ct_running "$id" || return 0
+    while read -r sock; do
+        if ! pct exec "$id" -- test -S "$sock"; then
+            warn "container $id: no socket at $sock yet"
+            note "container $id does not see the socket yet; restart it: pct reboot $id"
+            continue
+        fi
+        if pct exec "$id" -- sh -c 'command -v python3' >/dev/null 2>&1; then
+            pct exec "$id" -- python3 -c "$RPC_CHECK" "$sock" \
+                || { warn "container $id: the proxy did not answer get_status at $sock"; continue; }
+            report_ok "container $id: get_status answers at $sock"
+        else
+            report_ok "container $id: socket present at $sock"
+        fi
+    done < <(ct_socket_paths "$id")
+}
+
+connect_container() {
+    local id=$1 changed=0
+    if ct_rewrite_conf "$id"; then changed=1; fi
+    report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures"
+    migrate_legacy_keys "$id"
+    if [ "$changed" -eq 1 ] && ct_running "$id"; then
+        if [ "$NO_RESTART" -eq 1 ]; then
+            note "container $id: restart it to mount the socket: pct reboot $id"
+        else
+            report_changed "container $id restarted to mount the socket"
+            run pct reboot "$id"
+        fi
+    fi
+    [ "$DRY_RUN" -eq 1 ] || check_container "$id"
+}
+
+# ---------------------------------------------------------------- 9 summary
+
+metrics_url() {
+    local address
+    address=$(sed -n 's/^metrics_address:[[:space:]]*["'\'']\{0,1\}\([^"'\'' ]*\).*/\1/p' "$CONFIG" 2>/dev/null)
+    [ "$address" = disabled ] && { echo "(metrics disabled in $CONFIG)"; return 0; }
+    echo "http://${address:-127.0.0.1:9127}/metrics"
+}
+
+node_reachability() {
+    local node reachable=() failing=()
+    while read -r node; do
+        if proxy call get_temperature --node "$node" >/dev/null 2>&1; then
+            reachable+=("$node")
+        else
+            failing+=("$node")
+        fi
+    done < <(cluster_nodes)
+    say "nodes this proxy reads: ${reachable[*]:-none}"
+    if [ "${#failing[@]}" -gt 0 ]; then
+        say "nodes it cannot read yet: ${failing[*]} (check: pulse-sensor-proxy call get_temperature --node NAME; fix root SSH to them, then: pulse-sensor-proxy keys push)"
+    fi
+    if [ ! -f "$PVE_DIR/.members" ] || [ "$(cluster_nodes | wc -l)" -le 1 ]; then
+        say "this host is not in a cluster: the proxy reads this host only. Every other Proxmox host needs its own proxy (run this script there) and its own Pulse connection to it."
+    fi
+}
+
+summary() {
+    local item
+    say ""
+    if [ "$CHANGES" -eq 0 ]; then
+        say "Nothing to change: everything was already in place."
+    elif [ "$DRY_RUN" -eq 1 ]; then
+        say "Dry run: $CHANGES change(s) would be made; nothing was changed."
+    else
+        say "Done: $CHANGES change(s)."
+    fi
+    [ "$DRY_RUN" -eq 1 ] && return 0
+    [ "$ACTION" = install ] || return 0
+    node_reachability
+    for item in "${NOTES[@]}"; do say "note: $item"; done
+    say "check:  pulse-sensor-proxy call get_status"
+    say "        journalctl -u ${SERVICE%.service}"
+    say "        curl -s $(metrics_url)"
+}
+
+# ---------------------------------------------------------------- install / uninstall
+
+do_install() {
+    preflight
+    ensure_account
+    ensure_directories
+    select_binary
+    install_binary
+    ensure_config
+    install_units
+    start_service
+    ensure_rotation_timer
+    push_keys
+    local id
+    for id in "${CTIDS[@]}"; do connect_container "$id"; done
+}
+
+revoke_proxy_keys() {
+    local pub dry=()
+    [ "$IS_PVE" -eq 1 ] && [ -x "$BIN" ] || return 0
+    [ "$DRY_RUN" -eq 1 ] && dry=(--dry-run)
+    for pub in "$STATE_DIR/ssh/id_ed25519.pub" "$STATE_DIR/ssh.d/prev/id_ed25519.pub"; do
+        [ -f "$pub" ] || continue
+        if "$BIN" keys revoke --public-key "$pub" "${dry[@]}" >"$WORK/revoke.out" 2>&1; then
+            report_changed "key $pub revoked on every node"
+        else
+            warn "could not revoke $pub on every node: $(tail -n 2 "$WORK/revoke.out")"
+        fi
+    done
+}
+
+unmount_from_containers() {
+    local conf
+    for conf in "$PVE_DIR"/lxc/*.conf; do
+        [ -f "$conf" ] || continue
+        conf_without_mount "$conf" >"$WORK/conf"
+        cmp -s "$WORK/conf" "$conf" && continue
+        report_changed "mount entry removed from $conf (the container keeps the socket until it restarts)"
+        run cp "$WORK/conf" "$conf.tmp"
+        run mv -f "$conf.tmp" "$conf"
+    done
+}
+
+do_uninstall() {
+    local unit
+    [ "$(id -u)" -eq 0 ] || err "run as root"
+    if command -v pvecm >/dev/null || [ -d "$PVE_DIR" ]; then IS_PVE=1; fi
+    for unit in "$ROTATION_TIMER" "${UNITS[@]}"; do
+        if [ -f "$UNIT_DIR/$unit" ]; then
+            report_changed "$unit stopped and disabled"
+            run systemctl disable --now --quiet "$unit"
+        fi
+    done
+    revoke_proxy_keys
+    [ "$IS_PVE" -eq 1 ] && unmount_from_containers
+    for unit in "${UNITS[@]}"; do
+        if [ -f "$UNIT_DIR/$unit" ]; then
+            report_changed "unit $UNIT_DIR/$unit removed"
+            run rm -f "$UNIT_DIR/$unit"
+        fi
+    done
+    run systemctl daemon-reload
+    if [ -e "$BIN" ]; then
+        report_changed "binary $BIN removed"
+        run rm -f "$BIN" "$BIN.previous"
+    fi
+    if [ "$PURGE" -eq 0 ]; then
+        say "kept: $STATE_DIR and $CONF_DIR (remove them and the account with --uninstall --purge)"
+        return 0
+    fi
+    local path
+    for path in "$STATE_DIR" "$CONF_DIR" "$ROOT/var/cache/pulse-sensor-proxy" "$ROOT/var/cache/pulse-sensor-proxy-rotation"; do
+        if [ -e "$path" ]; then
+            report_changed "$path removed"
+            run rm -rf "$path"
+        fi
+    done
+    if getent passwd "$ACCOUNT" >/dev/null; then
+        report_changed "service account $ACCOUNT removed"
+        run userdel "$ACCOUNT"
+    fi
+    [ -d "$BACKUP_DIR" ] && say "kept: $BACKUP_DIR (SSH keys moved out of containers)"
+    return 0
+}
+
+cleanup() { [ -n "$WORK" ] && rm -rf "$WORK"; }
+
+main() {
+    parse_args "$@"
+    if [ -z "$ACTION" ]; then
+        [ -t 0 ] || usage_err "nothing to do: give --ctid N, --standalone or --uninstall"
+        choose_from_menu
+    fi
+    WORK=$(mktemp -d)
+    trap cleanup EXIT
+    [ "$DRY_RUN" -eq 1 ] && say "Dry run: printing what would be done; nothing is changed."
+    "do_$ACTION"
+    summary
+}
+
+# Sourced with PULSE_INSTALLER_LIB=1 (by the tests), the script only defines its functions.
+if [ "${PULSE_INSTALLER_LIB:-}" != 1 ]; then main "$@"; fi

@@ -1,0 +1,198 @@
+"""A booted Debian 12 with systemd under systemd-nspawn, driven with nsenter.
+
+The guest stands in for a Proxmox host "pve1" of a 3-node cluster: the nodes are three sshd
+instances on 127.0.0.1:2201-2203 (each its own host key and its own account standing in for
+root, `sensors` answering with a different sample per node), /etc/pve holds the cluster's
+files, and pct/pvecm are the stand-ins from tests/fixtures/pve/bin. The guest has its own
+network namespace with loopback only.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests/fixtures"
+NODES = {"pve1": ("intel-coretemp-nvme.json", 2201), "pve2": ("amd-k10temp-gpu.json", 2202),
+         "pve3": ("no-sensors.json", 2203)}
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_SECONDS = 120
+
+
+class Guest:
+    def __init__(self, root, log):
+        self.root = Path(root)
+        self.log = log
+        self.nspawn = None
+        self.pid = None
+
+    # ---------------------------------------------------------------- running commands
+    def run(self, command, check=True, timeout=180):
+        """Run a bash command as root inside the booted guest; returns the CompletedProcess."""
+        result = subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-a", "--", "env", "-i", f"PATH={GUEST_PATH}",
+             "HOME=/root", "LANG=C.UTF-8", "bash", "-c", command],
+            capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"guest command failed ({result.returncode}): {command}\n"
+                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def out(self, command):
+        return self.run(command).stdout
+
+    def path(self, guest_path):
+        return self.root / guest_path.lstrip("/")
+
+    # ---------------------------------------------------------------- set up before boot
+    def chroot(self, *command):
+        subprocess.run(["chroot", str(self.root), *command], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def write(self, guest_path, text, mode=0o644):
+        path = self.path(guest_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+        return path
+
+    def prepare(self):
+        for tool in ("pct", "pvecm"):
+            shutil.copy(FIXTURES / "pve/bin" / tool, self.path(f"/usr/local/sbin/{tool}"))
+        samples = self.path("/usr/local/share/sensors")
+        shutil.copytree(FIXTURES / "sensors", samples)
+        self.write("/usr/local/bin/sensors", SENSORS, 0o755)
+        self.write("/etc/hostname", "pve1\n")
+        self.chroot("systemctl", "mask", "ssh.service", "apt-daily.timer", "apt-daily-upgrade.timer",
+                    "e2scrub_reap.service")
+        self.prepare_root_identity()
+        for number, (name, (sample, port)) in enumerate(NODES.items(), start=1):
+            self.prepare_node(number, name, sample, port)
+        self.prepare_pve()
+
+    def prepare_root_identity(self):
+        ssh = self.path("/root/.ssh")
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "root@pve1",
+                        "-f", str(ssh / "id_ed25519")], check=True)
+
+    def prepare_node(self, number, name, sample, port):
+        account = f"node{number}"
+        # "*": no password, yet not locked (sshd refuses locked accounts without PAM).
+        self.chroot("useradd", "--create-home", "--shell", "/bin/sh", "--password", "*", account)
+        conf = self.path(f"/etc/ssh/nodes/{name}")
+        conf.mkdir(parents=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
+                        "-f", str(conf / "ssh_host_ed25519_key")], check=True)
+        self.write(f"/etc/ssh/nodes/{name}/sshd_config", SSHD_CONFIG.format(
+            port=port, name=name, account=account))
+        self.write(f"/etc/systemd/system/sshd-{name}.service", SSHD_UNIT.format(name=name))
+        self.chroot("systemctl", "enable", f"sshd-{name}.service")
+        self.write(f"/etc/sensors-sample-{account}", sample + "\n")
+        root_key = self.path("/root/.ssh/id_ed25519.pub").read_text()
+        self.write(f"/home/{account}/.ssh/authorized_keys", root_key, 0o600)
+        self.path(f"/home/{account}/.ssh").chmod(0o700)
+        self.chroot("chown", "-R", f"{account}:{account}", f"/home/{account}")
+
+    def prepare_pve(self):
+        nodelist = {name: {"id": number, "online": 1, "ip": "127.0.0.1"}
+                    for number, name in enumerate(NODES, start=1)}
+        self.write("/etc/pve/.members", json.dumps({
+            "nodename": "pve1", "version": 7,
+            "cluster": {"name": "lab", "version": 3, "nodes": 3, "quorate": 1},
+            "nodelist": nodelist}, indent=1) + "\n")
+        known = "".join(
+            f"{name} {self.host_key(name)}\n[127.0.0.1]:{port} {self.host_key(name)}\n"
+            for name, (_, port) in NODES.items())
+        self.write("/etc/pve/priv/known_hosts", known, 0o600)
+        self.path("/etc/pve/priv").chmod(0o700)
+
+    def host_key(self, name):
+        text = self.path(f"/etc/ssh/nodes/{name}/ssh_host_ed25519_key.pub").read_text().split()
+        return f"{text[0]} {text[1]}"
+
+    def add_container(self, ctid, conf_text, running=True):
+        """An LXC container for the pct stand-in: its config plus a skeleton rootfs whose files
+        belong to the container's root (host uid 100000 unless its idmap says otherwise)."""
+        self.write(f"/etc/pve/lxc/{ctid}.conf", conf_text)
+        base = self.path(f"/var/lib/pct-shim/{ctid}")
+        rootfs = base / "rootfs"
+        for directory in ("usr", "dev", "proc", "root", "run", "tmp", "etc"):
+            (rootfs / directory).mkdir(parents=True, exist_ok=True)
+        for link in ("bin", "lib", "lib64", "sbin"):
+            os.symlink(f"usr/{link}", rootfs / link)
+        (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (rootfs / "etc/group").write_text("root:x:0:\n")
+        (rootfs / "tmp").chmod(0o1777)
+        if running:
+            (base / "running").touch()
+        return rootfs
+
+    # ---------------------------------------------------------------- boot and power off
+    def boot(self):
+        self.nspawn = subprocess.Popen(
+            ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--private-network",
+             "--console=read-only", "-D", str(self.root), "-b"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + BOOT_SECONDS
+        while self.pid is None:
+            if self.nspawn.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("systemd-nspawn did not start the guest; see its log")
+            children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
+            pids = children.read_text().split() if children.exists() else []
+            self.pid = int(pids[0]) if pids else None
+            time.sleep(0.1)
+        # systemctl answers once the guest's systemd has its bus, then waits for the boot to end.
+        while True:
+            state = self.run(f"timeout {BOOT_SECONDS} systemctl is-system-running --wait", check=False)
+            if state.stdout.strip() in ("running", "degraded"):
+                break
+            if time.monotonic() > deadline or "Failed to connect to bus" not in state.stderr:
+                raise RuntimeError(f"guest did not finish booting: {state.stdout}{state.stderr}")
+            time.sleep(0.1)
+        self.run("for n in pve1 pve2 pve3; do systemctl is-active --quiet sshd-$n; done")
+
+    def poweroff(self):
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGRTMIN + 4)  # systemd: poweroff
+        try:
+            self.nspawn.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.nspawn.pid, signal.SIGKILL)
+            self.nspawn.wait()
+
+
+SENSORS = """#!/bin/sh
+# lm-sensors stand-in on the test nodes: each node account prints its own sample.
+sample=/usr/local/share/sensors/$(cat /etc/sensors-sample-"$(id -un)" 2>/dev/null || echo no-sensors.json)
+cat "$sample"
+if [ "${sample##*/}" = no-sensors.json ]; then echo "No sensors found!" >&2; exit 1; fi
+"""
+
+SSHD_CONFIG = """Port {port}
+ListenAddress 127.0.0.1
+HostKey /etc/ssh/nodes/{name}/ssh_host_ed25519_key
+PidFile /run/sshd-{name}.pid
+AuthorizedKeysFile .ssh/authorized_keys
+AllowUsers {account}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+Subsystem sftp internal-sftp
+"""
+
+SSHD_UNIT = """[Unit]
+Description=sshd of test node {name}
+
+[Service]
+ExecStart=/usr/sbin/sshd -D -f /etc/ssh/nodes/{name}/sshd_config
+ExecStartPre=/bin/mkdir -p -m 0755 /run/sshd
+
+[Install]
+WantedBy=multi-user.target
+"""

@@ -1,0 +1,289 @@
+"""install-sensor-proxy.sh: its pure text functions (the script sourced with PULSE_INSTALLER_LIB=1),
+its command line, and a --dry-run that must leave a whole host tree untouched.
+
+The real install, under a booted systemd, is tests/system/test_install_systemd.py.
+"""
+import os
+import pty
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "install-sensor-proxy.sh"
+UNITS = REPO / "units"
+PVE_BIN = REPO / "tests/fixtures/pve/bin"
+ENTRY = "lxc.mount.entry: /run/pulse-sensor-proxy {} none bind,create=dir,optional 0 0"
+DEFAULT_ENTRY = ENTRY.format("run/pulse-sensor-proxy")
+
+
+def lib(function, *args, stdin=None):
+    """Call one function of the installer (sourced, main not run); returns the CompletedProcess."""
+    return subprocess.run(
+        ["bash", "-c", f'. "{SCRIPT}"; "$@"', "lib", function, *map(str, args)],
+        env={**os.environ, "PULSE_INSTALLER_LIB": "1"}, input=stdin,
+        capture_output=True)
+
+
+def edit(tmp_path, mode, text):
+    conf = tmp_path / "105.conf"
+    conf.write_bytes(text.encode() if isinstance(text, str) else text)
+    result = lib({"add": "conf_with_mount", "remove": "conf_without_mount"}[mode], conf)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode()
+
+
+def installer(*args, env=None, **kwargs):
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+PLAIN = """arch: amd64
+cores: 2
+hostname: pulse
+rootfs: local-lvm:vm-105-disk-0,size=8G
+unprivileged: 1
+"""
+
+WITH_SNAPSHOT = """arch: amd64
+hostname: pulse
+mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy
+parent: before-upgrade
+unprivileged: 1
+
+[before-upgrade]
+arch: amd64
+hostname: pulse
+mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy
+lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir 0 0
+snaptime: 1700000000
+unprivileged: 1
+"""
+
+
+class TestMountEntry:
+    def test_added_once_at_the_end_of_the_main_section(self, tmp_path):
+        assert edit(tmp_path, "add", PLAIN) == PLAIN + DEFAULT_ENTRY + "\n"
+
+    def test_second_edit_changes_nothing(self, tmp_path):
+        once = edit(tmp_path, "add", PLAIN)
+        assert edit(tmp_path, "add", once) == once
+
+    def test_duplicates_collapse_to_one(self, tmp_path):
+        text = PLAIN + DEFAULT_ENTRY + "\n" + "swap: 512\n" + DEFAULT_ENTRY + "\n"
+        assert edit(tmp_path, "add", text) == PLAIN + DEFAULT_ENTRY + "\nswap: 512\n"
+
+    def test_socket_level_and_non_optional_entries_are_replaced_in_place(self, tmp_path):
+        old = ("lxc.mount.entry: /run/pulse-sensor-proxy/pulse-sensor-proxy.sock "
+               "run/pulse-sensor-proxy/pulse-sensor-proxy.sock none bind,create=file 0 0\n")
+        assert edit(tmp_path, "add", "arch: amd64\n" + old + "unprivileged: 1\n") == \
+            "arch: amd64\n" + DEFAULT_ENTRY + "\nunprivileged: 1\n"
+        old = "lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir 0 0\n"
+        assert edit(tmp_path, "add", old + PLAIN) == DEFAULT_ENTRY + "\n" + PLAIN
+
+    def test_mount_point_becomes_mount_entry_keeping_its_container_path(self, tmp_path):
+        text = PLAIN.replace("hostname: pulse\n", "hostname: pulse\nmp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy\n")
+        result = edit(tmp_path, "add", text)
+        assert result == PLAIN.replace("hostname: pulse\n", "hostname: pulse\n" + ENTRY.format("mnt/pulse-proxy") + "\n")
+        assert "mp0:" not in result
+
+    def test_socket_level_mount_point_keeps_its_directory(self, tmp_path):
+        text = PLAIN + "mp1: /run/pulse-sensor-proxy/pulse-sensor-proxy.sock,mp=/mnt/pulse-proxy/pulse-sensor-proxy.sock,ro=1\n"
+        assert edit(tmp_path, "add", text) == PLAIN + ENTRY.format("mnt/pulse-proxy") + "\n"
+
+    def test_other_mount_points_and_entries_are_kept(self, tmp_path):
+        text = PLAIN + "mp0: /srv/data,mp=/data\nlxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir 0 0\n"
+        assert edit(tmp_path, "add", text) == text + DEFAULT_ENTRY + "\n"
+
+    def test_snapshot_sections_are_untouched(self, tmp_path):
+        result = edit(tmp_path, "add", WITH_SNAPSHOT)
+        main, snapshot = result.split("\n[before-upgrade]\n")
+        assert snapshot == WITH_SNAPSHOT.split("\n[before-upgrade]\n")[1]
+        assert main == ("arch: amd64\nhostname: pulse\n" + ENTRY.format("mnt/pulse-proxy") +
+                        "\nparent: before-upgrade\nunprivileged: 1\n")
+
+    def test_entry_goes_before_the_blank_line_that_ends_the_main_section(self, tmp_path):
+        text = WITH_SNAPSHOT.replace("mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy\nparent", "parent", 1)
+        result = edit(tmp_path, "add", text)
+        assert "unprivileged: 1\n" + DEFAULT_ENTRY + "\n\n[before-upgrade]\n" in result
+
+    def test_crlf_and_missing_final_newline_are_preserved(self, tmp_path):
+        text = PLAIN.replace("\n", "\r\n").rstrip("\r\n")
+        result = edit(tmp_path, "add", text)
+        assert result == text + "\r\n" + DEFAULT_ENTRY
+        assert edit(tmp_path, "add", result) == result
+
+    def test_no_final_newline_with_snapshot(self, tmp_path):
+        text = WITH_SNAPSHOT.rstrip("\n")
+        assert edit(tmp_path, "add", text).endswith("unprivileged: 1")
+
+    def test_uninstall_removes_only_our_lines(self, tmp_path):
+        installed = edit(tmp_path, "add", WITH_SNAPSHOT)
+        removed = edit(tmp_path, "remove", installed)
+        assert removed == WITH_SNAPSHOT.replace("mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy\n", "", 1)
+        assert edit(tmp_path, "remove", PLAIN) == PLAIN
+
+    def test_legacy_report_names_what_is_replaced(self, tmp_path):
+        conf = tmp_path / "105.conf"
+        conf.write_text(WITH_SNAPSHOT)
+        report = lib("conf_legacy_lines", conf).stdout.decode()
+        assert report == ("mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy -> " +
+                          ENTRY.format("mnt/pulse-proxy") + "\n")
+
+
+class TestContainerChecks:
+    def conf(self, tmp_path, text):
+        conf = tmp_path / "105.conf"
+        conf.write_text(text)
+        return conf
+
+    def test_unprivileged_is_recognised_in_the_main_section_only(self, tmp_path):
+        assert lib("conf_is_unprivileged", self.conf(tmp_path, PLAIN)).returncode == 0
+        privileged = "arch: amd64\n\n[snap]\nunprivileged: 1\n"
+        assert lib("conf_is_unprivileged", self.conf(tmp_path, privileged)).returncode == 1
+        assert lib("conf_is_unprivileged", self.conf(tmp_path, "unprivileged: 0\n")).returncode == 1
+
+    def test_default_uid_range(self, tmp_path):
+        assert lib("conf_uid_ranges", self.conf(tmp_path, PLAIN)).stdout == b"100000-165535\n"
+
+    def test_single_idmap(self, tmp_path):
+        text = PLAIN + "lxc.idmap: u 0 100000 65536\nlxc.idmap: g 0 100000 65536\n"
+        assert lib("conf_uid_ranges", self.conf(tmp_path, text)).stdout == b"100000-165535\n"
+
+    def test_custom_multi_line_idmap(self, tmp_path):
+        text = PLAIN + ("lxc.idmap: u 0 200000 1000\nlxc.idmap: g 0 200000 1000\n"
+                        "lxc.idmap: u 1000 1000 1\nlxc.idmap: g 1000 1000 1\n"
+                        "lxc.idmap: u 1001 201001 64535\nlxc.idmap: g 1001 201001 64535\n")
+        assert lib("conf_uid_ranges", self.conf(tmp_path, text)).stdout == \
+            b"200000-200999\n1000-1000\n201001-265535\n"
+
+    def test_mapping_to_host_root_is_refused(self, tmp_path):
+        text = PLAIN + "lxc.idmap: u 0 0 1\nlxc.idmap: u 1 100001 65535\n"
+        assert lib("conf_uid_ranges", self.conf(tmp_path, text)).returncode == 1
+
+
+class TestCommandLine:
+    @pytest.mark.parametrize("args, message", [
+        (["--ctid", "abc"], "--ctid needs container IDs"),
+        (["--ctid", "42"], "--ctid needs container IDs"),
+        (["--ctid"], "--ctid needs a value"),
+        (["--ctid", "105", "--standalone"], "exclude each other"),
+        (["--purge"], "--purge goes with --uninstall"),
+        (["--uninstall", "--ctid", "105"], "--uninstall takes no --ctid"),
+        (["--standalone", "--version", "1.0"], "--version and --url go together"),
+        (["--standalone", "--pyz", "x.pyz", "--url", "http://127.0.0.1/"], "exclude each other"),
+        (["--standalone", "--allowed-subnets", "10.0.0.0/8,bad net"], "--allowed-subnets needs CIDRs"),
+        (["--bogus"], "unknown argument '--bogus'"),
+        ([], "nothing to do"),
+    ])
+    def test_usage_errors_exit_2(self, args, message):
+        result = installer(*args, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2
+        assert message in result.stderr
+
+    def test_help_is_the_manual(self):
+        result = installer("--help")
+        assert result.returncode == 0
+        for flag in ("--ctid", "--standalone", "--pyz", "--version", "--url", "--allowed-subnets",
+                     "--enable-rotation-timer", "--no-restart", "--uninstall", "--purge",
+                     "--dry-run", "--quiet", "--help"):
+            assert flag in result.stdout
+        assert DEFAULT_ENTRY in result.stdout
+
+    def test_comma_and_repeated_ctids(self):
+        result = subprocess.run(
+            ["bash", "-c", f'. "{SCRIPT}"; parse_args --ctid 105,106 --ctid 107 --ctid 105; echo "${{CTIDS[*]}} $ACTION"'],
+            env={**os.environ, "PULSE_INSTALLER_LIB": "1"}, capture_output=True, text=True)
+        assert result.stdout == "105 106 107 install\n"
+
+    def test_menu_on_a_terminal(self):
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execvp("bash", ["bash", str(SCRIPT)])
+        os.write(fd, b"3\n")
+        output = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+        assert b"[1] Install or update  [2] Remove  [3] Cancel" in output
+        assert b"Cancelled: nothing changed." in output
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_shellcheck_clean():
+    scripts = [SCRIPT, PVE_BIN / "pct", PVE_BIN / "pvecm"]
+    result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("unit", sorted(p.name for p in UNITS.iterdir()))
+def test_embedded_units_are_the_shipped_units(unit):
+    assert lib("unit_text", unit).stdout.decode() == (UNITS / unit).read_text()
+
+
+def test_service_unit_exposure_is_at_most_1_2():
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=12",
+         str(UNITS / "pulse-sensor-proxy.service")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-600:]
+    assert "Overall exposure level for pulse-sensor-proxy.service: 1.2" in result.stdout or \
+        "Overall exposure level for pulse-sensor-proxy.service: 1.1" in result.stdout
+
+
+def snapshot_tree(root):
+    return {str(path.relative_to(root)): (path.read_bytes() if path.is_file() else None,
+                                         path.lstat().st_mtime_ns, path.lstat().st_mode)
+            for path in sorted(root.rglob("*"))}
+
+
+def host_tree(tmp_path):
+    """A host tree with Proxmox, container 105 (unprivileged, snapshot, legacy mp0), container 107
+    (privileged) and an existing config; returns (root, env for the installer and the pct stand-in)."""
+    root = tmp_path / "root"
+    for directory in ("run/systemd/system", "etc/pve/lxc", "etc/pulse-sensor-proxy", "usr/local/bin"):
+        (root / directory).mkdir(parents=True)
+    (root / "etc/pve/lxc/105.conf").write_text(WITH_SNAPSHOT)
+    (root / "etc/pve/lxc/107.conf").write_text(PLAIN.replace("unprivileged: 1\n", ""))
+    (root / "etc/pulse-sensor-proxy/config.yaml").write_text("log_level: debug\n")
+    (root / "etc/pve/.members").write_text(
+        '{"nodename": "pve1", "version": 3, "nodelist": {"pve1": {"id": 1, "online": 1, "ip": "127.0.0.1"}}}')
+    cts = tmp_path / "pct"
+    (cts / "105").mkdir(parents=True)
+    env = {"PULSE_INSTALL_ROOT": str(root), "PCT_SHIM_PVE_DIR": str(root / "etc/pve"),
+           "PCT_SHIM_DIR": str(cts), "PATH": f"{PVE_BIN}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return root, env
+
+
+def test_privileged_container_is_refused_before_any_change(tmp_path):
+    root, env = host_tree(tmp_path)
+    before = snapshot_tree(root)
+    result = installer("--ctid", "105,107", "--pyz", str(REPO / "pulse_sensor_proxy.py"), env=env)
+    assert result.returncode == 1
+    assert "container 107 is privileged" in result.stderr
+    assert "unprivileged" in result.stderr
+    assert snapshot_tree(root) == before
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    """--dry-run reports the changes it would make and leaves every byte and mtime as it was."""
+    root, env = host_tree(tmp_path)
+    pyz = tmp_path / "pulse-sensor-proxy.pyz"
+    shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+    before = snapshot_tree(root)
+    result = installer("--dry-run", "--ctid", "105", "--pyz", str(pyz), env=env)
+    assert snapshot_tree(root) == before
+    assert "would    binary" in result.stdout
+    assert "would    container 105: mount entry" in result.stdout
+    assert "mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy -> " in result.stdout
+    assert "would run: systemctl enable" in result.stdout
+    assert "nothing was changed" in result.stdout
+    assert not (tmp_path / "pct/pct.log").exists()
