@@ -1,14 +1,12 @@
 """The same pyz on the Debian releases under Proxmox VE 7, 8 and 9, for real.
 
 Each release is a `debootstrap --variant=minbase --include=python3` tree, cached between runs
-under $PSP_CHROOT_CACHE (default /var/cache/pulse-sensor-proxy-tests/chroots), one directory
-per suite and architecture; the first run builds it (about a minute; several under qemu for
-arm64). Commands run with chroot inside a private mount namespace that has /proc and /dev
-mounted, so every mount disappears with the command, whatever happens to the test.
+by rootfs.debootstrapped (one directory per suite and architecture); the first run builds it
+(about a minute; several under qemu for arm64). Commands run with chroot inside a private mount
+namespace that has /proc and /dev mounted, so every mount disappears with the command, whatever
+happens to the test.
 """
-import fcntl
 import json
-import os
 import re
 import shutil
 import signal
@@ -19,37 +17,21 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, wait_for
+from rootfs import debootstrapped
 
-CACHE = Path(os.environ.get("PSP_CHROOT_CACHE", "/var/cache/pulse-sensor-proxy-tests/chroots"))
-MIRROR = "http://deb.debian.org/debian"
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
-# suite -> (Proxmox VE release, its python3)
-SUPPORTED = {"bookworm": ("VE 8", "3.11"), "trixie": ("VE 9", "3.13")}
+# Debian suite -> its python3: Proxmox VE 8 and VE 9.
+SUPPORTED = {"bookworm": "3.11", "trixie": "3.13"}
 VERSION = re.search(r'^__version__ = "(.+)"$', (ROOT / "pulse_sensor_proxy.py").read_text(),
                     re.M).group(1)
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("debootstrap") is None,
-    reason="needs root and debootstrap (./dev.sh setup installs it)")
-
 
 def ensure_chroot(suite, arch="amd64"):
-    """The cached minbase tree of SUITE for ARCH, built first if missing."""
-    name = suite if arch == "amd64" else f"{suite}-{arch}"
-    path = CACHE / name
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "usr" / "bin" / "python3").exists():
-            partial = CACHE / f"{name}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            result = subprocess.run(
-                ["debootstrap", f"--arch={arch}", "--variant=minbase", "--include=python3",
-                 suite, str(partial), MIRROR], capture_output=True, text=True, timeout=1800)
-            assert result.returncode == 0, f"debootstrap {suite} {arch} failed:\n{result.stdout[-3000:]}"
-            shutil.rmtree(path, ignore_errors=True)
-            partial.rename(path)
-    return path
+    """The cached minbase tree of SUITE for ARCH, with python3."""
+    for tool in ("debootstrap", "unshare", "chroot"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: ./dev.sh setup installs it")
+    return debootstrapped(f"{suite}-{arch}-python3", suite, ("python3",), arch)
 
 
 def chroot_command(root, *command, env=None):
@@ -86,7 +68,7 @@ def test_supported_debian_runs_version_demo_and_call(installed):
     root, inside, pyz = installed
     suite = root.name
     python = in_chroot(root, "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])")
-    assert python.stdout.strip() == SUPPORTED[suite][1], python.stderr
+    assert python.stdout.strip() == SUPPORTED[suite], python.stderr
     env = {"SHIV_ROOT": str(inside / "shiv")}
 
     version = in_chroot(root, str(pyz), "version", env=env)
