@@ -48,13 +48,13 @@ def in_chroot(root, *command, env=None, timeout=300):
 
 @pytest.fixture
 def installed(request, pyz_dir):
-    """(chroot, path inside it) of the pyz for the chroot's architecture, removed afterwards."""
+    """(suite, chroot, work dir inside it, the pyz there for the chroot's architecture)."""
     suite, arch, machine = request.param
     root = ensure_chroot(suite, arch)
     inside = Path("/tmp") / f"psp-{uuid.uuid4().hex[:8]}"
     (root / inside.relative_to("/")).mkdir(mode=0o755)
     shutil.copy2(pyz_dir / f"pulse-sensor-proxy-{machine}.pyz", root / inside.relative_to("/"))
-    yield root, inside, inside / f"pulse-sensor-proxy-{machine}.pyz"
+    yield suite, root, inside, inside / f"pulse-sensor-proxy-{machine}.pyz"
     shutil.rmtree(root / inside.relative_to("/"))
 
 
@@ -65,8 +65,7 @@ def amd64(*suites):
 
 @amd64(*SUPPORTED)
 def test_supported_debian_runs_version_demo_and_call(installed):
-    root, inside, pyz = installed
-    suite = root.name
+    suite, root, inside, pyz = installed
     python = in_chroot(root, "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])")
     assert python.stdout.strip() == SUPPORTED[suite], python.stderr
     env = {"SHIV_ROOT": str(inside / "shiv")}
@@ -98,7 +97,7 @@ def test_supported_debian_runs_version_demo_and_call(installed):
 
 @amd64(*SUPPORTED)
 def test_supported_debian_loads_every_native_dependency(installed):
-    root, inside, pyz = installed
+    _, root, inside, pyz = installed
     env = {"SHIV_ROOT": str(inside / "shiv")}
     unpack = in_chroot(root, str(pyz), "config", "validate", "--config", "/nonexistent.yaml",
                        env=env)
@@ -118,7 +117,7 @@ def test_supported_debian_loads_every_native_dependency(installed):
 
 @amd64("bullseye")
 def test_debian_11_python_3_9_is_told_which_pythons_are_supported(installed):
-    root, inside, pyz = installed
+    _, root, inside, pyz = installed
     result = in_chroot(root, str(pyz), "version", env={"SHIV_ROOT": str(inside / "shiv")})
     assert result.returncode == 1
     assert result.stdout == ""
@@ -141,7 +140,7 @@ def aarch64_binfmt():
 @pytest.mark.parametrize("installed", [("bookworm", "arm64", "aarch64")], indirect=True,
                          ids=["bookworm-arm64"])
 def test_aarch64_pyz_runs_under_qemu(installed):
-    root, inside, pyz = installed
+    _, root, inside, pyz = installed
     machine = in_chroot(root, "uname", "-m")
     assert machine.stdout.strip() == "aarch64"
     env = {"SHIV_ROOT": str(inside / "shiv")}
