@@ -3114,6 +3114,43 @@ def build_parser():
     return parser
 
 
+def unpack_dir_problem(path):
+    """Why the pyz must not unpack into or import from directory PATH; None when it may.
+
+    The pyz unpacks its dependencies (native code among them) under PATH and runs them as
+    whoever started it, usually root, so anyone who could write there could inject code. PATH
+    must be owned by the current user or root and writable by nobody else; each parent up to /
+    must be owned by root or the current user and writable by nobody else, unless it is a
+    root-owned sticky directory such as /tmp (others cannot rename or replace our entries).
+    """
+    real = os.path.realpath(path)
+    uid = os.geteuid()
+    current = real
+    while True:
+        try:
+            info = os.lstat(current)
+        except OSError as exc:
+            return f"cannot inspect {current}: {exc.strerror}"
+        mode = stat.S_IMODE(info.st_mode)
+        shared_sticky = current != real and info.st_uid == 0 and mode & stat.S_ISVTX
+        if not stat.S_ISDIR(info.st_mode):
+            problem = "is not a directory"
+        elif info.st_uid not in (0, uid):
+            problem = f"belongs to uid {info.st_uid}"
+        elif mode & 0o022 and not shared_sticky:
+            problem = f"is writable by group or others (mode {mode:04o})"
+        else:
+            problem = None
+        if problem:
+            return (f"refusing to unpack into {real}: {current} {problem}, so another user could "
+                    f"replace the code this program runs. Fix: make {current} owned by root or "
+                    f"uid {uid} and not writable by group or others (chown, chmod go-w), or set "
+                    f"SHIV_ROOT to a private directory (mkdir -m 0700 DIR)")
+        if current == "/":
+            return None
+        current = os.path.dirname(current)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

@@ -1,7 +1,8 @@
-"""A cached Debian 12 root filesystem with systemd, for booting under systemd-nspawn.
+"""Cached Debian root filesystems: Debian 12 with systemd, for booting under systemd-nspawn,
+and plain minbase trees of other releases and architectures, for running commands under chroot.
 
 debootstrap takes about a minute, so the result is kept outside the repository and reused:
-each test run copies it into a fresh directory and boots the copy.
+each boot gets a fresh copy of the systemd tree; the minbase trees are used in place.
 """
 import hashlib
 import os
@@ -13,25 +14,39 @@ CACHE = Path(os.environ.get("PULSE_TEST_ROOTFS_CACHE", "/var/cache/pulse-sensor-
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3")
 
 
-def cached_rootfs(extra_packages=()):
-    """Return the cached rootfs directory for BASE_PACKAGES + extra_packages, building it once."""
-    packages = sorted(set(BASE_PACKAGES) | set(extra_packages))
-    tag = hashlib.sha256(",".join(packages).encode()).hexdigest()[:12]
-    target = CACHE / f"bookworm-systemd-{tag}"
+def debootstrapped(name, suite, packages, arch="amd64", prepare=None):
+    """A minbase SUITE tree for ARCH with PACKAGES, kept as CACHE/NAME and built only once.
+
+    PREPARE(path), if given, adjusts a fresh tree before it is cached. A foreign ARCH needs
+    qemu-user-static with binfmt_misc; its first build takes a few minutes.
+    """
+    target = CACHE / name
     if (target / "etc/os-release").exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     subprocess.run(
-        ["debootstrap", "--variant=minbase", "--include=" + ",".join(packages),
-         "bookworm", str(building)],
+        ["debootstrap", f"--arch={arch}", "--variant=minbase", "--include=" + ",".join(packages),
+         suite, str(building)],
         check=True, stdout=subprocess.DEVNULL)
-    # Nothing from the build host should decide the booted system's identity.
-    (building / "etc/machine-id").write_text("")
-    (building / "etc/hostname").write_text("pve1\n")
+    if prepare is not None:
+        prepare(building)
     building.rename(target)
     return target
+
+
+def _host_identity(root):
+    # Nothing from the build host should decide the booted system's identity.
+    (root / "etc/machine-id").write_text("")
+    (root / "etc/hostname").write_text("pve1\n")
+
+
+def cached_rootfs(extra_packages=()):
+    """Return the cached rootfs directory for BASE_PACKAGES + extra_packages, building it once."""
+    packages = sorted(set(BASE_PACKAGES) | set(extra_packages))
+    tag = hashlib.sha256(",".join(packages).encode()).hexdigest()[:12]
+    return debootstrapped(f"bookworm-systemd-{tag}", "bookworm", packages, prepare=_host_identity)
 
 
 def fresh_copy(source, dest):
