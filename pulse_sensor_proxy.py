@@ -2022,8 +2022,10 @@ async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
         try:
             await files.mkdir(lock, 0o700)
             break
-        except (FileExistsError, OSError):
+        except OSError as exc:
             held = await files.info(lock)
+            if held is None and not isinstance(exc, FileExistsError):
+                raise FetchError(f"cannot create {lock}: {exc.strerror or exc}") from None
             if held and time.time() - held.mtime > LOCK_STALE:
                 await files.rmdir(lock)
                 continue

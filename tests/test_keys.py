@@ -272,6 +272,26 @@ def test_push_waits_for_another_editor_and_breaks_stale_locks(lab):
     assert not lock.exists(), "a stale lock is broken and ours is released"
 
 
+def test_unwritable_directory_fails_at_once_with_the_reason(base_dir):
+    """A directory the editor may not write (read-only under a sandbox, or not its own) is not
+    another editor's lock: say so at once instead of waiting for the lock to go."""
+    home = base_dir / "readonly-home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/authorized_keys").write_text("")
+    home.chmod(0o755)
+    (home / ".ssh").chmod(0o755)
+    (home / ".ssh/authorized_keys").chmod(0o666)
+    program = ("import asyncio, sys, pulse_sensor_proxy as psp\n"
+               "try:\n"
+               f"    asyncio.run(psp.edit_node_keys(psp.LocalFiles({str(home)!r}), {OURS!r}))\n"
+               "except psp.FetchError as exc:\n"
+               "    sys.exit(str(exc))\n")
+    result = subprocess.run(as_uid(SERVICE_UID) + [PYTHON, "-c", program], capture_output=True,
+                            text=True, timeout=60, cwd=str(MODULE.parent))
+    assert result.returncode == 1
+    assert "cannot create .ssh/.pulse-sensor-proxy.lock: Permission denied" in result.stderr
+
+
 def test_push_with_nothing_to_change_writes_nothing(lab):
     """Not even the lock directory: on Proxmox it would be a cluster-wide write."""
     lab = lab(count=1)
