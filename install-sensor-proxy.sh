@@ -571,19 +571,24 @@ Requires=pulse-sensor-proxy.service
 
 [Service]
 Type=oneshot
-# Root: pushing the new key uses root's own SSH identity on the cluster nodes, and the new key
-# files are handed to the service account.
+# Root: it logs in to the nodes with root's own SSH identity (read from ~/.ssh) and hands the
+# new key files to the service account (CAP_CHOWN, CAP_FOWNER; CAP_DAC_OVERRIDE to write into
+# the account's 0700 ssh/). The daemon needs no signal: it sees the new key file by itself.
 ExecStart=/usr/local/bin/pulse-sensor-proxy rotate-keys
 Environment=SHIV_ROOT=%C/pulse-sensor-proxy-rotation
 CacheDirectory=pulse-sensor-proxy-rotation
 CacheDirectoryMode=0700
 UMask=0077
 
-CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
 NoNewPrivileges=yes
 ProtectSystem=strict
 ReadWritePaths=/var/lib/pulse-sensor-proxy
-ProtectHome=read-only
+# Of the homes only root's ~/.ssh: the admin identity, and this node's authorized_keys, which
+# on Proxmox links into /etc/pve/priv.
+ProtectHome=tmpfs
+BindPaths=-/root/.ssh
+ReadWritePaths=-/root/.ssh -/etc/pve/priv
 PrivateTmp=yes
 PrivateDevices=yes
 PrivateIPC=yes
@@ -596,7 +601,7 @@ ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectProc=invisible
 ProcSubset=pid
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictAddressFamilies=AF_INET AF_INET6
 RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
@@ -607,6 +612,7 @@ KeyringMode=private
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
+SystemCallFilter=@chown
 SystemCallErrorNumber=EPERM
 DevicePolicy=closed
 UNIT
