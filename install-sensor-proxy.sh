@@ -29,7 +29,8 @@ WHERE
                          or in Docker on this host)
 
 OPTIONS
-  --allowed-subnets CIDR,...  subnets the nodes accept the proxy's SSH key from (from="...")
+  --allowed-subnets CIDR,...  subnets the nodes accept the proxy's SSH key from (from="...");
+                              without it (and none in the config) this host's own addresses
   --enable-rotation-timer     also enable the quarterly key rotation timer
   --no-restart           never restart a container; print what to do instead
   --uninstall            stop and remove the service, units and binary, revoke the proxy's key
@@ -47,7 +48,8 @@ STEPS (each idempotent, each reported in one line: "ok" already in place, "chang
     ssh.d/{next,prev} 0750, /etc/pulse-sensor-proxy 0750
   4 binary /usr/local/bin/pulse-sensor-proxy, swapped atomically; if the new version does not
     start, the previous binary is put back
-  5 /etc/pulse-sensor-proxy/config.yaml created or merged (your edits are kept), validated first
+  5 /etc/pulse-sensor-proxy/config.yaml created or merged (your edits are kept), validated first;
+    allowed_source_subnets always explicit (the daemon's sandbox cannot see this host's addresses)
   6 systemd units installed, service enabled and started, socket checked
   7 the proxy's SSH key pushed to every cluster node (forced command `sensors -j`)
   8 each container: mount entry, read access for its uid range, legacy SSH keys moved out of it
@@ -467,14 +469,71 @@ install_binary() {
 
 # ---------------------------------------------------------------- 5 config
 
+# Keeps the addresses other hosts can see this one by: no loopback, link-local or multicast.
+# shellcheck disable=SC2016 # python program, not shell
+readonly ADDRESS_FILTER='import ipaddress, json, sys
+text = sys.stdin.read()
+if sys.argv[1] == "json":
+    words = [a.get("local", "") for link in json.loads(text or "[]") for a in link.get("addr_info", [])]
+else:
+    words = text.split()
+seen = []
+for word in words:
+    try:
+        address = ipaddress.ip_address(word.split("%")[0])
+    except ValueError:
+        continue
+    if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
+        continue
+    network = str(ipaddress.ip_network(address))
+    if network not in seen:
+        seen.append(network)
+        print(network)'
+
+# host_addresses: this host's addresses as /32 and /128 networks, one a line, read as root
+# (the daemon's sandbox hides /proc/net, so it cannot find them itself).
+host_addresses() {
+    local found=
+    if command -v ip >/dev/null; then
+        found=$(ip -j addr show 2>/dev/null | python3 -c "$ADDRESS_FILTER" json) || found=
+    fi
+    if [ -z "$found" ] && command -v hostname >/dev/null; then
+        found=$(hostname -I 2>/dev/null | python3 -c "$ADDRESS_FILTER" words) || found=
+    fi
+    [ -z "$found" ] || printf '%s\n' "$found"
+}
+
+# config_has_subnets FILE: whether the rendered config FILE lists allowed_source_subnets.
+config_has_subnets() {
+    awk '/^allowed_source_subnets:/ { inside = 1; next } inside && /^- / { found = 1 } /^[^- ]/ { inside = 0 }
+         END { exit !found }' "$1"
+}
+
+# choose_source_subnets CURRENT: without --allowed-subnets, and when the rendered config CURRENT
+# lists none, take this host's addresses. keys push writes the list into from="..." on every
+# node and the daemon reports the same list, so the config must always name it.
+choose_source_subnets() {
+    local detected
+    [ "${#SUBNETS[@]}" -eq 0 ] || return 0
+    config_has_subnets "$1" && return 0
+    detected=$(host_addresses)
+    if [ -z "$detected" ]; then
+        [ "$IS_PVE" -eq 1 ] || return 0
+        err "found no address of this host for the nodes' from=\"...\" restriction; give --allowed-subnets CIDR,..."
+    fi
+    mapfile -t SUBNETS <<<"$detected"
+    say "allowed_source_subnets: this host's addresses ${SUBNETS[*]} (--allowed-subnets sets others)"
+}
+
 ensure_config() {
     local args=() cidr id range result
+    # Both sides rendered by the same merge, so only a change of content counts (not comments).
+    proxy config merge --config "$CONFIG" >"$WORK/config.current" || err "could not read $CONFIG"
+    choose_source_subnets "$WORK/config.current"
     for cidr in "${SUBNETS[@]}"; do args+=(--add-subnet "$cidr"); done
     for id in "${CTIDS[@]}"; do
         while read -r range; do args+=(--add-peer-uids "$range"); done <<<"${CT_UID_RANGES[$id]}"
     done
-    # Both sides rendered by the same merge, so only a change of content counts (not comments).
-    proxy config merge --config "$CONFIG" >"$WORK/config.current" || err "could not read $CONFIG"
     proxy config merge --config "$CONFIG" "${args[@]}" >"$WORK/config.merged" \
         || err "could not merge $CONFIG"
     proxy config validate --config "$WORK/config.merged" >"$WORK/config.check" 2>&1 \

@@ -219,6 +219,74 @@ class TestCommandLine:
         assert os.waitstatus_to_exitcode(status) == 0
 
 
+IP_ADDR_PVE = REPO / "tests/fixtures/net/ip-addr-pve.json"
+
+
+def stub(directory, name, body):
+    """An executable NAME in DIRECTORY that runs the shell BODY (put first on PATH)."""
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return directory
+
+
+def choose_subnets(bin_dir, config_text, *, pve=1, given=()):
+    """choose_source_subnets on a rendered config, with bin_dir first on PATH; returns the
+    CompletedProcess, whose stdout ends with the chosen SUBNETS after a "--" line."""
+    config = bin_dir.parent / "rendered.yaml"
+    config.write_text(config_text)
+    script = (f'. "{SCRIPT}"; IS_PVE={pve}; SUBNETS=({" ".join(given)}); '
+              f'choose_source_subnets "{config}"; echo --; printf "%s\\n" "${{SUBNETS[@]}}"')
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PULSE_INSTALLER_LIB": "1",
+                               "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+
+
+class TestSourceSubnets:
+    """The config always ends with explicit allowed_source_subnets: the daemon, sandboxed
+    without /proc/net, cannot find this host's addresses, and keys push writes them into
+    from="..." on every node."""
+
+    def test_host_addresses_from_ip_keep_only_what_other_hosts_can_see(self, tmp_path):
+        bins = stub(tmp_path / "bin", "ip", f'cat "{IP_ADDR_PVE}"')
+        result = choose_subnets(bins, "log_level: info\n")
+        assert result.returncode == 0, result.stderr
+        chosen = result.stdout.split("--\n")[1].split()
+        assert chosen == ["192.168.1.10/32", "2001:db8:1::10/128", "10.10.10.1/32"]
+        assert "this host's addresses 192.168.1.10/32 2001:db8:1::10/128 10.10.10.1/32" in result.stdout
+
+    def test_hostname_dash_i_when_ip_fails(self, tmp_path):
+        bins = stub(tmp_path / "bin", "ip", "exit 1")
+        stub(bins, "hostname", 'echo "192.168.1.10 fe80::1 2001:db8:1::10 192.168.1.10 "')
+        result = choose_subnets(bins, "log_level: info\n")
+        assert result.stdout.split("--\n")[1].split() == ["192.168.1.10/32", "2001:db8:1::10/128"]
+
+    def test_subnets_in_the_config_are_kept_as_they_are(self, tmp_path):
+        bins = stub(tmp_path / "bin", "ip", f'cat "{IP_ADDR_PVE}"')
+        result = choose_subnets(bins, "allowed_source_subnets:\n- 10.0.0.0/24\nlog_level: info\n")
+        assert result.stdout == "--\n\n"
+
+    def test_allowed_subnets_flag_wins(self, tmp_path):
+        bins = stub(tmp_path / "bin", "ip", "echo ip must not run >&2; exit 1")
+        result = choose_subnets(bins, "log_level: info\n", given=("10.0.0.0/24",))
+        assert result.stdout.split("--\n")[1].split() == ["10.0.0.0/24"]
+        assert result.stderr == ""
+
+    def test_no_address_found_on_proxmox_is_an_error(self, tmp_path):
+        bins = stub(tmp_path / "bin", "ip", "echo '[]'")
+        stub(bins, "hostname", "echo 127.0.1.1")
+        result = choose_subnets(bins, "allowed_source_subnets: []\n")
+        assert result.returncode == 1
+        assert "give --allowed-subnets" in result.stderr
+
+    def test_no_address_found_standalone_is_fine(self, tmp_path):
+        bins = stub(tmp_path / "bin", "ip", "echo '[]'")
+        stub(bins, "hostname", "echo 127.0.1.1")
+        result = choose_subnets(bins, "log_level: info\n", pve=0)
+        assert result.returncode == 0 and result.stdout == "--\n\n"
+
+
 def test_shellcheck_clean():
     scripts = [SCRIPT, PVE_BIN / "pct", PVE_BIN / "pvecm"]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
@@ -258,8 +326,10 @@ def host_tree(tmp_path):
         '{"nodename": "pve1", "version": 3, "nodelist": {"pve1": {"id": 1, "online": 1, "ip": "127.0.0.1"}}}')
     cts = tmp_path / "pct"
     (cts / "105").mkdir(parents=True)
+    bins = stub(tmp_path / "bin", "ip", f'cat "{IP_ADDR_PVE}"')
     env = {"PULSE_INSTALL_ROOT": str(root), "PCT_SHIM_PVE_DIR": str(root / "etc/pve"),
-           "PCT_SHIM_DIR": str(cts), "PATH": f"{PVE_BIN}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "PCT_SHIM_DIR": str(cts),
+           "PATH": f"{bins}:{PVE_BIN}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return root, env
 
 
@@ -285,5 +355,6 @@ def test_dry_run_changes_nothing(tmp_path):
     assert "would    container 105: mount entry" in result.stdout
     assert "mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy -> " in result.stdout
     assert "would run: systemctl enable" in result.stdout
+    assert "+allowed_source_subnets:\n+- 192.168.1.10/32\n+- 2001:db8:1::10/128\n+- 10.10.10.1/32\n" in result.stdout
     assert "nothing was changed" in result.stdout
     assert not (tmp_path / "pct/pct.log").exists()
