@@ -839,7 +839,7 @@ migrate_legacy_keys() {
         chmod 0600 "$backup/$safe"
         ssh-keygen -y -f "$backup/$safe" >"$backup/$safe.pub" 2>/dev/null \
             || pct exec "$id" -- cat "$path.pub" >"$backup/$safe.pub" 2>/dev/null || true
-        if [ -s "$backup/$safe.pub" ] && proxy keys revoke --public-key "$backup/$safe.pub" >"$WORK/revoke.out" 2>&1; then
+        if [ -s "$backup/$safe.pub" ] && proxy keys revoke --config "$CONFIG" --public-key "$backup/$safe.pub" >"$WORK/revoke.out" 2>&1; then
             :
         else
             warn "could not revoke $path's public key on every node: $(tail -n 2 "$WORK/revoke.out" 2>/dev/null)"
@@ -964,9 +964,11 @@ revoke_proxy_keys() {
     local pub dry=()
     [ "$IS_PVE" -eq 1 ] && [ -x "$BIN" ] || return 0
     [ "$DRY_RUN" -eq 1 ] && dry=(--dry-run)
-    for pub in "$STATE_DIR/ssh/id_ed25519.pub" "$STATE_DIR/ssh.d/prev/id_ed25519.pub"; do
+    # next/ holds a key only when a rotation stopped halfway, possibly already on some nodes.
+    for pub in "$STATE_DIR/ssh/id_ed25519.pub" "$STATE_DIR/ssh.d/next/id_ed25519.pub" \
+               "$STATE_DIR/ssh.d/prev/id_ed25519.pub"; do
         [ -f "$pub" ] || continue
-        if "$BIN" keys revoke --public-key "$pub" "${dry[@]}" >"$WORK/revoke.out" 2>&1; then
+        if "$BIN" keys revoke --config "$CONFIG" --public-key "$pub" "${dry[@]}" >"$WORK/revoke.out" 2>&1; then
             report_changed "key $pub revoked on every node"
         else
             warn "could not revoke $pub on every node: $(tail -n 2 "$WORK/revoke.out")"
@@ -1005,6 +1007,8 @@ do_uninstall() {
         fi
     done
     run systemctl daemon-reload
+    # A unit that failed once (a rotation with a node down) stays listed until this.
+    run systemctl reset-failed "${UNITS[@]}" 2>/dev/null || true
     if [ -e "$BIN" ]; then
         report_changed "binary $BIN removed"
         run rm -f "$BIN" "$BIN.previous"
