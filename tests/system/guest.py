@@ -1,10 +1,13 @@
 """A booted Debian 12 with systemd under systemd-nspawn, driven with nsenter.
 
-The guest stands in for a Proxmox host "pve1" of a 3-node cluster: the nodes are three sshd
-instances on 127.0.0.1:2201-2203 (each its own host key and its own account standing in for
-root, `sensors` answering with a different sample per node), /etc/pve holds the cluster's
-files, and pct/pvecm are the stand-ins from tests/fixtures/pve/bin. The guest has its own
-network namespace with loopback only.
+The guest stands in for host "pve1" of a 3-node Proxmox cluster. pve1 is the guest itself:
+its temperatures are read locally and its root's ~/.ssh/authorized_keys links into
+/etc/pve/priv, as on Proxmox. pve2 and pve3 are sshd instances on ADDRESS:2202-2203, each with
+its own host key and its own account standing in for root (root's key is in its
+authorized_keys, unrestricted, like Proxmox's root-to-root SSH). `sensors` answers with a
+different sample per account. /etc/pve holds the cluster's files, and pct/pvecm are the
+stand-ins from tests/fixtures/pve/bin. The guest has its own network namespace: loopback and
+vmbr0 (one end of a veth pair) with ADDRESS, the host's address the nodes see.
 """
 import json
 import os
@@ -16,8 +19,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests/fixtures"
-NODES = {"pve1": ("intel-coretemp-nvme.json", 2201), "pve2": ("amd-k10temp-gpu.json", 2202),
+ADDRESS = "10.99.0.1"
+LOCAL_NODE = "pve1"
+# name -> (sensors sample, sshd port; None for this host, whose sensors are read locally)
+NODES = {"pve1": ("intel-coretemp-nvme.json", None), "pve2": ("amd-k10temp-gpu.json", 2202),
          "pve3": ("no-sensors.json", 2203)}
+REMOTE_NODES = {name: port for name, (_, port) in NODES.items() if port}
+# The file holding each node's root authorized_keys.
+NODE_KEY_FILES = {"pve1": "/etc/pve/priv/authorized_keys",
+                  **{name: f"/home/{name}/.ssh/authorized_keys" for name in REMOTE_NODES}}
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_SECONDS = 120
 
@@ -68,9 +78,13 @@ class Guest:
         self.write("/etc/hostname", "pve1\n")
         self.chroot("systemctl", "mask", "ssh.service", "apt-daily.timer", "apt-daily-upgrade.timer",
                     "e2scrub_reap.service")
+        self.write("/etc/systemd/system/vmbr0.service", VMBR0_UNIT.format(address=ADDRESS))
+        self.chroot("systemctl", "enable", "vmbr0.service")
         self.prepare_root_identity()
-        for number, (name, (sample, port)) in enumerate(NODES.items(), start=1):
-            self.prepare_node(number, name, sample, port)
+        # The daemon reads this host's sensors itself, as its service account.
+        self.write("/etc/sensors-sample-pulse-sensor-proxy", NODES[LOCAL_NODE][0] + "\n")
+        for name, port in REMOTE_NODES.items():
+            self.prepare_node(name, NODES[name][0], port)
         self.prepare_pve()
 
     def prepare_root_identity(self):
@@ -79,8 +93,8 @@ class Guest:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "root@pve1",
                         "-f", str(ssh / "id_ed25519")], check=True)
 
-    def prepare_node(self, number, name, sample, port):
-        account = f"node{number}"
+    def prepare_node(self, name, sample, port):
+        account = name
         # "*": no password, yet not locked (sshd refuses locked accounts without PAM).
         self.chroot("useradd", "--create-home", "--shell", "/bin/sh", "--password", "*", account)
         conf = self.path(f"/etc/ssh/nodes/{name}")
@@ -88,7 +102,7 @@ class Guest:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
                         "-f", str(conf / "ssh_host_ed25519_key")], check=True)
         self.write(f"/etc/ssh/nodes/{name}/sshd_config", SSHD_CONFIG.format(
-            port=port, name=name, account=account))
+            port=port, name=name, account=account, address=ADDRESS))
         self.write(f"/etc/systemd/system/sshd-{name}.service", SSHD_UNIT.format(name=name))
         self.chroot("systemctl", "enable", f"sshd-{name}.service")
         self.write(f"/etc/sensors-sample-{account}", sample + "\n")
@@ -98,17 +112,20 @@ class Guest:
         self.chroot("chown", "-R", f"{account}:{account}", f"/home/{account}")
 
     def prepare_pve(self):
-        nodelist = {name: {"id": number, "online": 1, "ip": "127.0.0.1"}
+        nodelist = {name: {"id": number, "online": 1, "ip": ADDRESS}
                     for number, name in enumerate(NODES, start=1)}
         self.write("/etc/pve/.members", json.dumps({
             "nodename": "pve1", "version": 7,
             "cluster": {"name": "lab", "version": 3, "nodes": 3, "quorate": 1},
             "nodelist": nodelist}, indent=1) + "\n")
         known = "".join(
-            f"{name} {self.host_key(name)}\n[127.0.0.1]:{port} {self.host_key(name)}\n"
-            for name, (_, port) in NODES.items())
+            f"{name} {self.host_key(name)}\n[{ADDRESS}]:{port} {self.host_key(name)}\n"
+            for name, port in REMOTE_NODES.items())
         self.write("/etc/pve/priv/known_hosts", known, 0o600)
+        root_key = self.path("/root/.ssh/id_ed25519.pub").read_text()
+        self.write(NODE_KEY_FILES[LOCAL_NODE], root_key, 0o600)
         self.path("/etc/pve/priv").chmod(0o700)
+        self.path("/root/.ssh/authorized_keys").symlink_to(NODE_KEY_FILES[LOCAL_NODE])
 
     def host_key(self, name):
         text = self.path(f"/etc/ssh/nodes/{name}/ssh_host_ed25519_key.pub").read_text().split()
@@ -154,7 +171,7 @@ class Guest:
             if time.monotonic() > deadline or "Failed to connect to bus" not in state.stderr:
                 raise RuntimeError(f"guest did not finish booting: {state.stdout}{state.stderr}")
             time.sleep(0.1)
-        self.run("for n in pve1 pve2 pve3; do systemctl is-active --quiet sshd-$n; done")
+        self.run(" && ".join(f"systemctl is-active --quiet sshd-{name}" for name in REMOTE_NODES))
 
     def poweroff(self):
         if self.nspawn is None or self.nspawn.poll() is not None:
@@ -175,7 +192,7 @@ if [ "${sample##*/}" = no-sensors.json ]; then echo "No sensors found!" >&2; exi
 """
 
 SSHD_CONFIG = """Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {address}
 HostKey /etc/ssh/nodes/{name}/ssh_host_ed25519_key
 PidFile /run/sshd-{name}.pid
 AuthorizedKeysFile .ssh/authorized_keys
@@ -184,10 +201,30 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 Subsystem sftp internal-sftp
+SetEnv PATH=/usr/local/bin:/usr/bin:/bin
+"""
+
+VMBR0_UNIT = """[Unit]
+Description=The host's network: vmbr0 with {address}
+DefaultDependencies=no
+Before=network.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/ip link add vmbr0 type veth peer name vmbr0-peer
+ExecStart=/usr/sbin/ip addr add {address}/24 dev vmbr0
+ExecStart=/usr/sbin/ip link set vmbr0-peer up
+ExecStart=/usr/sbin/ip link set vmbr0 up
+
+[Install]
+WantedBy=network.target
 """
 
 SSHD_UNIT = """[Unit]
 Description=sshd of test node {name}
+Requires=vmbr0.service
+After=vmbr0.service
 
 [Service]
 ExecStart=/usr/sbin/sshd -D -f /etc/ssh/nodes/{name}/sshd_config

@@ -2,20 +2,18 @@
 systemd-nspawn) that stands in for Proxmox host pve1 of a 3-node cluster; see guest.py.
 
 The tests run in file order against one guest: install, check, reinstall, rotate, uninstall.
-Assertions that need parts of the daemon not yet built skip, naming what they wait for (found
-from the daemon's own --help), and run by themselves once it has them.
 """
 import json
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from guest import NODES, REPO, Guest
+from guest import ADDRESS, LOCAL_NODE, NODE_KEY_FILES, NODES, REMOTE_NODES, REPO, Guest
 from rootfs import cached_rootfs, fresh_copy
 
 ACCOUNT = "pulse-sensor-proxy"
@@ -24,6 +22,10 @@ GUEST_PYZ = "/root/pulse-sensor-proxy.pyz"
 INSTALL = f"bash /root/install-sensor-proxy.sh --pyz {GUEST_PYZ}"
 CT_CALL = "env SHIV_ROOT=/tmp/shiv pulse-sensor-proxy call"
 LEGACY_KEY = "/root/.ssh/id_ed25519"
+CONFIG = "/etc/pulse-sensor-proxy/config.yaml"
+CURRENT_PUB = "/var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub"
+# What the installer finds as this host's address (vmbr0), when not given --allowed-subnets.
+HOST_SUBNET = f"{ADDRESS}/32"
 
 # 105: a fresh unprivileged container. 106: what an older installer left (an mp0 mount point,
 # a snapshot) and a custom uid map. 107: privileged.
@@ -34,12 +36,12 @@ CT106 = ("arch: amd64\nhostname: pulse-b\nmp0: /run/pulse-sensor-proxy,mp=/mnt/p
          "snaptime: 1760000000\nunprivileged: 1\n")
 CT107 = "arch: amd64\nhostname: old\nrootfs: local-lvm:vm-107-disk-0,size=8G\n"
 
-NODE_CONFIG = "".join(
-    f"  {name}: {{host: 127.0.0.1, port: {port}, user: node{number}}}\n"
-    for number, (name, (_, port)) in enumerate(NODES.items(), start=1))
-# Written by the test before the install: the merge must keep all of it.
-FIXTURE_CONFIG = 'log_level: debug\nallowed_source_subnets: ["127.0.0.0/8"]\n'
-FIXTURE_NODES_CONFIG = f"local_sensors: false\nadmin_identity: [/root/.ssh/id_ed25519]\nnodes:\n{NODE_CONFIG}"
+# Written by the test before the install: the merge must keep all of it. The admin identity is
+# the default (root's ~/.ssh/id_*); the rotation test's poller asks more than 20 times a minute.
+FIXTURE_CONFIG = ("log_level: debug\nrate_limit: {per_minute: 6000, burst: 100}\nnodes:\n"
+                  f"  {LOCAL_NODE}: {{host: {ADDRESS}}}\n" +
+                  "".join(f"  {name}: {{host: {ADDRESS}, port: {port}, user: {name}}}\n"
+                          for name, port in REMOTE_NODES.items()))
 
 
 def artefact():
@@ -47,10 +49,13 @@ def artefact():
     until then the module itself, with its dependencies from Debian's packages in the guest."""
     if (REPO / "build_zipapp.sh").exists():
         pyz = REPO / "dist/pulse-sensor-proxy-x86_64.pyz"
-        subprocess.run([str(REPO / "build_zipapp.sh")], cwd=REPO, check=True,
+        subprocess.run([str(REPO / "build_zipapp.sh"), "--arch", "x86_64"], cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL)
         return pyz, ()
     return REPO / "pulse_sensor_proxy.py", ("python3-asyncssh", "python3-cffi-backend", "python3-yaml")
+
+
+GUEST_PACKAGES = ("procps", "iproute2")
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +67,18 @@ def guest():
     workdir = Path(tempfile.mkdtemp(prefix="pulse-guest-", dir="/var/tmp"))
     root = workdir / "root"
     root.mkdir()
-    fresh_copy(cached_rootfs(("procps",) + packages), root)
+    fresh_copy(cached_rootfs(GUEST_PACKAGES + packages), root)
     with open(workdir / "console.log", "w") as log:
         machine = Guest(root, log)
         try:
             machine.prepare()
             shutil.copy(REPO / "install-sensor-proxy.sh", machine.path("/root/install-sensor-proxy.sh"))
             shutil.copy(binary, machine.path(GUEST_PYZ))
-            machine.proxy_help = subprocess.run([sys.executable, str(binary), "--help"],
-                                                capture_output=True, text=True).stdout
-            config = FIXTURE_CONFIG
-            if has_command(machine, "keys"):
-                config += FIXTURE_NODES_CONFIG
-            machine.write("/etc/pulse-sensor-proxy/config.yaml", config, 0o640)
+            machine.write(CONFIG, FIXTURE_CONFIG, 0o640)
             legacy = machine.add_container(105, CT105) / LEGACY_KEY.lstrip("/")
             machine.add_container(106, CT106)
             machine.add_container(107, CT107)
-            plant_legacy_key(machine, legacy)
+            machine.legacy_private = plant_legacy_key(machine, legacy)
             machine.boot()
             yield machine
         finally:
@@ -87,37 +87,49 @@ def guest():
 
 
 def plant_legacy_key(machine, key):
-    """Container 105 holds the SSH key it used before the proxy, authorized on every node."""
+    """Container 105 holds the SSH key it used before the proxy, authorized on every node.
+    Returns the private key's bytes."""
     key.parent.mkdir(mode=0o700, parents=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "root@pulse", "-f", str(key)],
                    check=True)
     for path in (key.parent, key, key.with_suffix(".pub")):
         shutil.chown(path, 100000, 100000)
     line = 'command="sensors -j",no-pty ' + key.with_suffix(".pub").read_text()
-    for number in range(1, len(NODES) + 1):
-        with open(machine.path(f"/home/node{number}/.ssh/authorized_keys"), "a") as keys:
+    for path in NODE_KEY_FILES.values():
+        with open(machine.path(path), "a") as keys:
             keys.write(line)
-
-
-def has_command(machine, command):
-    """Whether the daemon under test lists this subcommand in its --help."""
-    return re.search(rf"^\s+{re.escape(command)}\s", machine.proxy_help, re.M) is not None
-
-
-def needs(machine, command):
-    """Skip unless the daemon under test has this subcommand."""
-    if not has_command(machine, command):
-        pytest.skip(f"needs `{command}` from main")
+    return key.read_bytes()
 
 
 def node_keys(machine):
-    return machine.out("cat /home/node*/.ssh/authorized_keys")
+    """Every node's authorized_keys, {node: text}."""
+    return {node: machine.path(path).read_text() for node, path in NODE_KEY_FILES.items()}
+
+
+def proxy_lines(text):
+    return [line for line in text.splitlines() if line.endswith(" pulse-sensor-proxy")]
+
+
+def config_subnets(machine):
+    return yaml.safe_load(machine.path(CONFIG).read_text())["allowed_source_subnets"]
+
+
+def assert_nodes_hold_the_line_the_daemon_reports(machine):
+    """Each node has exactly one line of the proxy's, for its current key, restricted to the
+    config's subnets, and it is the line the daemon itself reports (ensure_cluster_keys)."""
+    reported = json.loads(machine.out("pulse-sensor-proxy call ensure_cluster_keys --raw"))
+    expected = reported["data"]["authorized_key"]
+    key = machine.out(f"cat {CURRENT_PUB}").split()[1]
+    assert f'from="{",".join(config_subnets(machine))}",command="sensors -j",restrict,' in expected
+    assert key in expected
+    for node, text in node_keys(machine).items():
+        assert proxy_lines(text) == [expected], node
 
 
 @pytest.fixture(scope="module")
 def first_install(guest):
     refused = guest.run(f"{INSTALL} --ctid 105,107", check=False)
-    result = guest.run(f"{INSTALL} --ctid 105,106 --allowed-subnets 127.0.0.1/32", check=False)
+    result = guest.run(f"{INSTALL} --ctid 105,106", check=False)
     return refused, result
 
 
@@ -172,15 +184,23 @@ def test_path_owner_and_mode(guest, first_install, path, expected):
 
 
 def test_config_merged_keeping_the_admins_lines(guest, first_install):
-    config = guest.path("/etc/pulse-sensor-proxy/config.yaml").read_text()
-    assert "log_level: debug" in config
-    assert 'allowed_source_subnets:\n- 127.0.0.0/8' in config or "127.0.0.0/8" in config
-    needs(guest, "keys")
-    for name, (_, port) in NODES.items():
-        assert name in config and str(port) in config
-    for uid_range in ("100000-165535", "200000-265535"):
-        assert uid_range in config
-    assert "127.0.0.1/32" in config
+    config = yaml.safe_load(guest.path(CONFIG).read_text())
+    assert config["log_level"] == "debug"
+    assert config["rate_limit"] == {"per_minute": 6000, "burst": 100}
+    assert config["nodes"] == yaml.safe_load(FIXTURE_CONFIG)["nodes"]
+    assert [peer["uids"] for peer in config["allowed_peers"]] == ["100000-165535", "200000-265535"]
+
+
+def test_config_names_the_hosts_address_the_nodes_see(guest, first_install):
+    """Without --allowed-subnets the installer puts this host's address into the config, since
+    the daemon's sandbox hides /proc/net from its own detection."""
+    _, result = first_install
+    assert config_subnets(guest) == [HOST_SUBNET]
+    assert f"this host's addresses {HOST_SUBNET} " in result.stdout
+
+
+def test_every_node_holds_the_line_the_daemon_reports(guest, first_install):
+    assert_nodes_hold_the_line_the_daemon_reports(guest)
 
 
 def test_container_configs(guest, first_install):
@@ -202,14 +222,19 @@ def test_documented_socket_paths_exist_in_the_containers(guest, first_install):
     guest.run("pct exec 106 -- test -S /mnt/pulse-proxy/pulse-sensor-proxy.sock")
 
 
-def test_legacy_key_moved_out_of_the_container(guest, first_install):
+def test_legacy_key_moved_out_of_the_container_and_revoked(guest, first_install):
     _, result = first_install
     assert f"container 105: key {LEGACY_KEY} moved" in result.stdout
-    assert not guest.path(f"/var/lib/pct-shim/105/rootfs{LEGACY_KEY}").exists()
+    for path in (LEGACY_KEY, LEGACY_KEY + ".pub"):
+        assert not guest.path(f"/var/lib/pct-shim/105/rootfs{path}").exists(), path
     backup = "/var/backups/pulse-sensor-proxy/ct105/root_.ssh_id_ed25519"
-    assert guest.out(f"stat -c '%a %U' {backup}").strip() == "600 root"
-    needs(guest, "keys")
-    assert "root@pulse" not in node_keys(guest)
+    assert guest.out(f"stat -c '%a %U' {backup} /var/backups/pulse-sensor-proxy/ct105").split() == \
+        ["600", "root", "700", "root"]
+    assert guest.path(backup).read_bytes() == guest.legacy_private
+    assert "root@pulse" in guest.path(backup + ".pub").read_text()
+    for node, text in node_keys(guest).items():
+        assert "root@pulse" not in text, node
+    assert "could not revoke" not in result.stderr
 
 
 def test_container_uid_gets_status(guest, first_install):
@@ -218,7 +243,6 @@ def test_container_uid_gets_status(guest, first_install):
 
 
 def test_container_uid_reads_every_node(guest, first_install):
-    needs(guest, "keys")
     for ctid, socket in ((105, SOCKET), (106, "/mnt/pulse-proxy/pulse-sensor-proxy.sock")):
         for node in NODES:
             guest.run(f"pct exec {ctid} -- {CT_CALL} get_temperature --node {node} --socket {socket}")
@@ -242,14 +266,15 @@ def test_metrics_answer(guest, first_install):
 def tree_state(guest):
     return guest.out(
         "find /etc/pulse-sensor-proxy /etc/systemd/system /etc/pve /usr/local/bin /var/lib/pulse-sensor-proxy "
-        "/var/backups/pulse-sensor-proxy -xdev -printf '%p %m %u %T@\\n' | sort; "
-        "md5sum /etc/pulse-sensor-proxy/config.yaml /etc/pve/lxc/*.conf /usr/local/bin/pulse-sensor-proxy; "
+        "/var/backups/pulse-sensor-proxy /home/*/.ssh -xdev -printf '%p %m %u %T@\\n' | sort; "
+        "md5sum /etc/pulse-sensor-proxy/config.yaml /etc/pve/lxc/*.conf /usr/local/bin/pulse-sensor-proxy "
+        "/etc/pve/priv/authorized_keys /home/*/.ssh/authorized_keys; "
         "systemctl show -p MainPID --value pulse-sensor-proxy; cat /var/lib/pct-shim/pct.log")
 
 
 def test_second_install_changes_nothing(guest, first_install):
     before = tree_state(guest)
-    result = guest.run(f"{INSTALL} --ctid 105,106 --allowed-subnets 127.0.0.1/32")
+    result = guest.run(f"{INSTALL} --ctid 105,106")
     assert "Nothing to change: everything was already in place." in result.stdout
     assert "changed  " not in result.stdout
     assert tree_state(guest) == before
@@ -275,33 +300,104 @@ def test_failed_upgrade_rolls_back(guest, first_install):
     guest.run(f"systemctl is-active pulse-sensor-proxy && test -S {SOCKET}")
 
 
-def test_rotation_keeps_temperatures_flowing(guest, first_install):
-    needs(guest, "rotate-keys")
-    before = guest.out("cat /var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub")
-    guest.run("(for i in $(seq 40); do pct exec 105 -- "
-              f"{CT_CALL} get_temperature --node pve2 >/dev/null || echo FAIL; done) >/tmp/during.log 2>&1 & "
-              "echo $! >/tmp/during.pid")
-    guest.run("systemctl start pulse-sensor-proxy-key-rotation.service")
-    guest.run("while kill -0 $(cat /tmp/during.pid) 2>/dev/null; do sleep 0.2; done")
-    assert "FAIL" not in guest.out("cat /tmp/during.log")
-    after = guest.out("cat /var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub")
+# Runs in container 105 (uid 100000): rounds of get_temperature for every node given, each
+# answer printed as one JSON line with the phase the test wrote into /tmp/poll.phase.
+POLLER = r"""
+import json, os, socket, sys, time
+def ask(node):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect("/run/pulse-sensor-proxy/pulse-sensor-proxy.sock")
+        sock.sendall(json.dumps({"correlation_id": "poll", "method": "get_temperature",
+                                 "params": {"node": node}}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(data)
+    return reply.get("success") is True, reply.get("error")
+while not os.path.exists("/tmp/poll.stop"):
+    with open("/tmp/poll.phase") as handle:
+        phase = handle.read().strip()
+    for node in sys.argv[1:]:
+        try:
+            ok, error = ask(node)
+        except (OSError, ValueError) as exc:
+            ok, error = False, repr(exc)
+        print(json.dumps({"phase": phase, "node": node, "ok": ok, "error": error}), flush=True)
+    time.sleep(0.05)  # pacing under the configured rate limit, not synchronisation
+"""
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def poll_results(guest):
+    text = guest.path("/root/poll.out").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def rounds_in(results, phase):
+    """How many answers for every node were successes in this phase (full rounds)."""
+    return min(sum(1 for r in results if r["phase"] == phase and r["node"] == node and r["ok"])
+               for node in NODES)
+
+
+def test_rotation_service_rotates_while_temperatures_keep_flowing(guest, first_install):
+    before = guest.out(f"cat {CURRENT_PUB}").split()[1]
+    reconnects = guest.out("journalctl -u pulse-sensor-proxy -o cat").count("SSH key changed on disk")
+    ct_tmp = guest.path("/var/lib/pct-shim/105/rootfs/tmp")
+    (ct_tmp / "poll.py").write_text(POLLER)
+    (ct_tmp / "poll.phase").write_text("before")
+    guest.run(f"pct exec 105 -- python3 /tmp/poll.py {' '.join(NODES)} >/root/poll.out 2>&1 & "
+              "echo $! >/root/poll.pid")
+    try:
+        wait_for(lambda: rounds_in(poll_results(guest), "before") >= 1, "temperatures before the rotation")
+        (ct_tmp / "poll.phase").write_text("during")
+        rotation = guest.run("systemctl start pulse-sensor-proxy-key-rotation.service", check=False)
+        (ct_tmp / "poll.phase").write_text("after")
+        wait_for(lambda: rounds_in(poll_results(guest), "after") >= 1, "temperatures after the rotation")
+    finally:
+        (ct_tmp / "poll.stop").touch()
+        guest.run("while kill -0 $(cat /root/poll.pid) 2>/dev/null; do sleep 0.1; done", timeout=60)
+    journal = guest.out("journalctl -u pulse-sensor-proxy-key-rotation -o cat")
+    assert rotation.returncode == 0, rotation.stderr + journal
+    results = poll_results(guest)
+    assert [r for r in results if not r["ok"]] == []
+    assert rounds_in(results, "during") >= 1, "no poll ran while the key was rotated"
+    after = guest.out(f"cat {CURRENT_PUB}").split()[1]
     assert after != before
-    keys = node_keys(guest)
-    assert after.split()[1] in keys
+    assert guest.out("journalctl -u pulse-sensor-proxy -o cat").count("SSH key changed on disk") > reconnects
+    for node, text in node_keys(guest).items():
+        assert before not in text, node
+    assert_nodes_hold_the_line_the_daemon_reports(guest)
+    assert guest.out("systemctl show -p Result --value pulse-sensor-proxy-key-rotation").strip() == "success"
+
+
+def test_rotation_timer_and_new_subnets_on_request(guest, first_install):
+    """A later run with --enable-rotation-timer and --allowed-subnets: the timer is on, the
+    subnet joins the config, and every node's line is rewritten to match."""
+    guest.run(f"{INSTALL} --ctid 105,106 --enable-rotation-timer --allowed-subnets 10.99.0.0/24")
+    assert guest.out("systemctl is-enabled pulse-sensor-proxy-key-rotation.timer").strip() == "enabled"
+    assert guest.out("systemctl show -p NextElapseUSecRealtime --value pulse-sensor-proxy-key-rotation.timer").strip()
+    assert config_subnets(guest) == [HOST_SUBNET, "10.99.0.0/24"]
+    assert_nodes_hold_the_line_the_daemon_reports(guest)
     for node in NODES:
         guest.run(f"pct exec 105 -- {CT_CALL} get_temperature --node {node}")
 
 
-def test_rotation_timer_enabled_on_request(guest, first_install):
-    guest.run(f"{INSTALL} --ctid 105,106 --enable-rotation-timer")
-    assert guest.out("systemctl is-enabled pulse-sensor-proxy-key-rotation.timer").strip() == "enabled"
-    assert guest.out("systemctl show -p NextElapseUSecRealtime --value pulse-sensor-proxy-key-rotation.timer").strip()
-
-
 def test_uninstall_leaves_nothing_behind(guest, first_install):
-    proxy_key = guest.out("cat /var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub").split()[1]
+    keys = [guest.out(f"cat /var/lib/pulse-sensor-proxy/{slot}/id_ed25519.pub").split()[1]
+            for slot in ("ssh", "ssh.d/prev")]
     result = guest.run("bash /root/install-sensor-proxy.sh --uninstall")
     assert "kept: " in result.stdout
+    assert "could not revoke" not in result.stderr
     for path in ("/etc/systemd/system/pulse-sensor-proxy.service",
                  "/etc/systemd/system/pulse-sensor-proxy-key-rotation.service",
                  "/etc/systemd/system/pulse-sensor-proxy-key-rotation.timer",
@@ -313,8 +409,11 @@ def test_uninstall_leaves_nothing_behind(guest, first_install):
         guest.path("/etc/pve/lxc/106.conf").read_text()
     guest.run("pct stop 105 && pct start 105")
     assert guest.path("/var/lib/pulse-sensor-proxy/ssh/id_ed25519").exists()
-    needs(guest, "keys")
-    assert proxy_key not in node_keys(guest)
+    for node, text in node_keys(guest).items():
+        assert proxy_lines(text) == [], node
+        assert not any(key in text for key in keys), node
+        assert "root@pve1" in text, f"{node}: root's own key must stay"
+    assert guest.out("ls -A /etc/pve/priv /home/*/.ssh | grep -c lock || true").strip() == "0"
 
 
 def test_purge_then_standalone_install(guest, first_install):
@@ -326,6 +425,7 @@ def test_purge_then_standalone_install(guest, first_install):
     try:
         result = guest.run(f"{INSTALL} --standalone")
         assert "standalone (no Proxmox VE)" in result.stdout
+        assert config_subnets(guest) == [HOST_SUBNET]
         assert "needs its own proxy" in result.stdout
         assert json.loads(guest.out("pulse-sensor-proxy call get_status --raw"))["success"] is True
         guest.run("bash /root/install-sensor-proxy.sh --uninstall --purge")
