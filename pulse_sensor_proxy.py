@@ -2129,6 +2129,9 @@ class KeyAdmin:
         return None
 
     def line(self, public_key):
+        if not self.subnets:
+            raise FetchError("allowed_source_subnets is empty and no address of this host was "
+                             "found; set it in the config (an empty from= would lock the key out)")
         return authorized_keys_line(public_key, self.subnets)
 
     async def for_each(self, nodes, action, what):

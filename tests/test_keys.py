@@ -447,3 +447,11 @@ def test_interrupted_rotation_is_reported_at_serve_start(lab):
     record = lab.daemon.wait_log(lambda r: "interrupted" in r.get("msg", ""), "the warning")
     assert record["step"] == "removing"
     assert lab.all_temperatures_work()
+
+
+def test_no_subnets_means_no_line_rather_than_an_empty_from(base_dir):
+    config = psp.validate_config({"ssh_dir": str(base_dir / "state" / "ssh")})
+    admin = psp.KeyAdmin(dict(config, config_path=str(base_dir / "c.yaml")))
+    admin.subnets = []
+    with pytest.raises(psp.FetchError, match="allowed_source_subnets is empty"):
+        admin.line(PUBLIC)
