@@ -184,23 +184,41 @@ stamp_module() {
     fi
 }
 
-# shiv's archive with its __main__.py replaced by the launcher; entries and timestamps unchanged.
+# The launcher imports the module from the archive, where Python cannot cache bytecode: ship it
+# compiled for the build's Python (the oldest supported one), so `version` need not compile the
+# module on every run. Other versions ignore it (its magic number) and compile the .py.
+compile_module() {
+    local site=$1 pyc=$2
+    "$PY" -c 'import py_compile, sys
+py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[3], doraise=True,
+                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)' \
+        "$site/$MODULE" "$pyc" "$MODULE"
+}
+
+# shiv's archive with its __main__.py replaced by the launcher and the module's bytecode added
+# beside it (shiv leaves .pyc files out); other entries and all timestamps unchanged.
 swap_launcher() {
-    local src=$1 dest=$2
-    "$PY" - "$src" "$dest" "$LAUNCHER" <<'EOF'
+    local src=$1 dest=$2 pyc=$3
+    "$PY" - "$src" "$dest" "$LAUNCHER" "$pyc" "site-packages/$MODULE" <<'EOF'
 import sys
 import zipfile
 
-src, dest, launcher = sys.argv[1:4]
+src, dest, launcher, pyc, module = sys.argv[1:6]
 with open(src, "rb") as f:
     shebang = f.readline()
 with open(launcher, "rb") as f:
     main_py = f.read()
+with open(pyc, "rb") as f:
+    bytecode = f.read()
 with zipfile.ZipFile(src) as zin, open(dest, "wb") as out:
     out.write(shebang)
     with zipfile.ZipFile(out, "w") as zout:
         for info in zin.infolist():
             zout.writestr(info, main_py if info.filename == "__main__.py" else zin.read(info))
+            if info.filename == module:
+                compiled = zipfile.ZipInfo(module[:-3] + ".pyc", info.date_time)
+                compiled.compress_type, compiled.external_attr = info.compress_type, info.external_attr
+                zout.writestr(compiled, bytecode)
 EOF
     chmod 0755 "$dest"
 }
@@ -221,7 +239,8 @@ build_arch() {
         --entry-point pulse_sensor_proxy:main --python "$SHEBANG" \
         --output-file "$stage/shiv.pyz" >"$WORK/shiv.log" 2>&1 \
         || { cat "$WORK/shiv.log" >&2; err "shiv failed for $arch"; }
-    swap_launcher "$stage/shiv.pyz" "$OUT/.$PROG-$arch.pyz.partial"
+    compile_module "$base" "$stage/module.pyc"
+    swap_launcher "$stage/shiv.pyz" "$OUT/.$PROG-$arch.pyz.partial" "$stage/module.pyc"
     mv -f "$OUT/.$PROG-$arch.pyz.partial" "$OUT/$PROG-$arch.pyz"
     say "$arch: $OUT/$PROG-$arch.pyz ($(du -k "$OUT/$PROG-$arch.pyz" | cut -f1) KiB)"
 }

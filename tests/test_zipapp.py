@@ -160,6 +160,17 @@ def test_version_names_the_commit_and_date_and_unpacks_nothing(pyz, tmp_path):
     assert not root.exists()
 
 
+def test_version_runs_the_shipped_bytecode_without_compiling(pyz):
+    with zipfile.ZipFile(pyz) as archive:
+        bytecode = archive.read("site-packages/pulse_sensor_proxy.pyc")
+    assert int.from_bytes(bytecode[4:8], "little") == 1, "an unchecked hash-based pyc"
+    probe = ("import sys; sys.path.insert(0, sys.argv[1] + '/site-packages'); "
+             "import pulse_sensor_proxy as m; print(m.__file__)")
+    result = subprocess.run(["/usr/bin/python3", "-I", "-c", probe, str(pyz)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.strip().endswith(".pyz/site-packages/pulse_sensor_proxy.pyc"), result
+
+
 @pytest.mark.parametrize("uid", [None, OTHER_UID], ids=["root", "other-uid"])
 @pytest.mark.parametrize("home", ["unset", "read-only", "missing"])
 @pytest.mark.parametrize("args", [("version",), ("--help",)], ids=["version", "help"])
