@@ -1122,10 +1122,12 @@ class Daemon:
             headers = parse_http_head(head)
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 raise RequestError(E_INVALID)
+            # ASCII digits only (str.isdigit takes "²"), and no int() of thousands of digits.
             length = headers.get("content-length", "0")
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise RequestError(E_INVALID)
-            if int(length) > MAX_REQUEST_BYTES:
+            length = length.lstrip("0") or "0"
+            if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
                 raise RequestError(E_TOO_LARGE)
             if headers.get("expect", "").lower() == "100-continue":
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
