@@ -1017,6 +1017,8 @@ class Daemon:
         self.connections = 0
         self.in_flight = 0
         self.handlers = set()
+        self.waiting = {}           # connection task -> (writer, peer), longest waiting first
+        self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
         self.apply_config(config)
 
     def apply_config(self, config):
@@ -1063,21 +1065,24 @@ class Daemon:
             self.log.log("error", "Connection handler failed", error=traceback.format_exc(limit=5))
         finally:
             self.handlers.discard(task)
+            self.waiting.pop(task, None)
             self.connections -= 1
             self.metrics.set("pulse_proxy_connections", self.connections)
             writer.close()
 
     async def _serve_connection(self, reader, writer):
         peer = self.peer(writer.get_extra_info("socket"))
-        if self.connections > MAX_CONNECTIONS:
+        if self.connections > MAX_CONNECTIONS and not self.evict_waiting():
             self.audit(peer, None, None, time.monotonic(), E_BUSY)
             writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
             await writer.drain()
             return
         lines = LineReader(reader)
         first = True
+        task = asyncio.current_task()
         while True:
             started = time.monotonic()
+            self.waiting[task] = (writer, peer)
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
                     line = await lines.readline()
@@ -1099,6 +1104,7 @@ class Daemon:
                 writer.write(response_line(str(uuid.uuid4()), error=exc.args[0]))
                 await writer.drain()
                 return      # the rest of an oversized line cannot be told from a new request
+            self.waiting.pop(task, None)
             corr_id, error, reply = await self.handle(peer, line, started)
             writer.write(reply)
             await writer.drain()
@@ -1132,6 +1138,7 @@ class Daemon:
             if headers.get("expect", "").lower() == "100-continue":
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await lines.readexactly(int(length))
+            self.waiting.pop(asyncio.current_task(), None)
         except RequestError as exc:
             self.audit(peer, None, None, started, exc.args[0])
             body = response_line(str(uuid.uuid4()), error=exc.args[0])
@@ -1141,6 +1148,23 @@ class Daemon:
         _, error, reply = await self.handle(peer, body.replace(b"\n", b" "), started)
         writer.write(http_response(status_for_error(error) if error else 200, reply))
         await writer.drain()
+
+    def evict_waiting(self):
+        """Make room by closing the connection that has waited longest for its request.
+
+        A full request arrives in one write; a connection still waiting is idle or slow. When
+        all slots are taken, the longest waiting one gets `server busy` so that clients that
+        connect and send nothing (or a byte at a time) cannot lock everyone else out. False
+        when every connection is busy with a request.
+        """
+        if not self.waiting:
+            return False
+        task = next(iter(self.waiting))
+        writer, peer = self.waiting.pop(task)
+        self.audit(peer, None, None, time.monotonic(), E_BUSY)
+        writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+        task.cancel()
+        return True
 
     # -- one request -------------------------------------------------------------------------
 
@@ -1209,21 +1233,28 @@ class Daemon:
     # -- metrics and health over HTTP --------------------------------------------------------
 
     async def serve_metrics_connection(self, reader, writer):
-        if self.metrics_connections >= MAX_METRICS_CONNECTIONS:
+        if self.metrics_connections >= MAX_METRICS_CONNECTIONS and not self.metrics_waiting:
             writer.close()
             return
+        if self.metrics_connections >= MAX_METRICS_CONNECTIONS:     # the longest waiting gives way
+            self.metrics_waiting.pop(next(iter(self.metrics_waiting))).cancel()
         self.metrics_connections += 1
+        task = asyncio.current_task()
+        self.metrics_waiting[task] = task
         try:
             lines = LineReader(reader)
             async with asyncio.timeout(READ_TIMEOUT):
                 request = (await lines.readline(8192)).rstrip(b"\r").split()
                 while (await lines.readline(8192)).rstrip(b"\r"):
                     pass
+            self.metrics_waiting.pop(task, None)
             writer.write(self.metrics_response(request))
             await writer.drain()
-        except (RequestError, ConnectionClosed, TimeoutError, ConnectionError):
+        except (RequestError, ConnectionClosed, TimeoutError, ConnectionError,
+                asyncio.CancelledError):
             pass
         finally:
+            self.metrics_waiting.pop(task, None)
             self.metrics_connections -= 1
             writer.close()
 
