@@ -177,7 +177,7 @@ def _check_abs_path(value):
 
 
 def _check_log_level(value):
-    if value not in LOG_LEVELS:
+    if not isinstance(value, str) or value not in LOG_LEVELS:
         raise ValueError("expected one of " + ", ".join(LOG_LEVELS))
     return value
 
