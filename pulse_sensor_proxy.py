@@ -53,6 +53,7 @@ import ipaddress
 import json
 import os
 import re
+import reprlib
 import signal
 import socket
 import stat
@@ -159,8 +160,18 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def _bounded_repr():
+    shape = reprlib.Repr()
+    shape.maxlevel, shape.maxstring, shape.maxother = 3, 60, 60
+    return shape
+
+
+_SHORT_REPR = _bounded_repr()
+
+
 def _describe(value):
-    text = repr(value)
+    """A short repr; bounded work too (YAML aliases can make a small file a huge value)."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
