@@ -206,11 +206,7 @@ def parse_network(text):
 def _check_subnets(value):
     if not isinstance(value, list):
         raise ValueError("expected a list of CIDRs or IP addresses")
-    networks = []
-    for item in value:
-        network = parse_network(item)
-        if network not in networks:
-            networks.append(network)
+    networks = dict.fromkeys(parse_network(item) for item in value)   # ordered, de-duplicated
     return [str(n) for n in networks]
 
 
