@@ -1339,6 +1339,10 @@ async def run_daemon(config, log, ready=None):
     socket_inode = os.stat(path).st_ino
     metrics_server = await start_metrics_server(daemon)
     loop = asyncio.get_running_loop()
+    # asyncio's own errors (e.g. accept() failing with EMFILE under a connection flood) as
+    # audit records, not multi-line tracebacks on stderr.
+    loop.set_exception_handler(lambda _, context: log.log(
+        "error", context.get("message", "event loop error"), error=repr(context.get("exception"))))
     stop = asyncio.Event()
 
     def reload():
