@@ -53,6 +53,7 @@ import ipaddress
 import json
 import os
 import re
+import reprlib
 import signal
 import socket
 import stat
@@ -176,8 +177,18 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def _bounded_repr():
+    shape = reprlib.Repr()
+    shape.maxlevel, shape.maxstring, shape.maxother = 3, 60, 60
+    return shape
+
+
+_SHORT_REPR = _bounded_repr()
+
+
 def _describe(value):
-    text = repr(value)
+    """A short repr; bounded work too (YAML aliases can make a small file a huge value)."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -201,7 +212,7 @@ def _check_paths(value):
 
 
 def _check_log_level(value):
-    if value not in LOG_LEVELS:
+    if not isinstance(value, str) or value not in LOG_LEVELS:
         raise ValueError("expected one of " + ", ".join(LOG_LEVELS))
     return value
 
@@ -219,11 +230,7 @@ def parse_network(text):
 def _check_subnets(value):
     if not isinstance(value, list):
         raise ValueError("expected a list of CIDRs or IP addresses")
-    networks = []
-    for item in value:
-        network = parse_network(item)
-        if network not in networks:
-            networks.append(network)
+    networks = dict.fromkeys(parse_network(item) for item in value)   # ordered, de-duplicated
     return [str(n) for n in networks]
 
 
@@ -483,6 +490,10 @@ def _yaml_loader():
         seen = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue    # SafeLoader's construct_mapping reports it with its position
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -2421,6 +2432,8 @@ class Daemon:
         self.metrics_connections = 0
         self.in_flight = 0
         self.handlers = set()
+        self.waiting = {}           # connection task -> (writer, peer), longest waiting first
+        self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
         self.apply_config(config)
 
     def apply_config(self, config):
@@ -2478,21 +2491,24 @@ class Daemon:
             self.log.log("error", "Connection handler failed", error=traceback.format_exc(limit=5))
         finally:
             self.handlers.discard(task)
+            self.waiting.pop(task, None)
             self.connections -= 1
             self.metrics.set("pulse_proxy_connections", self.connections)
             writer.close()
 
     async def _serve_connection(self, reader, writer):
         peer = self.peer(writer.get_extra_info("socket"))
-        if self.connections > MAX_CONNECTIONS:
+        if self.connections > MAX_CONNECTIONS and not self.evict_waiting():
             self.audit(peer, None, None, time.monotonic(), E_BUSY)
             writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
             await writer.drain()
             return
         lines = LineReader(reader)
         first = True
+        task = asyncio.current_task()
         while True:
             started = time.monotonic()
+            self.waiting[task] = (writer, peer)
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
                     line = await lines.readline()
@@ -2514,6 +2530,7 @@ class Daemon:
                 writer.write(response_line(str(uuid.uuid4()), error=exc.args[0]))
                 await writer.drain()
                 return      # the rest of an oversized line cannot be told from a new request
+            self.waiting.pop(task, None)
             corr_id, error, reply = await self.handle(peer, line, started)
             writer.write(reply)
             await writer.drain()
@@ -2537,14 +2554,17 @@ class Daemon:
             headers = parse_http_head(head)
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 raise RequestError(E_INVALID)
+            # ASCII digits only (str.isdigit takes "²"), and no int() of thousands of digits.
             length = headers.get("content-length", "0")
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise RequestError(E_INVALID)
-            if int(length) > MAX_REQUEST_BYTES:
+            length = length.lstrip("0") or "0"
+            if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
                 raise RequestError(E_TOO_LARGE)
             if headers.get("expect", "").lower() == "100-continue":
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await lines.readexactly(int(length))
+            self.waiting.pop(asyncio.current_task(), None)
         except RequestError as exc:
             self.audit(peer, None, None, started, exc.args[0])
             body = response_line(str(uuid.uuid4()), error=exc.args[0])
@@ -2554,6 +2574,23 @@ class Daemon:
         _, error, reply = await self.handle(peer, body.replace(b"\n", b" "), started)
         writer.write(http_response(status_for_error(error) if error else 200, reply))
         await writer.drain()
+
+    def evict_waiting(self):
+        """Make room by closing the connection that has waited longest for its request.
+
+        A full request arrives in one write; a connection still waiting is idle or slow. When
+        all slots are taken, the longest waiting one gets `server busy` so that clients that
+        connect and send nothing (or a byte at a time) cannot lock everyone else out. False
+        when every connection is busy with a request.
+        """
+        if not self.waiting:
+            return False
+        task = next(iter(self.waiting))
+        writer, peer = self.waiting.pop(task)
+        self.audit(peer, None, None, time.monotonic(), E_BUSY)
+        writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+        task.cancel()
+        return True
 
     # -- one request -------------------------------------------------------------------------
 
@@ -2622,21 +2659,28 @@ class Daemon:
     # -- metrics and health over HTTP --------------------------------------------------------
 
     async def serve_metrics_connection(self, reader, writer):
-        if self.metrics_connections >= MAX_METRICS_CONNECTIONS:
+        if self.metrics_connections >= MAX_METRICS_CONNECTIONS and not self.metrics_waiting:
             writer.close()
             return
+        if self.metrics_connections >= MAX_METRICS_CONNECTIONS:     # the longest waiting gives way
+            self.metrics_waiting.pop(next(iter(self.metrics_waiting))).cancel()
         self.metrics_connections += 1
+        task = asyncio.current_task()
+        self.metrics_waiting[task] = task
         try:
             lines = LineReader(reader)
             async with asyncio.timeout(READ_TIMEOUT):
                 request = (await lines.readline(8192)).rstrip(b"\r").split()
                 while (await lines.readline(8192)).rstrip(b"\r"):
                     pass
+            self.metrics_waiting.pop(task, None)
             writer.write(self.metrics_response(request))
             await writer.drain()
-        except (RequestError, ConnectionClosed, TimeoutError, ConnectionError):
+        except (RequestError, ConnectionClosed, TimeoutError, ConnectionError,
+                asyncio.CancelledError):
             pass
         finally:
+            self.metrics_waiting.pop(task, None)
             self.metrics_connections -= 1
             writer.close()
 
@@ -2749,6 +2793,10 @@ async def run_daemon(config, log, ready=None):
     """Serve until SIGTERM/SIGINT. `ready(daemon)` is called once the socket accepts."""
     daemon = Daemon(config, log)
     loop = asyncio.get_running_loop()
+    # asyncio's own errors (e.g. accept() failing with EMFILE under a connection flood) as
+    # audit records, not multi-line tracebacks on stderr.
+    loop.set_exception_handler(lambda _, context: log.log(
+        "error", context.get("message", "event loop error"), error=repr(context.get("exception"))))
     stop = asyncio.Event()
 
     def reload():

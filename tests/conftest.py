@@ -20,6 +20,13 @@ PYTHON = sys.executable
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="run the campaign suites at their full counts (same as PSP_LONG=1)")
+
+
 # A client that needs nothing but the standard library, so it runs as any uid.
 CLIENT = r"""
 import socket, sys

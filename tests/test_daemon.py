@@ -144,7 +144,7 @@ def test_read_timeout(daemon):
     daemon.wait_log(lambda r: r.get("error") == "read timeout", "the read timeout audit record")
 
 
-def test_server_busy_over_256_connections(daemon_factory):
+def test_257th_connection_displaces_the_longest_waiting_one(daemon_factory):
     daemon = daemon_factory({"metrics_address": f"127.0.0.1:{free_port()}"})
     url = f"http://{daemon.config['metrics_address']}/metrics"
 
@@ -158,19 +158,18 @@ def test_server_busy_over_256_connections(daemon_factory):
     try:
         for _ in range(256):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(20)
             sock.connect(str(daemon.socket))
             held.append(sock)
         wait_for(lambda: connections() == 256, what="256 open connections")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
-            extra.settimeout(20)
-            extra.connect(str(daemon.socket))
-            assert json.loads(extra.recv(4096))["error"] == "server busy"
-            assert extra.recv(4096) == b"", "and the connection is closed"
+        assert daemon.rpc("get_status")["success"], "a newcomer is served at the cap"
+        assert json.loads(held[0].recv(4096))["error"] == "server busy"
+        assert held[0].recv(4096) == b"", "and the longest waiting connection is closed"
+        wait_for(lambda: connections() == 255, what="the displaced connection to go")
     finally:
         for sock in held:
             sock.close()
     wait_for(lambda: connections() == 0, what="connections to close")
-    assert daemon.rpc("get_status")["success"] is True
 
 
 # -- peers ---------------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Benchmark of the core daemon: latency, throughput, start-up, `version`, idle memory.
+
+Starts its own daemon (temporary directory, limits raised so the limiter does not measure
+itself) and talks to it over its Unix socket only. Every figure is printed with the command
+that reproduces it. Targets: p50 <= 0.5 ms, >= 5,000 requests/s, socket ready <= 1 s,
+`version` <= 100 ms, idle RSS <= 45 MB.
+
+    python bench/bench_core.py [--requests 2000] [--clients 10] [--starts 10] [--versions 20]
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import MODULE, PYTHON, Daemon, wait_for  # noqa: E402  (the tests' real-process daemon)
+
+REQUEST = b'{"correlation_id":"5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69","method":"get_status","params":null}\n'
+BENCH_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
+
+
+def command(extra=""):
+    return f"{PYTHON} bench/{Path(sys.argv[0]).name}{extra}"
+
+
+def report(name, value, target=None, ok=None):
+    mark = "" if ok is None else ("  ok" if ok else "  MISSED")
+    goal = f"  (target {target})" if target else ""
+    print(f"{name:<48} {value}{goal}{mark}", flush=True)
+
+
+def percentile(samples, fraction):
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def read_line(sock, buffer=b""):
+    while b"\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a full reply")
+        buffer += chunk
+    line, _, rest = buffer.partition(b"\n")
+    if b'"success":true' not in line:
+        raise RuntimeError(f"unexpected reply {line[:200]!r}")
+    return rest
+
+
+def one_shot(path):
+    """One request the way Pulse sends it: connect, one line, read one line, close."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(REQUEST)
+        read_line(sock)
+
+
+class KeepAlive:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def request(self):
+        self.sock.sendall(REQUEST)
+        self.buffer = read_line(self.sock, self.buffer)
+
+    def close(self):
+        self.sock.close()
+
+
+def latencies(path, count, keep_alive):
+    client = KeepAlive(path) if keep_alive else None
+    send = client.request if client else (lambda: one_shot(path))
+    for _ in range(min(200, count)):
+        send()
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        send()
+        samples.append(time.perf_counter() - start)
+    if client:
+        client.close()
+    return samples
+
+
+def _client_worker(path, count, keep_alive, start_at, out):
+    client = KeepAlive(path) if keep_alive else None
+    while time.time() < start_at:
+        time.sleep(0.001)
+    began = time.perf_counter()
+    for _ in range(count):
+        if client:
+            client.request()
+        else:
+            one_shot(path)
+    out.put((began, time.perf_counter()))
+
+
+def throughput(path, clients, per_client, keep_alive):
+    """Requests/s of `clients` processes (each its own pid: its own limiter bucket) at once."""
+    out = multiprocessing.Queue()
+    start_at = time.time() + 0.5
+    procs = [multiprocessing.Process(target=_client_worker,
+                                     args=(path, per_client, keep_alive, start_at, out))
+             for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    spans = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        if proc.exitcode != 0:
+            raise RuntimeError("a client process failed")
+    elapsed = max(end for _, end in spans) - min(begin for begin, _ in spans)
+    return clients * per_client / elapsed
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def time_to_ready(base, starts):
+    """Seconds from spawning `serve` to the socket accepting (key already on disk)."""
+    samples = []
+    for index in range(starts):
+        daemon = Daemon(base / f"start{index % 2}", {"rate_limit": BENCH_LIMITS})
+        daemon.base.mkdir(exist_ok=True)
+        daemon.start(wait=False)    # warms the key on the first round of each dir
+        daemon.wait_ready()
+        daemon.stop()
+    for index in range(starts):
+        daemon = Daemon(base / f"start{index % 2}", {"rate_limit": BENCH_LIMITS})
+        began = time.perf_counter()
+        daemon.start(wait=False)
+        wait_for(lambda: _accepts(daemon.socket), timeout=30, what="the socket")
+        samples.append(time.perf_counter() - began)
+        daemon.stop()
+    return samples
+
+
+def _accepts(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def version_times(runs):
+    samples = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        subprocess.run([PYTHON, str(MODULE), "version"], check=True, capture_output=True)
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--per-client", type=int, default=1000)
+    parser.add_argument("--starts", type=int, default=10)
+    parser.add_argument("--versions", type=int, default=20)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="psp-bench-"))
+    base.chmod(0o755)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; daemon {MODULE}")
+    daemon = Daemon(base / "serve", {"rate_limit": BENCH_LIMITS})
+    daemon.base.mkdir()
+    daemon.start()
+    path = str(daemon.socket)
+    try:
+        for _ in range(20):
+            one_shot(path)
+        report("idle RSS after start-up + 20 requests", f"{rss_kib(daemon.proc.pid) / 1024:.1f} MB",
+               "<= 45 MB", rss_kib(daemon.proc.pid) <= 45 * 1024)
+        for keep_alive, label in ((False, "one connection per request"), (True, "keep-alive")):
+            samples = latencies(path, args.requests, keep_alive)
+            p50, p99 = percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
+            report(f"get_status p50, {label}", f"{p50:.3f} ms", "<= 0.5 ms", p50 <= 0.5)
+            report(f"get_status p99, {label}", f"{p99:.3f} ms")
+        print(f"  command: {command(f' --requests {args.requests}')}")
+        for keep_alive, label in ((False, "one connection per request"), (True, "keep-alive")):
+            rate = throughput(path, args.clients, args.per_client, keep_alive)
+            report(f"throughput, {args.clients} client processes, {label}", f"{rate:,.0f} req/s",
+                   ">= 5,000 req/s", rate >= 5000)
+        print(f"  command: {command(f' --clients {args.clients} --per-client {args.per_client}')}")
+        report("RSS after the runs above", f"{rss_kib(daemon.proc.pid) / 1024:.1f} MB")
+    finally:
+        daemon.stop()
+    ready = statistics.median(time_to_ready(base, args.starts))
+    report(f"process start -> socket accepts, median of {args.starts}", f"{ready * 1000:.0f} ms",
+           "<= 1 s", ready <= 1.0)
+    print(f"  command: {command(f' --starts {args.starts}')}")
+    version = statistics.median(version_times(args.versions))
+    report(f"`version` wall time, median of {args.versions}", f"{version * 1000:.1f} ms",
+           "<= 100 ms", version <= 0.1)
+    print(f"  command: {command(f' --versions {args.versions}')}")
+
+
+if __name__ == "__main__":
+    main()

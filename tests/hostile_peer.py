@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Hostile peers for the campaign tests and bench/bench_campaign.py.
+
+Standard library only, so it runs under any uid. Each mode prints one JSON object.
+
+    hostile_peer.py flood SOCKET TOTAL THREADS
+        TOTAL get_status requests as fast as possible from ONE pid (THREADS keep-alive
+        connections); prints {"served": n, "<error>": n, ...}. Prints "flooding" first.
+    hostile_peer.py pids SOCKET COUNT PARALLEL
+        COUNT get_status requests, each from a new process (PARALLEL at a time); prints
+        {"served": n, "failed": n, "distinct_pids": n}.
+"""
+import json
+import os
+import socket
+import sys
+import threading
+
+REQUEST = b'{"method":"get_status"}\n'
+
+
+def read_line(sock, buffer):
+    while b"\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the daemon")
+        buffer += chunk
+    return buffer.partition(b"\n")
+
+
+def flood(path, total, threads):
+    counts, lock = {}, threading.Lock()
+
+    def worker(count):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            buffer = b""
+            for _ in range(count):
+                sock.sendall(REQUEST)
+                line, _, buffer = read_line(sock, buffer)
+                reply = json.loads(line)
+                key = "served" if reply["success"] else reply["error"]
+                with lock:
+                    counts[key] = counts.get(key, 0) + 1
+
+    workers = [threading.Thread(target=worker, args=(total // threads,)) for _ in range(threads)]
+    print("flooding", flush=True)
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return counts
+
+
+def one_request_as_child(path):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            sock.sendall(REQUEST)
+            reply = json.loads(read_line(sock, b"")[0])
+        os._exit(0 if reply["success"] and reply["data"]["peer"]["pid"] == os.getpid() else 1)
+    except BaseException:
+        os._exit(2)
+
+
+def many_pids(path, count, parallel):
+    served = failed = 0
+    pids = set()
+    running = 0
+    for _ in range(count):
+        if running >= parallel:
+            _, status = os.wait()
+            running -= 1
+            served, failed = (served + 1, failed) if status == 0 else (served, failed + 1)
+        pid = os.fork()
+        if pid == 0:
+            one_request_as_child(path)
+        pids.add(pid)
+        running += 1
+    for _ in range(running):
+        _, status = os.wait()
+        served, failed = (served + 1, failed) if status == 0 else (served, failed + 1)
+    return {"served": served, "failed": failed, "distinct_pids": len(pids)}
+
+
+def main(argv):
+    mode, path, first, second = argv[1], argv[2], int(argv[3]), int(argv[4])
+    result = flood(path, first, second) if mode == "flood" else many_pids(path, first, second)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
