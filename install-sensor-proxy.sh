@@ -576,6 +576,8 @@ ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=5s
 TimeoutStopSec=30s
+# 256 socket connections, 32 metrics ones, SSH to every node: well above the default 1024 soft limit
+LimitNOFILE=4096
 
 RuntimeDirectory=pulse-sensor-proxy
 RuntimeDirectoryMode=0775

@@ -2509,71 +2509,70 @@ class Daemon:
         while True:
             started = time.monotonic()
             self.waiting[task] = (writer, peer)
+            http = False
             try:
-                async with asyncio.timeout(READ_TIMEOUT):
+                async with asyncio.timeout(READ_TIMEOUT):    # for the whole request, not the answer
                     line = await lines.readline()
                     if first and HTTP_REQUEST_LINE.match(line):
-                        await self.serve_http(peer, lines, writer, started)
-                        return
+                        http = True
+                        line = (await self.read_http_body(lines, writer)).replace(b"\n", b" ")
             except ConnectionClosed as closed:
                 if closed.partial:
                     self.audit(peer, None, None, started, E_INVALID)
                 return
             except TimeoutError:
                 if first or lines.buffer:
-                    self.audit(peer, None, None, started, E_READ_TIMEOUT)
-                    writer.write(response_line(str(uuid.uuid4()), error=E_READ_TIMEOUT))
-                    await writer.drain()
+                    await self.refuse(peer, writer, started, E_READ_TIMEOUT, http)
                 return
             except RequestError as exc:
-                self.audit(peer, None, None, started, exc.args[0])
-                writer.write(response_line(str(uuid.uuid4()), error=exc.args[0]))
-                await writer.drain()
-                return      # the rest of an oversized line cannot be told from a new request
+                # the rest of a refused request cannot be told from a new one: close
+                await self.refuse(peer, writer, started, exc.args[0], http)
+                return
             self.waiting.pop(task, None)
             corr_id, error, reply = await self.handle(peer, line, started)
+            if http:        # always `Connection: close`
+                writer.write(http_response(status_for_error(error) if error else 200, reply))
+                await writer.drain()
+                return
             writer.write(reply)
             await writer.drain()
             if error == E_UNAUTHORIZED:
                 return
             first = False
 
-    async def serve_http(self, peer, lines, writer, started):
-        """One HTTP/1.x request whose body is the JSON request; always `Connection: close`."""
-        try:
-            head = []
-            budget = MAX_REQUEST_BYTES
-            while True:
-                raw = (await lines.readline(budget)).rstrip(b"\r")
-                if not raw:
-                    break
-                budget -= len(raw) + 2
-                if budget < 0:
-                    raise RequestError(E_TOO_LARGE)
-                head.append(raw)
-            headers = parse_http_head(head)
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                raise RequestError(E_INVALID)
-            # ASCII digits only (str.isdigit takes "²"), and no int() of thousands of digits.
-            length = headers.get("content-length", "0")
-            if not (length.isascii() and length.isdigit()):
-                raise RequestError(E_INVALID)
-            length = length.lstrip("0") or "0"
-            if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
-                raise RequestError(E_TOO_LARGE)
-            if headers.get("expect", "").lower() == "100-continue":
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await lines.readexactly(int(length))
-            self.waiting.pop(asyncio.current_task(), None)
-        except RequestError as exc:
-            self.audit(peer, None, None, started, exc.args[0])
-            body = response_line(str(uuid.uuid4()), error=exc.args[0])
-            writer.write(http_response(status_for_error(exc.args[0]), body))
-            await writer.drain()
-            return
-        _, error, reply = await self.handle(peer, body.replace(b"\n", b" "), started)
-        writer.write(http_response(status_for_error(error) if error else 200, reply))
+    async def refuse(self, peer, writer, started, error, http):
+        """Answer a request that could not be read, in the form it came in."""
+        self.audit(peer, None, None, started, error)
+        reply = response_line(str(uuid.uuid4()), error=error)
+        writer.write(http_response(status_for_error(error), reply) if http else reply)
         await writer.drain()
+
+    @staticmethod
+    async def read_http_body(lines, writer):
+        """The body of an HTTP/1.x request whose request line was read: the JSON request."""
+        head = []
+        budget = MAX_REQUEST_BYTES
+        while True:
+            raw = (await lines.readline(budget)).rstrip(b"\r")
+            if not raw:
+                break
+            budget -= len(raw) + 2
+            if budget < 0:
+                raise RequestError(E_TOO_LARGE)
+            head.append(raw)
+        headers = parse_http_head(head)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise RequestError(E_INVALID)
+        # ASCII digits only (str.isdigit takes "²"), and no int() of thousands of digits.
+        length = headers.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):
+            raise RequestError(E_INVALID)
+        length = length.lstrip("0") or "0"
+        if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
+            raise RequestError(E_TOO_LARGE)
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await lines.readexactly(int(length))
 
     def evict_waiting(self):
         """Make room by closing the connection that has waited longest for its request.

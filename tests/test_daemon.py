@@ -144,6 +144,18 @@ def test_read_timeout(daemon):
     daemon.wait_log(lambda r: r.get("error") == "read timeout", "the read timeout audit record")
 
 
+def test_http_read_timeout_is_an_http_answer(daemon):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(daemon.socket))
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"] == "read timeout"
+
+
 def test_257th_connection_displaces_the_longest_waiting_one(daemon_factory):
     daemon = daemon_factory({"metrics_address": f"127.0.0.1:{free_port()}"})
     url = f"http://{daemon.config['metrics_address']}/metrics"

@@ -3,6 +3,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import subprocess
 import urllib.request
 
 import pytest
@@ -364,3 +365,15 @@ def test_config_for_nodes_is_validated():
                      "ssh.max_output_bytes: got 10, expected an integer >= 1024",
                      "host_key_policy: got 'yolo', expected tofu or strict"):
         assert fragment in text, text
+
+
+def test_http_form_waits_for_a_slow_node_beyond_the_read_timeout(cluster):
+    """The 5 s read timeout is for the request to arrive, not for the answer."""
+    daemon, (node,) = cluster(1, ssh={"command_timeout": 15})
+    node.set_mode("sleep", 6)
+    out = subprocess.run(["curl", "-s", "-i", "--max-time", "30", "--unix-socket", str(daemon.socket),
+                          "-d", '{"method":"get_temperature","params":{"node":"n1"}}',
+                          "http://localhost/"], capture_output=True, timeout=60).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), out
+    assert json.loads(body)["success"] is True
