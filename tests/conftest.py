@@ -8,9 +8,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytest_plugins = ["sshfixtures"]
 
@@ -20,6 +22,8 @@ PYTHON = sys.executable
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pulse_sensor_proxy as psp  # noqa: E402  (the imports below need the paths above)
+from sshnodes import free_port, make_keypair  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -213,6 +217,109 @@ def daemon_factory(base_dir):
 @pytest.fixture
 def daemon(daemon_factory):
     return daemon_factory()
+
+
+# --- a daemon and real sshd nodes --------------------------------------------------------------
+
+FAST_LIMITS = {"per_minute": 1000000, "burst": 100000, "max_concurrent": 100}
+
+
+@pytest.fixture
+def cluster(daemon_factory, ssh_nodes):
+    """`cluster(3)`: that many sshd nodes (n1, n2, ...) and a daemon that knows them, with the
+    daemon's key installed on each (restricted as in production) unless authorize=False."""
+
+    def make(count=3, authorize=True, ssh=None, **config):
+        nodes = ssh_nodes(count)
+        settings = {"nodes": {f"n{i + 1}": {"host": node.host, "port": node.port, "user": node.user}
+                              for i, node in enumerate(nodes)},
+                    "rate_limit": FAST_LIMITS, "metrics_address": f"127.0.0.1:{free_port()}",
+                    "ssh": dict({"connect_timeout": 3, "command_timeout": 4}, **(ssh or {}))}
+        settings.update(config)
+        daemon = daemon_factory(settings)
+        daemon.public_key = (daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
+        if authorize:
+            for node in nodes:
+                node.authorize(daemon.public_key)
+        return daemon, nodes
+
+    return make
+
+
+def temperature(daemon, node, **extra):
+    return daemon.rpc("get_temperature", dict({"node": node}, **extra))
+
+
+def metric_samples(daemon):
+    text = urllib.request.urlopen(f"http://{daemon.config['metrics_address']}/metrics",
+                                  timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+SERVICE_UID = 4300
+
+
+class Lab:
+    """Nodes with an admin key, a daemon running as a service uid, and the key CLI."""
+
+    def __init__(self, daemon, nodes, admin):
+        self.daemon, self.nodes, self.admin = daemon, nodes, admin
+        self.state = daemon.base / "state"
+
+    def cli(self, *args, uid=None, env=None):
+        return subprocess.run((as_uid(uid) if uid is not None else []) +
+                              [PYTHON, str(MODULE), *args, "--config", str(self.daemon.config_path)],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, **(env or {})))
+
+    def push(self, *extra):
+        out = self.cli("keys", "push", *extra)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def current_public(self):
+        return (self.daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
+
+    def temperatures(self):
+        return [self.daemon.rpc("get_temperature", {"node": f"n{i + 1}"})
+                for i in range(len(self.nodes))]
+
+    def all_temperatures_work(self):
+        replies = self.temperatures()
+        assert all(r["success"] for r in replies), replies
+        return True
+
+    def keys_on(self, node):
+        text = node.authorized_keys_path.read_text() if node.authorized_keys_path.exists() else ""
+        return [psp.parse_authorized_key(line)[2] for line in text.splitlines()
+                if psp.parse_authorized_key(line)]
+
+    def admin_line(self):
+        return self.admin.public_line + "\n"
+
+
+@pytest.fixture
+def lab(daemon_factory, ssh_nodes, base_dir):
+    """`lab(3)`: nodes whose account accepts an admin key (root's, as on Proxmox), a daemon
+    running as SERVICE_UID, and the daemon's key pushed with `keys push` unless push=False."""
+
+    def make(count=3, push=True):
+        nodes = ssh_nodes(count)
+        admin = make_keypair(base_dir / "admin", comment="root@pve")
+        for node in nodes:
+            node.write_authorized_keys(admin.public_line + "\n")
+        config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
+                            for i, n in enumerate(nodes)},
+                  "admin_identity": [str(admin.private_path)], "rate_limit": FAST_LIMITS,
+                  "ssh": {"connect_timeout": 5, "command_timeout": 5}}
+        daemon = daemon_factory(config, uid=SERVICE_UID)
+        result = Lab(daemon, nodes, admin)
+        if push:
+            result.push()
+        return result
+
+    return make
 
 
 # --- the pyz -----------------------------------------------------------------------------------

@@ -14,70 +14,7 @@ import threading
 import pytest
 
 import pulse_sensor_proxy as psp
-from conftest import MODULE, PYTHON, as_uid, wait_for
-from sshnodes import make_keypair
-
-SERVICE_UID = 4300
-FAST_LIMITS = {"per_minute": 1000000, "burst": 100000, "max_concurrent": 100}
-
-
-class Lab:
-    """Nodes with an admin key, a daemon running as a service uid, and the key CLI."""
-
-    def __init__(self, daemon, nodes, admin):
-        self.daemon, self.nodes, self.admin = daemon, nodes, admin
-        self.state = daemon.base / "state"
-
-    def cli(self, *args, uid=None, env=None):
-        return subprocess.run((as_uid(uid) if uid is not None else []) +
-                              [PYTHON, str(MODULE), *args, "--config", str(self.daemon.config_path)],
-                              capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, **(env or {})))
-
-    def push(self, *extra):
-        out = self.cli("keys", "push", *extra)
-        assert out.returncode == 0, out.stdout + out.stderr
-        return out.stdout
-
-    def current_public(self):
-        return (self.daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
-
-    def temperatures(self):
-        return [self.daemon.rpc("get_temperature", {"node": f"n{i + 1}"})
-                for i in range(len(self.nodes))]
-
-    def all_temperatures_work(self):
-        replies = self.temperatures()
-        assert all(r["success"] for r in replies), replies
-        return True
-
-    def keys_on(self, node):
-        text = node.authorized_keys_path.read_text() if node.authorized_keys_path.exists() else ""
-        return [psp.parse_authorized_key(line)[2] for line in text.splitlines()
-                if psp.parse_authorized_key(line)]
-
-    def admin_line(self):
-        return self.admin.public_line + "\n"
-
-
-@pytest.fixture
-def lab(daemon_factory, ssh_nodes, base_dir):
-    def make(count=3, push=True):
-        nodes = ssh_nodes(count)
-        admin = make_keypair(base_dir / "admin", comment="root@pve")
-        for node in nodes:
-            node.write_authorized_keys(admin.public_line + "\n")
-        config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
-                            for i, n in enumerate(nodes)},
-                  "admin_identity": [str(admin.private_path)], "rate_limit": FAST_LIMITS,
-                  "ssh": {"connect_timeout": 5, "command_timeout": 5}}
-        daemon = daemon_factory(config, uid=SERVICE_UID)
-        result = Lab(daemon, nodes, admin)
-        if push:
-            result.push()
-        return result
-
-    return make
+from conftest import MODULE, PYTHON, SERVICE_UID, as_uid, wait_for
 
 
 def snapshot(*roots):

@@ -4,51 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
-from conftest import rpc, wait_for
+from conftest import FAST_LIMITS, metric_samples, rpc, temperature, wait_for
 from sshnodes import FIXTURES_DIR, make_keypair
-from test_daemon import free_port
-
-FAST_LIMITS = {"per_minute": 1000000, "burst": 100000, "max_concurrent": 100}
-
-
-@pytest.fixture
-def cluster(daemon_factory, ssh_nodes):
-    """`cluster(3)`: that many sshd nodes (n1, n2, ...) and a daemon that knows them, with the
-    daemon's key installed on each (restricted as in production) unless authorize=False."""
-
-    def make(count=3, authorize=True, ssh=None, **config):
-        nodes = ssh_nodes(count)
-        settings = {"nodes": {f"n{i + 1}": {"host": node.host, "port": node.port, "user": node.user}
-                              for i, node in enumerate(nodes)},
-                    "rate_limit": FAST_LIMITS, "metrics_address": f"127.0.0.1:{free_port()}",
-                    "ssh": dict({"connect_timeout": 3, "command_timeout": 4}, **(ssh or {}))}
-        settings.update(config)
-        daemon = daemon_factory(settings)
-        daemon.public_key = (daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
-        if authorize:
-            for node in nodes:
-                node.authorize(daemon.public_key)
-        return daemon, nodes
-
-    return make
-
-
-def temperature(daemon, node, **extra):
-    return daemon.rpc("get_temperature", dict({"node": node}, **extra))
-
-
-def metric_samples(daemon):
-    text = urllib.request.urlopen(f"http://{daemon.config['metrics_address']}/metrics",
-                                  timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
 
 def fixture_json(name):
     return json.loads((FIXTURES_DIR / f"{name}.json").read_text())
