@@ -1728,11 +1728,14 @@ class NodePool:
                     lambda: session_class(self.ssh["max_output_bytes"]), SENSORS_COMMAND,
                     encoding=None)
                 chan.write_eof()
-                await session.done
+                lost = await session.done
         except TimeoutError:
             raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
         if session.too_large:
             raise FetchError("output too large")
+        if lost is not None and session.status is None:
+            # the connection died while the command ran: an SSH failure, not the node's sensors
+            raise FetchError(f"SSH session to {node.name} failed: {lost}")
         return interpret_sensors_output(bytes(session.stdout), bytes(session.stderr),
                                         session.status)
 
