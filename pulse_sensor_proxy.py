@@ -1820,7 +1820,10 @@ class NodePool:
             raise FetchError(f"permission denied (publickey) on {node.name}: {whose} is not "
                              "installed there") from None
         except (asyncssh.Error, OSError) as exc:
-            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and (exc.errno or 0) > 0:
+                reason = os.strerror(exc.errno)     # asyncio's text is "Connect call failed (addr)"
+            else:
+                reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
             raise FetchError(f"cannot connect to {node.host}:{node.port}: {reason}") from None
 
     def known_host_keys(self, node):
