@@ -1195,13 +1195,16 @@ def atomic_write(path, data, mode=0o600, overwrite=True, owner=None):
         else:
             os.link(tmp, path)
             os.unlink(tmp)
-    except BaseException:
+    except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass            # never created, or a read-only file system refuses even this
+        if isinstance(exc, OSError) and exc.errno and exc.filename != path:
+            # os.write and fsync name no file, os.open names the temp file: name the target
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
     fsync_dir(directory)
 
