@@ -205,15 +205,20 @@ class Account:
 class SshLab:
     """The machine-wide base dir: sensors stand-in, fixtures, account pool.
 
-    Layout: bin/sensors, fixtures/*.json, home/<account>/ (the account's home),
-    nodes/<account>/{mode,exec.log,sshd/}, locks/.  Creating it is idempotent.
+    Layout: bin-<hash>/sensors, fixtures/*.json, home/<account>/ (the account's home),
+    nodes/<account>/{mode,exec.log,sshd/}, locks/.  Creating it is idempotent.  Each
+    version of the stand-in has its own bin-<hash>, so concurrent runs of different
+    checkouts never overwrite each other's.
     """
 
     def __init__(self, base: Path = DEFAULT_BASE) -> None:
         if os.geteuid() != 0:
             raise PermissionError("SSH test nodes need root (sshd, useradd)")
         self.base = Path(base)
-        self.bin_dir = self.base / "bin"
+        self.script_text = (SCRIPT.replace("@BASE@", str(self.base))
+                            .replace("@DEFAULT_FIXTURE@", DEFAULT_FIXTURE))
+        digest = hashlib.sha256(self.script_text.encode()).hexdigest()[:12]
+        self.bin_dir = self.base / f"bin-{digest}"
         self.script = self.bin_dir / "sensors"
         self.fixtures_dir = self.base / "fixtures"
         self.homes_dir = self.base / "home"
@@ -229,8 +234,7 @@ class SshLab:
             d.chmod(0o755)
         for src in FIXTURES_DIR.glob("*.json"):
             _write_if_changed(self.fixtures_dir / src.name, src.read_bytes(), 0o644)
-        script = SCRIPT.replace("@BASE@", str(self.base)).replace("@DEFAULT_FIXTURE@", DEFAULT_FIXTURE)
-        _write_if_changed(self.script, script.encode(), 0o755)
+        _write_if_changed(self.script, self.script_text.encode(), 0o755)
 
     def lease_account(self) -> Account:
         """Take the first account no other node (in any process) holds, reset to a clean state."""
