@@ -144,7 +144,8 @@ class Daemon:
         prefix = []
         if self.uid is not None:
             for path in (self.base / "run", self.base / "state"):
-                os.chown(path, self.uid, self.uid)
+                if path.stat().st_uid != self.uid:      # a read-only state dir is already
+                    os.chown(path, self.uid, self.uid)
             prefix = as_uid(self.uid)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(prefix + [PYTHON, str(MODULE), "serve", "--config",

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sshnodes import Keypair, NodeSet, SshLab, SshNode, Tarpit, make_keypair
+from sshnodes import Keypair, NetNamespace, NodeSet, SshLab, SshNode, Tarpit, make_keypair
 
 OPENSSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
@@ -60,3 +60,10 @@ def stalling_sshd() -> Iterator[Tarpit]:
     """Sends a valid OpenSSH banner, then stalls before key exchange."""
     with Tarpit(banner=OPENSSH_BANNER) as pit:
         yield pit
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNamespace]:
+    """A private network namespace: run a test body in it with `netns.run(fn)`."""
+    with NetNamespace() as namespace:
+        yield namespace

@@ -13,11 +13,19 @@ any time with `node.set_mode(...)`:
                    "No sensors found!" on stderr, exit 1
     sleep SECONDS  print nothing for SECONDS (ends early once the session is gone),
                    then the default fixture
+    hold           print nothing until the test sets another mode (or the session is
+                   gone), then the default fixture
     huge BYTES     print BYTES NUL bytes, exit 0
     garbage        print sensors' plain-text output (not JSON), exit 0
     exit N         print nothing, exit N
 
 Every run appends "EPOCH_SECONDS SSH_ORIGINAL_COMMAND" to the node's exec log.
+
+Node faults: `node.stop()`/`start()`, `restart()`, `rotate_host_key()`, and
+`freeze()`/`thaw()` (SIGSTOP/SIGCONT of sshd and its sessions: connections are
+accepted by the kernel, nothing answers).  A `NetNamespace` runs code in a private
+network namespace where `black_hole(port)` drops that port's packets (iptables),
+without touching the host's network.
 
 The accounts are a machine-wide pool under one base dir, leased with flock, so
 concurrent test runs never share an account, home or node state.  Needs root.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -49,7 +58,7 @@ SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 MAX_ACCOUNTS = 99
 START_TIMEOUT = 15.0
-MODES = {"fixture", "nosensors", "sleep", "huge", "garbage", "exit"}
+MODES = {"fixture", "nosensors", "sleep", "hold", "huge", "garbage", "exit"}
 LOOPBACK_SOURCES = "127.0.0.1,::1"
 
 SCRIPT = """\
@@ -98,6 +107,15 @@ sleep_while_session_alive() {
     done
 }
 
+hold_while_session_alive() {
+    session=$(session_pid)
+    [ -n "$session" ] || exit 0
+    while read -r current _ <"$state/mode" && [ "$current" = hold ]; do
+        kill -0 "$session" 2>/dev/null || exit 0
+        sleep 0.05
+    done
+}
+
 case $mode in
     fixture) print_fixture "$arg" ;;
     nosensors)
@@ -106,6 +124,9 @@ case $mode in
         exit 1 ;;
     sleep)
         sleep_while_session_alive "$arg"
+        print_fixture @DEFAULT_FIXTURE@ ;;
+    hold)
+        hold_while_session_alive
         print_fixture @DEFAULT_FIXTURE@ ;;
     huge) head -c "$arg" /dev/zero ;;
     garbage)
@@ -597,9 +618,10 @@ class SshNode:
 
     def stop(self) -> None:
         """Stop sshd and every process it spawned (open sessions included); reaps sshd."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        if self._proc is None:
             return
+        self.thaw()                     # a frozen sshd would not act on SIGTERM
+        proc, self._proc = self._proc, None
         spawned = _descendants(proc.pid)
         proc.terminate()
         try:
@@ -608,6 +630,24 @@ class SshNode:
             proc.kill()
             proc.wait()
         _kill_and_wait(spawned)
+
+    def freeze(self) -> None:
+        """SIGSTOP sshd and its sessions: the kernel still completes TCP handshakes, but no
+        byte comes back (a hung host); open connections stall too."""
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        if self._proc is None:
+            raise RuntimeError(f"{self.user}: sshd is not running")
+        os.kill(self._proc.pid, signum)        # first, so it forks no session meanwhile
+        for pid in _descendants(self._proc.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def restart(self) -> None:
         """Same port, same host key."""
@@ -732,6 +772,86 @@ class Tarpit:
         os.close(self._stop_w)
 
     def __enter__(self) -> Tarpit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _libc(name: str, *args: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+class NetNamespace:
+    """A private network namespace with only its own loopback, entered per thread.
+
+    `ns.run(fn, *args)` calls fn in a new thread inside the namespace: the sockets it opens,
+    the threads it starts and the processes it spawns (sshd nodes, the daemon, iptables) all
+    live there, while Unix sockets and files stay shared. Nothing changes in the host's
+    namespace; this one goes away with its last process after close().
+    """
+
+    def __init__(self) -> None:
+        self._fd = -1
+        created: list[int] = []
+
+        def create() -> None:
+            _libc("unshare", CLONE_NEWNET)
+            created.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+            _run("ip", "link", "set", "lo", "up")
+
+        self._call_in_thread(create)
+        self._fd = created[0]
+
+    @staticmethod
+    def _call_in_thread(fn, *args):
+        outcome: dict = {}
+
+        def target() -> None:
+            try:
+                outcome["value"] = fn(*args)
+            except BaseException as exc:  # re-raised in the caller
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name="netns")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    def run(self, fn, *args):
+        """fn(*args) inside the namespace; returns its result or raises its exception."""
+        def inside():
+            _libc("setns", self._fd, CLONE_NEWNET)
+            return fn(*args)
+        return self._call_in_thread(inside)
+
+    def iptables(self, *rule: str) -> None:
+        self.run(_run, "iptables", "-w", *rule)
+
+    def black_hole(self, port: int) -> None:
+        """Drop every TCP packet to and from `port` on loopback, handshakes and open
+        connections alike: a host that vanished from the network, not one that refuses."""
+        for direction in ("--dport", "--sport"):
+            self.iptables("-I", "INPUT", "-i", "lo", "-p", "tcp", direction, str(port), "-j", "DROP")
+
+    def lift_black_hole(self, port: int) -> None:
+        for direction in ("--dport", "--sport"):
+            self.iptables("-D", "INPUT", "-i", "lo", "-p", "tcp", direction, str(port), "-j", "DROP")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> NetNamespace:
         return self
 
     def __exit__(self, *exc: object) -> None:

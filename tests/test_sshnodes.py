@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sshnodes import (FIXTURES_DIR, Keypair, SshLab, SshNode, Tarpit, pid_running, restricted_key_line,
-                      ssh_command)
+from sshnodes import (FIXTURES_DIR, Keypair, NetNamespace, SshLab, SshNode, Tarpit, pid_running,
+                      restricted_key_line, ssh_command)
 
 INTEL = (FIXTURES_DIR / "intel-coretemp-nvme.json").read_bytes()
 AMD = (FIXTURES_DIR / "amd-k10temp-gpu.json").read_bytes()
@@ -145,6 +145,61 @@ def test_stop_ends_open_sessions(ssh_node, client_key, tmp_path):
         client.communicate()
     assert not ssh_node.running
     assert poll(lambda: not ssh_node.session_pids())
+
+
+def test_hold_mode_answers_once_released(ssh_node, client_key, tmp_path):
+    ssh_node.authorize(client_key.public_line)
+    ssh_node.set_mode("hold")
+    client = subprocess.Popen(ssh_command(ssh_node, client_key.private_path, known_hosts(ssh_node, tmp_path)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert poll(lambda: ssh_node.exec_count() == 1)
+        assert poll(lambda: in_sleep_loop(ssh_node))
+        assert client.poll() is None, "the stand-in answered while held"
+        ssh_node.set_mode("exit", 0)
+        stdout, _ = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.communicate()
+    assert (client.returncode, stdout) == (0, INTEL), "released: the default fixture"
+
+
+def test_frozen_node_accepts_but_never_speaks_until_thawed(ssh_node):
+    ssh_node.freeze()
+    with socket.create_connection((ssh_node.host, ssh_node.port), timeout=5) as conn:
+        conn.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            conn.recv(1)
+        ssh_node.thaw()
+        conn.settimeout(10)
+        assert conn.recv(64).startswith(b"SSH-2.0-")
+
+
+def test_frozen_node_still_stops(ssh_node):
+    ssh_node.freeze()
+    ssh_node.stop()
+    assert not ssh_node.running
+
+
+def test_black_hole_drops_connects_in_its_namespace_only(tarpit: Tarpit):
+    with NetNamespace() as ns:
+        def connect(port):
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return "connected"
+
+        def inside():
+            with Tarpit() as pit:
+                assert connect(pit.port) == "connected"
+                ns.black_hole(pit.port)
+                with pytest.raises(socket.timeout):
+                    connect(pit.port)          # dropped, not refused
+                ns.lift_black_hole(pit.port)
+                assert connect(pit.port) == "connected"
+            with pytest.raises(ConnectionRefusedError):
+                connect(tarpit.port)           # the host's loopback is not this one
+
+        ns.run(inside)
+    assert connect(tarpit.port) == "connected"
 
 
 def test_restart_keeps_port_and_host_key(ssh_node, client_key, tmp_path):
