@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV="$ROOT/.venv"
 APT_PACKAGES=(python3 python3-venv openssh-server openssh-client socat curl shellcheck
-              prometheus debootstrap systemd-container util-linux iproute2 lm-sensors
+              prometheus debootstrap systemd-container util-linux iproute2 iptables lm-sensors
               qemu-user-static binfmt-support)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
