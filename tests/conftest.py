@@ -31,6 +31,17 @@ def pytest_addoption(parser):
                      help="run the campaign suites at their full counts (same as PSP_LONG=1)")
 
 
+@pytest.fixture
+def scale(request):
+    """scale(quick, full): the count for this run."""
+    full = request.config.getoption("--long") or os.environ.get("PSP_LONG") == "1"
+    return lambda quick, long: long if full else quick
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 # A client that needs nothing but the standard library, so it runs as any uid.
 CLIENT = r"""
 import socket, sys

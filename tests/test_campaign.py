@@ -20,19 +20,12 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
-from conftest import MODULE, PYTHON, rpc, send_raw, wait_for
+from conftest import MODULE, PYTHON, fd_count, rpc, send_raw, wait_for
 
 OPEN_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
 VALID = b'{"correlation_id":"%s","method":"get_status","params":null}' % CID.encode()
 ERRORS = set(psp.ERROR_RESULTS)
-
-
-@pytest.fixture
-def scale(request):
-    """scale(quick, full): the count for this run."""
-    full = request.config.getoption("--long") or os.environ.get("PSP_LONG") == "1"
-    return lambda quick, long: long if full else quick
 
 
 def seeded(examples):
@@ -44,10 +37,6 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def fd_count(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def proc_status(pid, field):
