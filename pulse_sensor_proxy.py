@@ -1800,7 +1800,12 @@ class NodePool:
                 self.log.log("warning", "Unknown host key refused", node=node.name,
                              fingerprint=fingerprint)
                 return False
-            self.pin_host_key(node, server_key)
+            try:
+                self.pin_host_key(node, server_key)
+            except OSError as exc:      # a full or read-only state dir: trust nothing unpinned
+                verdict["error"] = (f"cannot pin the host key of {node.name} in "
+                                    f"{self.known_hosts_path}: {exc.strerror}")
+                return False
             return True
 
         timeout = self.ssh["connect_timeout"]
