@@ -335,3 +335,20 @@ def test_rotation_interrupted_by_the_state_dir(lab, state_disk, how):
     assert out.returncode == 0 and "interrupted" in out.stdout, out.stdout + out.stderr
     assert lab.current_public() != public and nodes_hold_only(lab, lab.current_public())
     assert lab.all_temperatures_work()
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_new_host_key_cannot_be_pinned(cluster, state_disk, how):
+    """Trust on first use needs to write known_hosts; without it the node is not trusted."""
+    daemon, (node,) = cluster(1)
+    state = daemon.base / "state"
+    prepare_state_dir(state_disk, state, how)
+    break_state_dir(state_disk, state, how)
+    reason = NO_SPACE if how == "full" else READ_ONLY
+    assert temperature(daemon, "n1")["error"] == \
+        f"cannot pin the host key of n1 in {state / 'known_hosts'}: {reason}"
+    assert node.exec_count() == 0
+    mend_state_dir(state_disk, state, how)
+    assert temperature(daemon, "n1")["success"]
+    assert node.host_public_key in (state / "known_hosts").read_text()
+    assert "Traceback" not in daemon.log_text()
