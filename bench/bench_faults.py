@@ -34,17 +34,9 @@ from bench_core import Daemon, command, percentile, report  # noqa: E402
 from bench_ssh import LIMITS, authorize  # noqa: E402
 from conftest import rpc  # noqa: E402
 from sshnodes import NetNamespace, NodeSet, SshLab  # noqa: E402
+from test_faults import FAULTS  # noqa: E402  (the same faults the tests inject)
 
-FAULTS = {
-    "node down": lambda node, ns: node.stop(),
-    "TCP black hole": lambda node, ns: ns.black_hole(node.port),
-    "sshd accepts then stalls": lambda node, ns: node.freeze(),
-    "sensors sleeps past the timeout": lambda node, ns: node.set_mode("sleep", 3600),
-    "100 MB of output": lambda node, ns: node.set_mode("huge", 100_000_000),
-    "non-JSON output": lambda node, ns: node.set_mode("garbage"),
-    "host key changed": lambda node, ns: node.rotate_host_key(),
-}
-FAILURES_TO_OPEN = 3
+import pulse_sensor_proxy as psp  # noqa: E402
 
 
 def temperature(daemon, name):
@@ -74,7 +66,7 @@ def healthy_latencies(daemon, samples):
 
 def time_to_fail(daemon, names):
     def first_failures(name):
-        runs = [timed(daemon, name) for _ in range(FAILURES_TO_OPEN)]
+        runs = [timed(daemon, name) for _ in range(psp.BREAKER_THRESHOLD)]
         if any(reply["success"] for _, reply in runs):
             raise SystemExit(f"{name} did not fail: {runs}")
         return [(took, reply["error"]) for took, reply in runs]
@@ -114,8 +106,8 @@ def run(ns, args, work):
                 for _ in range(5):                      # connected, host key pinned, warm
                     assert temperature(daemon, name)["success"], name
             idle = healthy_latencies(daemon, args.samples)
-            for (name, inject), node in zip(FAULTS.items(), nodes[1:]):
-                inject(node, ns)
+            for fault, node in zip(FAULTS.values(), nodes[1:]):
+                fault.inject(node, ns)
             failures = time_to_fail(daemon, list(FAULTS))
             stop, outcomes = threading.Event(), {name: collections.Counter() for name in args.poll}
             pollers = [threading.Thread(target=poll_until, args=(daemon, name, stop, args.interval, outcomes))
