@@ -10,9 +10,10 @@ fast each fault fails and n2's latency meanwhile are measured by bench/bench_fau
 asserted here.
 
 Keys under fault: the state directory on a small full tmpfs or a read-only bind mount, when
-`serve` generates the key, when rotate-keys starts, and while rotate-keys is verifying the new
-key on the nodes. Each must fail with an error naming the path and the reason, keep the
-current key byte for byte, keep the nodes working, and succeed once the fault is gone.
+`serve` generates the key, when rotate-keys starts, while rotate-keys is verifying the new key
+on the nodes, and when the daemon pins a new node's host key. Each must fail with an error
+naming the path and the reason, keep the current key byte for byte, keep the nodes working,
+and succeed once the fault is gone.
 """
 import concurrent.futures
 import os
