@@ -948,7 +948,6 @@ def authorized_keys_line(public_key, subnets):
 
 KEY_TYPE = re.compile(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|"
                       r"sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)(-cert-v01@openssh\.com)?")
-LEGACY_COMMENTS = ("pulse-sensor-proxy", "pulse-temp-proxy")
 
 
 def parse_authorized_key(line):
@@ -1097,12 +1096,15 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+def _label_value(value):
+    """Escaped as the text format wants: backslash and quote escaped, newlines dropped."""
+    return str(value).replace("\\", "\\\\").replace("\n", "").replace('"', '\\"')
+
+
 def _labels(pairs):
     if not pairs:
         return ""
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(10), "").replace(chr(34), chr(92) + chr(34))}"'
-               for k, v in pairs)
-    return "{" + ",".join(escaped) + "}"
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in pairs) + "}"
 
 
 def _number(value):
@@ -1162,6 +1164,12 @@ class AuditLog:
 # ---------------------------------------------------------------------------------------------
 # I/O: files and keys on disk
 # ---------------------------------------------------------------------------------------------
+
+
+def crash_point(name):
+    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named step."""
+    if os.environ.get("PULSE_SENSOR_PROXY_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path):
@@ -1823,7 +1831,6 @@ class NodePool:
 
     def known_host_keys(self, node):
         """(trusted keys, revoked keys) for a node from Proxmox's and our known_hosts."""
-        import asyncssh
         trusted, revoked = [], []
         for path in (self.pve_known_hosts_path, self.known_hosts_path):
             try:
@@ -2202,7 +2209,8 @@ async def keys_status(admin):
             await files.close()
         installed = {parse_authorized_key(raw)[2] for raw in data.splitlines()
                      if parse_authorized_key(raw)}
-        marks = [f"{slot}={'installed' if line and line.split()[1] in installed else 'absent' if line else '-'}"
+        marks = [f"{slot}=" + ("-" if not line else
+                               "installed" if line.split()[1] in installed else "absent")
                  for slot, line in slots.items()]
         if node.local:
             works = "local sensors (no SSH)"
@@ -2252,7 +2260,8 @@ async def rotate_keys(admin, rollback=False):
             admin.say(f"  1. generate the next key in {keys.dirs['next']}")
         admin.say(f"  2. add {new_fp} to every node, keeping {old_fp}")
         admin.say(f"  3. check that {new_fp} reads sensors -j on every node")
-        admin.say(f"  4. make {new_fp} current" + ("" if rollback else f", keep {old_fp} in {keys.dirs['prev']}"))
+        keep = "" if rollback else f", keep {old_fp} in {keys.dirs['prev']}"
+        admin.say(f"  4. make {new_fp} current{keep}")
         admin.say(f"  5. remove {old_fp} from every node")
         return await admin.for_each(nodes, lambda n: _push_line(admin, n, new or old), "preview")
     if not rollback:
@@ -2262,7 +2271,8 @@ async def rotate_keys(admin, rollback=False):
     crash_point("journal written")
     admin.say(f"{op}: {old_fp} -> {new_fp}")
     pushed = await admin.for_each(nodes, lambda n: _push_line(admin, n, new), "add the new key")
-    verified = pushed and await admin.for_each(nodes, lambda n: _verify(admin, n, source), "verify the new key")
+    verified = pushed and await admin.for_each(nodes, lambda n: _verify(admin, n, source),
+                                               "verify the new key")
     crash_point("verified")
     if not verified:
         admin.say("Undoing: removing the new key again; the current key stays in place.")
@@ -2288,12 +2298,6 @@ async def _remove_key(admin, node, public):
 async def _verify(admin, node, slot):
     await admin.verify(node, slot)
     return "local sensors" if node.local else "new key reads sensors -j"
-
-
-def crash_point(name):
-    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named step."""
-    if os.environ.get("PULSE_SENSOR_PROXY_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def finish_rotation(admin, journal, nodes):

@@ -251,8 +251,8 @@ def test_container_uid_reads_every_node(guest, first_install):
 
 
 def test_other_uid_is_refused(guest, first_install):
-    result = guest.run(f"setpriv --reuid 4242 --regid 4242 --clear-groups "
-                       f"env SHIV_ROOT=/tmp/shiv-4242 pulse-sensor-proxy call get_status", check=False)
+    result = guest.run("setpriv --reuid 4242 --regid 4242 --clear-groups "
+                       "env SHIV_ROOT=/tmp/shiv-4242 pulse-sensor-proxy call get_status", check=False)
     assert result.returncode == 1
     assert "success" not in result.stdout or '"success": false' in result.stdout
 
