@@ -75,7 +75,7 @@ parse_args() {
 check_arch() {
     case "$1" in
         x86_64|aarch64) ;;
-        armv7l) err "armv7l is not built: cffi 2.1.1 and PyYAML 6.0.4 publish no armv7l wheels (only cryptography does), and the pyz compiles nothing (see docs-packaging.md)" ;;
+        armv7l) err "armv7l is not built: cffi 2.1.1 and PyYAML 6.0.4 publish no armv7l wheels (only cryptography does), and the pyz compiles nothing (see README.md, Packaging)" ;;
         *) err "unknown architecture '$1' (supported: ${SUPPORTED_ARCHES[*]})" ;;
     esac
 }

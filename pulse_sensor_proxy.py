@@ -107,6 +107,7 @@ READ_TIMEOUT = 5.0                 # for a whole request to arrive
 HANDLER_TIMEOUT = 30.0             # for a method to answer
 MAX_CONNECTIONS = 256              # simultaneous socket connections
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
+RATE_LIMIT_PAUSE = 0.01            # before reading the next line of a connection just refused
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_METRICS_CONNECTIONS = 32
 SOCKET_DIR_MODE = 0o775            # container uids must traverse it; SO_PEERCRED decides access
@@ -947,7 +948,6 @@ def authorized_keys_line(public_key, subnets):
 
 KEY_TYPE = re.compile(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|"
                       r"sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)(-cert-v01@openssh\.com)?")
-LEGACY_COMMENTS = ("pulse-sensor-proxy", "pulse-temp-proxy")
 
 
 def parse_authorized_key(line):
@@ -1096,12 +1096,15 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+def _label_value(value):
+    """Escaped as the text format wants: backslash and quote escaped, newlines dropped."""
+    return str(value).replace("\\", "\\\\").replace("\n", "").replace('"', '\\"')
+
+
 def _labels(pairs):
     if not pairs:
         return ""
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(10), "").replace(chr(34), chr(92) + chr(34))}"'
-               for k, v in pairs)
-    return "{" + ",".join(escaped) + "}"
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in pairs) + "}"
 
 
 def _number(value):
@@ -1161,6 +1164,12 @@ class AuditLog:
 # ---------------------------------------------------------------------------------------------
 # I/O: files and keys on disk
 # ---------------------------------------------------------------------------------------------
+
+
+def crash_point(name):
+    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named step."""
+    if os.environ.get("PULSE_SENSOR_PROXY_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path):
@@ -1836,7 +1845,6 @@ class NodePool:
 
     def known_host_keys(self, node):
         """(trusted keys, revoked keys) for a node from Proxmox's and our known_hosts."""
-        import asyncssh
         trusted, revoked = [], []
         for path in (self.pve_known_hosts_path, self.known_hosts_path):
             try:
@@ -2215,7 +2223,8 @@ async def keys_status(admin):
             await files.close()
         installed = {parse_authorized_key(raw)[2] for raw in data.splitlines()
                      if parse_authorized_key(raw)}
-        marks = [f"{slot}={'installed' if line and line.split()[1] in installed else 'absent' if line else '-'}"
+        marks = [f"{slot}=" + ("-" if not line else
+                               "installed" if line.split()[1] in installed else "absent")
                  for slot, line in slots.items()]
         if node.local:
             works = "local sensors (no SSH)"
@@ -2265,7 +2274,8 @@ async def rotate_keys(admin, rollback=False):
             admin.say(f"  1. generate the next key in {keys.dirs['next']}")
         admin.say(f"  2. add {new_fp} to every node, keeping {old_fp}")
         admin.say(f"  3. check that {new_fp} reads sensors -j on every node")
-        admin.say(f"  4. make {new_fp} current" + ("" if rollback else f", keep {old_fp} in {keys.dirs['prev']}"))
+        keep = "" if rollback else f", keep {old_fp} in {keys.dirs['prev']}"
+        admin.say(f"  4. make {new_fp} current{keep}")
         admin.say(f"  5. remove {old_fp} from every node")
         return await admin.for_each(nodes, lambda n: _push_line(admin, n, new or old), "preview")
     if not rollback:
@@ -2275,7 +2285,8 @@ async def rotate_keys(admin, rollback=False):
     crash_point("journal written")
     admin.say(f"{op}: {old_fp} -> {new_fp}")
     pushed = await admin.for_each(nodes, lambda n: _push_line(admin, n, new), "add the new key")
-    verified = pushed and await admin.for_each(nodes, lambda n: _verify(admin, n, source), "verify the new key")
+    verified = pushed and await admin.for_each(nodes, lambda n: _verify(admin, n, source),
+                                               "verify the new key")
     crash_point("verified")
     if not verified:
         admin.say("Undoing: removing the new key again; the current key stays in place.")
@@ -2301,12 +2312,6 @@ async def _remove_key(admin, node, public):
 async def _verify(admin, node, slot):
     await admin.verify(node, slot)
     return "local sensors" if node.local else "new key reads sensors -j"
-
-
-def crash_point(name):
-    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named step."""
-    if os.environ.get("PULSE_SENSOR_PROXY_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def finish_rotation(admin, journal, nodes):
@@ -2553,6 +2558,11 @@ class Daemon:
             if error == E_UNAUTHORIZED:
                 return
             first = False
+            # Pipelined lines are already buffered, so nothing above waits: yield once per
+            # request, or one flooding connection would hold the loop for its whole backlog.
+            # A peer over its limit was refused at once; its next line waits a moment, so a
+            # flood costs the loop a fraction of its rate and other peers keep their latency.
+            await asyncio.sleep(RATE_LIMIT_PAUSE if error == E_RATE_LIMITED else 0)
 
     async def refuse(self, peer, writer, started, error, http):
         """Answer a request that could not be read, in the form it came in."""
@@ -2629,8 +2639,6 @@ class Daemon:
             key = (peer.uid, peer.pid)
             if not self.limiter.acquire(key):
                 self.metrics.inc("pulse_proxy_rate_limit_hits_total")
-                self.log.log("warning", "Rate limit exceeded", uid=peer.uid, pid=peer.pid,
-                             corr_id=corr_id)
                 raise RequestError(E_RATE_LIMITED)
             self.in_flight += 1
             self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
@@ -2662,8 +2670,11 @@ class Daemon:
         result = "success" if error is None else result_for_error(error)
         self.metrics.inc("pulse_proxy_rpc_requests_total", (label, result))
         self.metrics.observe("pulse_proxy_rpc_latency_seconds", latency, (label,))
-        self.log.log("info" if error is None else "warning",
-                     "RPC request" if error is None else "RPC request failed",
+        # One record per request; a refusal by the limiter is the "Rate limit exceeded" line
+        # operators grep for, so a flood costs one log write per request, not two.
+        message = "RPC request" if error is None else \
+            "Rate limit exceeded" if error == E_RATE_LIMITED else "RPC request failed"
+        self.log.log("info" if error is None else "warning", message,
                      corr_id=corr_id, uid=peer.uid, gid=peer.gid, pid=peer.pid,
                      method=method[:64] if isinstance(method, str) else None,
                      node=sanitize_label(node) if node is not None else None, result=result,

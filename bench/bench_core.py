@@ -9,7 +9,6 @@ that reproduces it. Targets: p50 <= 0.5 ms, >= 5,000 requests/s, socket ready <=
     python bench/bench_core.py [--requests 2000] [--clients 10] [--starts 10] [--versions 20]
 """
 import argparse
-import json
 import multiprocessing
 import os
 import socket

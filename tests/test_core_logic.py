@@ -340,3 +340,24 @@ def test_sanitize_label():
     assert psp.sanitize_label("pve1.example.com") == "pve1.example.com"
     assert psp.sanitize_label("$(id);x") == "__id__x"
     assert len(psp.sanitize_label("a" * 500)) == 64
+
+
+def test_a_method_over_the_handler_timeout_answers_timeout(monkeypatch):
+    """Daemon.handle in-process with a method that never ends (no real method can be made to
+    take 30 s without waiting 30 s)."""
+    import asyncio
+
+    async def endless(daemon, peer, params, corr_id):
+        await asyncio.Event().wait()
+
+    monkeypatch.setitem(psp.METHODS, "get_status", (psp.CAP_READ, endless))
+    monkeypatch.setattr(psp, "HANDLER_TIMEOUT", 0.05)
+    config = dict(psp.validate_config({"allowed_source_subnets": ["127.0.0.1"]}), config_path="x")
+    peer = psp.Peer(0, 0, 1, frozenset(psp.CAPABILITIES))
+
+    async def ask():
+        daemon = psp.Daemon(config, psp.AuditLog("error"))
+        return await asyncio.wait_for(daemon.handle(peer, b'{"method": "get_status"}', 0.0), 20)
+
+    corr_id, error, reply = asyncio.run(ask())
+    assert error == "timeout" and json.loads(reply)["error"] == "timeout"

@@ -338,3 +338,16 @@ def test_http_form_waits_for_a_slow_node_beyond_the_read_timeout(cluster):
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK"), out
     assert json.loads(body)["success"] is True
+
+
+def test_sigterm_lets_an_in_flight_request_finish(cluster):
+    daemon, (node,) = cluster(1)
+    assert temperature(daemon, "n1")["success"]
+    node.set_mode("sleep", 2)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(temperature, daemon, "n1")
+        wait_for(lambda: node.exec_count() == 2, what="the request to reach the node")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert pending.result(timeout=30)["success"], "answered before the daemon exits"
+    assert daemon.proc.wait(timeout=30) == 0
+    assert not daemon.socket.exists()

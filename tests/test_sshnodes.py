@@ -6,11 +6,11 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from sshnodes import (FIXTURES_DIR, Keypair, NetNamespace, SshLab, SshNode, Tarpit, pid_running,
                       restricted_key_line, ssh_command)
 
@@ -28,15 +28,6 @@ def known_hosts(node: SshNode, directory: Path) -> Path:
 def ssh(node: SshNode, key: Keypair, kh: Path, *command: str, host: str | None = None):
     return subprocess.run(ssh_command(node, key.private_path, kh, *command, host=host),
                           capture_output=True, timeout=60)
-
-
-def poll(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_restricted_key_asking_for_id_still_gets_sensors_json(ssh_node, client_key, tmp_path):
@@ -121,14 +112,14 @@ def test_sleep_mode_stalls_and_ends_with_its_session(ssh_node, client_key, tmp_p
     client = subprocess.Popen(ssh_command(ssh_node, client_key.private_path, known_hosts(ssh_node, tmp_path)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert poll(lambda: ssh_node.exec_count() == 1)
+        wait_for(lambda: ssh_node.exec_count() == 1, what="the stand-in to run")
         if kill_client_when == "in sleep loop":
-            assert poll(lambda: in_sleep_loop(ssh_node))
+            wait_for(lambda: in_sleep_loop(ssh_node), what="the stand-in's sleep loop")
         assert client.poll() is None, "the stand-in answered instead of sleeping"
     finally:
         client.kill()
         client.communicate()
-    assert poll(lambda: not ssh_node.session_pids()), "the stand-in outlived its session"
+    wait_for(lambda: not ssh_node.session_pids(), what="the stand-in to end with its session")
 
 
 def test_stop_ends_open_sessions(ssh_node, client_key, tmp_path):
@@ -137,14 +128,14 @@ def test_stop_ends_open_sessions(ssh_node, client_key, tmp_path):
     client = subprocess.Popen(ssh_command(ssh_node, client_key.private_path, known_hosts(ssh_node, tmp_path)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert poll(lambda: ssh_node.exec_count() == 1)
+        wait_for(lambda: ssh_node.exec_count() == 1, what="the stand-in to run")
         ssh_node.stop()
         assert client.wait(timeout=30) == 255
     finally:
         client.kill()
         client.communicate()
     assert not ssh_node.running
-    assert poll(lambda: not ssh_node.session_pids())
+    wait_for(lambda: not ssh_node.session_pids(), what="the stand-in to end with its session")
 
 
 def test_hold_mode_answers_once_released(ssh_node, client_key, tmp_path):
@@ -153,8 +144,8 @@ def test_hold_mode_answers_once_released(ssh_node, client_key, tmp_path):
     client = subprocess.Popen(ssh_command(ssh_node, client_key.private_path, known_hosts(ssh_node, tmp_path)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert poll(lambda: ssh_node.exec_count() == 1)
-        assert poll(lambda: in_sleep_loop(ssh_node))
+        wait_for(lambda: ssh_node.exec_count() == 1, what="the stand-in to run")
+        wait_for(lambda: in_sleep_loop(ssh_node), what="the stand-in to hold")
         assert client.poll() is None, "the stand-in answered while held"
         ssh_node.set_mode("exit", 0)
         stdout, _ = client.communicate(timeout=30)

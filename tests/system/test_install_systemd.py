@@ -7,12 +7,12 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import wait_for
 from guest import ADDRESS, LOCAL_NODE, NODE_KEY_FILES, NODES, REMOTE_NODES, REPO, Guest
 from rootfs import cached_rootfs, fresh_copy
 
@@ -215,7 +215,7 @@ def test_container_configs(guest, first_install):
 
 
 def test_documented_socket_paths_exist_in_the_containers(guest, first_install):
-    docs = (REPO / "docs-install.md").read_text()
+    docs = (REPO / "README.md").read_text()
     assert "lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir,optional 0 0" in docs
     assert SOCKET in docs
     guest.run(f"pct exec 105 -- test -S {SOCKET}")
@@ -251,8 +251,8 @@ def test_container_uid_reads_every_node(guest, first_install):
 
 
 def test_other_uid_is_refused(guest, first_install):
-    result = guest.run(f"setpriv --reuid 4242 --regid 4242 --clear-groups "
-                       f"env SHIV_ROOT=/tmp/shiv-4242 pulse-sensor-proxy call get_status", check=False)
+    result = guest.run("setpriv --reuid 4242 --regid 4242 --clear-groups "
+                       "env SHIV_ROOT=/tmp/shiv-4242 pulse-sensor-proxy call get_status", check=False)
     assert result.returncode == 1
     assert "success" not in result.stdout or '"success": false' in result.stdout
 
@@ -331,13 +331,6 @@ while not os.path.exists("/tmp/poll.stop"):
 """
 
 
-def wait_for(condition, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def poll_results(guest):
     text = guest.path("/root/poll.out").read_text()
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
@@ -358,11 +351,13 @@ def test_rotation_service_rotates_while_temperatures_keep_flowing(guest, first_i
     guest.run(f"pct exec 105 -- python3 /tmp/poll.py {' '.join(NODES)} >/root/poll.out 2>&1 & "
               "echo $! >/root/poll.pid")
     try:
-        wait_for(lambda: rounds_in(poll_results(guest), "before") >= 1, "temperatures before the rotation")
+        wait_for(lambda: rounds_in(poll_results(guest), "before") >= 1,
+                 what="temperatures before the rotation", timeout=60)
         (ct_tmp / "poll.phase").write_text("during")
         rotation = guest.run("systemctl start pulse-sensor-proxy-key-rotation.service", check=False)
         (ct_tmp / "poll.phase").write_text("after")
-        wait_for(lambda: rounds_in(poll_results(guest), "after") >= 1, "temperatures after the rotation")
+        wait_for(lambda: rounds_in(poll_results(guest), "after") >= 1,
+                 what="temperatures after the rotation", timeout=60)
     finally:
         (ct_tmp / "poll.stop").touch()
         guest.run("while kill -0 $(cat /root/poll.pid) 2>/dev/null; do sleep 0.1; done", timeout=60)
