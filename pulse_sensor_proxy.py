@@ -910,6 +910,10 @@ class FetchError(Exception):
     """Reading `sensors -j` failed; the message is what the peer and the log see."""
 
 
+class OutputError(FetchError):
+    """`sensors -j` ran but what it printed is unusable: the connection itself is fine."""
+
+
 def interpret_sensors_output(stdout, stderr, status):
     """The `sensors -j` JSON text of a run, or FetchError.
 
@@ -919,17 +923,17 @@ def interpret_sensors_output(stdout, stderr, status):
     text = stdout.decode("utf-8", "replace").strip()
     no_sensors = status == 1 and b"No sensors found" in stderr
     if status is None:
-        raise FetchError("sensors -j ended without an exit status")
+        raise OutputError("sensors -j ended without an exit status")
     if status != 0 and not no_sensors:
         detail = stderr.decode("utf-8", "replace").strip().splitlines()
-        raise FetchError(f"sensors -j exited with status {status}"
+        raise OutputError(f"sensors -j exited with status {status}"
                          + (f": {detail[0][:200]}" if detail else ""))
     try:
         parsed = json.loads(text)
     except (ValueError, RecursionError):
-        raise FetchError("invalid sensors output") from None
+        raise OutputError("invalid sensors output") from None
     if not isinstance(parsed, dict):
-        raise FetchError("invalid sensors output")
+        raise OutputError("invalid sensors output")
     return text
 
 
@@ -1720,6 +1724,8 @@ class NodePool:
             conn, fresh = await self.connection(node, state)
             try:
                 return await self.run_sensors(conn, node)
+            except OutputError:
+                raise       # the node printed something unusable; keep the connection
             except FetchError:
                 self.drop(state)
                 raise
@@ -1743,7 +1749,7 @@ class NodePool:
                 lost = await session.done
         except TimeoutError:
             raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
-        if session.too_large:
+        if session.too_large:       # the remote side may still be writing: not OutputError
             raise FetchError("output too large")
         if lost is not None and session.status is None:
             # the connection died while the command ran: an SSH failure, not the node's sensors

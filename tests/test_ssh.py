@@ -75,6 +75,9 @@ def test_non_json_output(cluster):
     assert temperature(daemon, "n1")["error"] == "invalid sensors output"
     node.set_mode("exit", 3)
     assert temperature(daemon, "n1")["error"] == "sensors -j exited with status 3"
+    node.set_mode("fixture", "intel-coretemp-nvme")
+    assert temperature(daemon, "n1")["success"]
+    assert node.accepted_publickey_count() == 1, "bad output is no reason to log in again"
 
 
 def test_command_timeout_leaves_other_nodes_unaffected(cluster):
