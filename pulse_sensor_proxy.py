@@ -2564,11 +2564,10 @@ class Daemon:
             if error == E_UNAUTHORIZED:
                 return
             first = False
-            # Pipelined lines are already buffered, so nothing above waits: yield once per
-            # request, or one flooding connection would hold the loop for its whole backlog.
-            # A peer over its limit was refused at once; its next line waits a moment, so a
-            # flood costs the loop a fraction of its rate and other peers keep their latency.
-            await asyncio.sleep(RATE_LIMIT_PAUSE if error == E_RATE_LIMITED else 0)
+            if error == E_RATE_LIMITED:
+                # Refused at once; its next line waits a moment, so a flooding peer costs the
+                # loop a fraction of what it sends and other peers keep their latency.
+                await asyncio.sleep(RATE_LIMIT_PAUSE)
 
     async def refuse(self, peer, writer, started, error, http):
         """Answer a request that could not be read, in the form it came in."""
