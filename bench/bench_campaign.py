@@ -35,11 +35,23 @@ def _measure(path, samples, out):
 
 
 def measure_in_new_pid(path, samples):
+    """(round trips, pid) of a fresh process's samples."""
     out = multiprocessing.Queue()
     proc = multiprocessing.Process(target=_measure, args=(path, samples, out))
     proc.start()
     times = out.get(timeout=300)
     proc.join(timeout=30)
+    return times, proc.pid
+
+
+def daemon_side(log_path, pid):
+    """The daemon's own handling time (audit latency_ms) of one pid's requests, in seconds:
+    tells time spent in the daemon from time the client waited for a CPU."""
+    times = []
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("pid") == pid and "latency_ms" in record:
+            times.append(record["latency_ms"] / 1000)
     return times
 
 
@@ -59,13 +71,13 @@ def main():
     try:
         for _ in range(3):          # warm up the daemon and the page cache
             measure_in_new_pid(path, 200)
-        idle = measure_in_new_pid(path, args.samples)
+        idle, idle_pid = measure_in_new_pid(path, args.samples)
         rss_before = rss_kib(daemon.proc.pid)
         began = time.perf_counter()
         flood = subprocess.Popen([PYTHON, str(HOSTILE), "flood", path, str(args.flood), "8"],
                                  stdout=subprocess.PIPE, text=True)
         assert flood.stdout.readline() == "flooding\n"
-        during = measure_in_new_pid(path, args.samples)
+        during, during_pid = measure_in_new_pid(path, args.samples)
         still_flooding = flood.poll() is None
         counts = json.loads(flood.communicate(timeout=300)[0])
         elapsed = time.perf_counter() - began
@@ -73,11 +85,14 @@ def main():
     finally:
         daemon.stop()
     idle_p99, flood_p99 = percentile(idle, 0.99) * 1000, percentile(during, 0.99) * 1000
+    inside_idle, inside_flood = (daemon_side(daemon.log_path, pid) for pid in (idle_pid, during_pid))
     report("other peer get_status p50 idle", f"{percentile(idle, 0.5) * 1000:.3f} ms")
     report("other peer get_status p99 idle", f"{idle_p99:.3f} ms")
     report("other peer get_status p50 during the flood", f"{percentile(during, 0.5) * 1000:.3f} ms")
     report("other peer get_status p99 during the flood", f"{flood_p99:.3f} ms "
            f"({flood_p99 / idle_p99:.2f}x idle)", "<= 2x idle", flood_p99 <= 2 * idle_p99)
+    report("  of which inside the daemon, p99 idle / flood",
+           f"{percentile(inside_idle, 0.99) * 1000:.3f} / {percentile(inside_flood, 0.99) * 1000:.3f} ms")
     report("measured entirely during the flood", "yes" if still_flooding else
            "NO (the flood ended first: raise --flood)")
     report(f"flood of {args.flood}: answers", json.dumps(counts))
