@@ -42,23 +42,6 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-# A client that needs nothing but the standard library, so it runs as any uid.
-CLIENT = r"""
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(20)
-s.connect(sys.argv[1])
-s.sendall(sys.argv[2].encode() + b"\n")
-data = b""
-while not data.endswith(b"\n"):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-sys.stdout.write(data.decode())
-"""
-
-
 def wait_for(predicate, timeout=15.0, what="condition"):
     """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -115,9 +98,14 @@ def rpc(sock_path, request, uid=None, gid=None):
                     break
                 data += chunk
         return json.loads(data)
-    out = subprocess.run(as_uid(uid, gid) + ["/usr/bin/python3", "-I", "-c", CLIENT,
-                                             str(sock_path), line],
-                         capture_output=True, text=True, timeout=30, check=True)
+    # As another uid, through the operators' own client (`call` needs only the standard
+    # library, so the system python3 runs it for any uid).
+    params = dict(request.get("params") or {})
+    args = [request["method"]] + [f"--param={key}:={json.dumps(value)}" for key, value in params.items()]
+    out = subprocess.run(as_uid(uid, gid) + ["/usr/bin/python3", "-I", str(MODULE), "call", *args,
+                                             "--socket", str(sock_path), "--raw"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout, f"call printed nothing: {out.stderr}"
     return json.loads(out.stdout)
 
 
