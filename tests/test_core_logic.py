@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
+from conftest import ROOT
 
 # -- configuration ------------------------------------------------------------------------------
 
@@ -361,3 +362,8 @@ def test_a_method_over_the_handler_timeout_answers_timeout(monkeypatch):
 
     corr_id, error, reply = asyncio.run(ask())
     assert error == "timeout" and json.loads(reply)["error"] == "timeout"
+
+
+def test_the_example_config_is_valid():
+    config = psp.load_config(str(ROOT / "examples" / "config.yaml"), environ={})
+    assert config["allowed_source_subnets"] == ["192.168.10.0/24"]
