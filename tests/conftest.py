@@ -109,6 +109,14 @@ def rpc(sock_path, request, uid=None, gid=None):
     return json.loads(out.stdout)
 
 
+def run_cli(*args, env=None, timeout=60):
+    """`pulse-sensor-proxy ARGS` as a process; never tied to a systemd of the caller's."""
+    environment = dict(os.environ, **(env or {}))
+    environment.pop("NOTIFY_SOCKET", None)
+    return subprocess.run([PYTHON, str(MODULE), *args], capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
 def as_uid(uid, gid=None):
     gid = uid if gid is None else gid
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]

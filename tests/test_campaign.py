@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
-from conftest import MODULE, PYTHON, fd_count, rpc, send_raw, wait_for
+from conftest import MODULE, PYTHON, fd_count, rpc, run_cli, send_raw, wait_for
 
 OPEN_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
@@ -583,13 +583,6 @@ def test_generated_configs_load_or_explain(base_dir, scale):
         assert_config_outcome(path, load_or_error(path))
 
     check()
-
-
-def run_cli(*args, env=None, timeout=60):
-    environment = dict(os.environ, **(env or {}))
-    environment.pop("NOTIFY_SOCKET", None)
-    return subprocess.run([PYTHON, str(MODULE), *args], capture_output=True, text=True,
-                          timeout=timeout, env=environment)
 
 
 def assert_cli_outcome(path, out):

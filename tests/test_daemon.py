@@ -12,7 +12,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODULE, PYTHON, rpc, send_raw, wait_for
+from conftest import MODULE, PYTHON, rpc, run_cli, send_raw, wait_for
 
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
 
@@ -416,11 +416,6 @@ def test_bad_config_exits_1_with_the_problem(daemon_factory):
 
 
 # -- command line ---------------------------------------------------------------------------------
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([PYTHON, str(MODULE), *args], capture_output=True, text=True,
-                          timeout=30, env=dict(os.environ, **(env or {})))
 
 
 def test_version_does_not_import_dependencies():
