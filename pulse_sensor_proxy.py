@@ -52,6 +52,7 @@ import importlib
 import ipaddress
 import json
 import os
+import random
 import re
 import reprlib
 import signal
@@ -107,7 +108,7 @@ READ_TIMEOUT = 5.0                 # for a whole request to arrive
 HANDLER_TIMEOUT = 30.0             # for a method to answer
 MAX_CONNECTIONS = 256              # simultaneous socket connections
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
-RATE_LIMIT_PAUSE = 0.01            # before reading the next line of a connection just refused
+RATE_LIMIT_PAUSE = 0.001           # x refused connections pausing: Daemon.pause_after_refusal
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_METRICS_CONNECTIONS = 32
 SOCKET_DIR_MODE = 0o775            # container uids must traverse it; SO_PEERCRED decides access
@@ -2458,6 +2459,7 @@ class Daemon:
         self.in_flight = 0
         self.handlers = set()
         self.waiting = {}           # connection task -> (writer, peer), longest waiting first
+        self.pausing = 0            # connections refused by the limiter, before their next read
         self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
         self.apply_config(config)
 
@@ -2565,9 +2567,25 @@ class Daemon:
                 return
             first = False
             if error == E_RATE_LIMITED:
-                # Refused at once; its next line waits a moment, so a flooding peer costs the
-                # loop a fraction of what it sends and other peers keep their latency.
-                await asyncio.sleep(RATE_LIMIT_PAUSE)
+                await self.pause_after_refusal(task, writer, peer)
+
+    async def pause_after_refusal(self, task, writer, peer):
+        """Wait before reading the next line of a connection the limiter just refused.
+
+        The refusal itself was answered at once; reading and refusing again is what costs the
+        loop. The wait is RATE_LIMIT_PAUSE times the number of refused connections waiting, so
+        refusals reach the loop about 1/RATE_LIMIT_PAUSE times a second in all, however many
+        connections, pids or uids flood, and a peer within its limits never waits. It is
+        jittered because equal waits keep a flooder's connections in step, and each burst of
+        refusals would hold the loop while another peer waits to be accepted. The connection is
+        idle meanwhile, so at the connection cap it can give way like one waiting for a request.
+        """
+        self.pausing += 1
+        self.waiting[task] = (writer, peer)
+        try:
+            await asyncio.sleep(RATE_LIMIT_PAUSE * self.pausing * (0.5 + random.random()))
+        finally:
+            self.pausing -= 1
 
     async def refuse(self, peer, writer, started, error, http):
         """Answer a request that could not be read, in the form it came in."""
