@@ -2260,11 +2260,23 @@ async def rotation_check(admin):
 
 async def rotate_keys(admin, rollback=False):
     """Staged rotation (or rollback) that a crash at any point leaves with a working key."""
+    try:
+        return await _rotate_keys(admin, rollback)
+    except OSError as exc:      # the state dir filled up or turned read-only part way
+        again = f"{PROG} rotate-keys" + (" --rollback" if rollback else "")
+        raise FetchError(f"{exc}\nEvery node still accepts the key the daemon uses. Once "
+                         f"{admin.keys.ssh_dir} can be written again, run `{again}` again: it "
+                         "first finishes or undoes what this run left half done.") from None
+
+
+async def _rotate_keys(admin, rollback):
     keys, nodes = admin.keys, admin.inventory.current()
     journal = keys.journal()
     if journal:
         if not await recover_rotation(admin, journal, nodes):
             return False
+        if journal.get("step") in ("swapping", "removing"):
+            return True     # what the interrupted run was asked to do is now done
     old = keys.public_line("current")
     if old is None:
         raise FetchError(f"no current key in {keys.ssh_dir}")

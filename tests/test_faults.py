@@ -301,6 +301,7 @@ def test_rotation_cannot_generate_the_next_key(lab, state_disk, how):
     assert out.returncode == 1
     failed = (lab.state / "ssh.d" / "next" / "id_ed25519") if how == "full" else lab.state / "ssh.d"
     assert_clear_error(out.stderr + out.stdout, failed, NO_SPACE if how == "full" else READ_ONLY)
+    assert "run `pulse-sensor-proxy rotate-keys` again" in out.stderr, out.stderr
     assert key_bytes(lab.daemon.ssh_dir) == before
     assert nodes_hold_only(lab, public), "no new key line reached the nodes"
     assert lab.all_temperatures_work()
@@ -329,6 +330,7 @@ def test_rotation_interrupted_by_the_state_dir(lab, state_disk, how):
     assert out.returncode == 1, out.stdout + out.stderr
     failed = (lab.state / "ssh.d" / "rotation.json") if how == "full" else lab.state / "ssh.d"
     assert_clear_error(out.stderr + out.stdout, failed, NO_SPACE if how == "full" else READ_ONLY)
+    assert "run `pulse-sensor-proxy rotate-keys` again" in out.stderr, out.stderr
     assert key_bytes(lab.daemon.ssh_dir) == before
     assert lab.all_temperatures_work()
     mend_state_dir(state_disk, lab.state, how)

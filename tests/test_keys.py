@@ -369,10 +369,14 @@ def test_sigkill_at_any_step_leaves_a_working_key(lab, point):
     out = lab.cli("rotate-keys", env={"PULSE_SENSOR_PROXY_CRASH_AT": point})
     assert out.returncode == -9, f"the crash point was not reached:\n{out.stdout}{out.stderr}"
     assert lab.all_temperatures_work()
+    journal_path = lab.state / "ssh.d" / "rotation.json"
+    journal = json.loads(journal_path.read_text()) if journal_path.exists() else {}
     out = lab.cli("rotate-keys")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "interrupted" in out.stdout or point == "next private key written"
     assert_clean_state(lab, lab.current_public())
+    if journal.get("step") in ("swapping", "removing"):     # finished, not rotated once more
+        assert lab.current_public().split()[1] == journal["new"].split()[1]
     assert lab.all_temperatures_work()
 
 
