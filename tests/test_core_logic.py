@@ -367,3 +367,53 @@ def test_a_method_over_the_handler_timeout_answers_timeout(monkeypatch):
 def test_the_example_config_is_valid():
     config = psp.load_config(str(ROOT / "examples" / "config.yaml"), environ={})
     assert config["allowed_source_subnets"] == ["192.168.10.0/24"]
+
+
+def test_the_wait_after_a_refusal_is_shared_and_gives_way_at_the_cap(monkeypatch):
+    """Daemon.pause_after_refusal in-process: each refused connection waiting lengthens the wait
+    (so refusals reach the loop at a bounded rate however many connections flood), and a waiting
+    connection is idle, so at the connection cap it is the one that gives way."""
+    import asyncio
+
+    waits, all_waiting = [], []
+
+    async def recorded_sleep(delay):
+        waits.append(delay)
+        if len(waits) == 3:
+            all_waiting[0].set()
+        await asyncio.Event().wait()        # still waiting when evicted
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    monkeypatch.setattr(psp.random, "random", lambda: 0.5)     # the jitter's middle: factor 1
+    config = dict(psp.validate_config({"allowed_source_subnets": ["127.0.0.1"]}), config_path="x")
+    peer = psp.Peer(100000, 100000, 4242, frozenset(psp.CAPABILITIES))
+
+    class Writer:
+        data = b""
+
+        def write(self, data):
+            self.data += data
+
+    async def scenario():
+        daemon = psp.Daemon(config, psp.AuditLog("error"))
+        writers = [Writer() for _ in range(3)]
+        all_waiting.append(asyncio.Event())
+
+        async def refused_connection(writer):
+            await daemon.pause_after_refusal(asyncio.current_task(), writer, peer)
+
+        tasks = [asyncio.create_task(refused_connection(writer)) for writer in writers]
+        await all_waiting[0].wait()
+        assert waits == [psp.RATE_LIMIT_PAUSE * n for n in (1, 2, 3)]
+        assert daemon.pausing == 3 and list(daemon.waiting) == tasks
+        assert daemon.evict_waiting()
+        await asyncio.wait([tasks[0]])
+        assert tasks[0].cancelled() and daemon.pausing == 2
+        assert json.loads(writers[0].data)["error"] == psp.E_BUSY
+        assert writers[1].data == writers[2].data == b""
+        for task in tasks[1:]:
+            task.cancel()
+        await asyncio.wait(tasks[1:])
+        return daemon.pausing
+
+    assert asyncio.run(scenario()) == 0
