@@ -2,8 +2,8 @@
 """Timing figures of the hostile-input campaign (tests/test_campaign.py asserts the rest).
 
 Flood: one peer (one pid) sends 10,000 get_status requests as fast as it can over 8 (or
---connections) keep-alive connections while another peer measures its own get_status round
-trips, one connection per request as Pulse does; the same measurement without the flood is
+--connections) keep-alive connections (or, with --new-connections, from as many threads with
+a new connection per request) while another peer measures its own get_status round trips, one connection per request as Pulse does; the same measurement without the flood is
 the idle reference. Target: p99 during the flood <= 2x the idle p99.
 
 Both peers get the same limits, the shipped defaults unless --burst/--per-minute say
@@ -12,8 +12,8 @@ otherwise, so the measuring peer takes its samples from a new pid (a new bucket)
 timed. A large --burst measures something else: a peer served at full speed within its
 limits, which the daemon shares fairly with the other.
 
-    python bench/bench_campaign.py [--flood 10000] [--connections 8] [--samples 2000]
-                                   [--burst N] [--per-minute N]
+    python bench/bench_campaign.py [--flood 10000] [--connections 8] [--new-connections]
+                                   [--samples 2000] [--burst N] [--per-minute N]
 """
 import argparse
 import json
@@ -74,7 +74,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=8,
-                        help="the flooder's keep-alive connections")
+                        help="the flooder's connections (threads) at a time")
+    parser.add_argument("--new-connections", action="store_true",
+                        help="the flooder opens a new connection for every request")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--burst", type=int, default=DEFAULT_LIMITS["burst"])
     parser.add_argument("--per-minute", type=float, default=DEFAULT_LIMITS["per_minute"])
@@ -94,7 +96,8 @@ def main():
         idle, idle_pids = measure_in_new_pids(path, args.samples, args.burst)
         rss_before = rss_kib(daemon.proc.pid)
         began = time.perf_counter()
-        flood = subprocess.Popen([PYTHON, str(HOSTILE), "flood", path, str(args.flood),
+        mode = "flood-connect" if args.new_connections else "flood"
+        flood = subprocess.Popen([PYTHON, str(HOSTILE), mode, path, str(args.flood),
                                   str(args.connections)], stdout=subprocess.PIPE, text=True)
         assert flood.stdout.readline() == "flooding\n"
         during, during_pids = measure_in_new_pids(path, args.samples, args.burst)
@@ -121,8 +124,9 @@ def main():
     report("daemon RSS before -> after the flood", f"{rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MB")
     limit_flags = "" if limits == DEFAULT_LIMITS else \
         f" --burst {args.burst} --per-minute {args.per_minute:g}"
+    new = " --new-connections" if args.new_connections else ""
     print(f"  command: {command(f' --flood {args.flood} --connections {args.connections}')}"
-          f" --samples {args.samples}{limit_flags}")
+          f"{new} --samples {args.samples}{limit_flags}")
 
 
 if __name__ == "__main__":

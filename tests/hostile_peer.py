@@ -6,6 +6,8 @@ Standard library only, so it runs under any uid. Each mode prints one JSON objec
     hostile_peer.py flood SOCKET TOTAL THREADS
         TOTAL get_status requests as fast as possible from ONE pid (THREADS keep-alive
         connections); prints {"served": n, "<error>": n, ...}. Prints "flooding" first.
+    hostile_peer.py flood-connect SOCKET TOTAL THREADS
+        The same, but every request on a new connection, as Pulse sends them.
     hostile_peer.py pids SOCKET COUNT PARALLEL
         COUNT get_status requests, each from a new process (PARALLEL at a time); prints
         {"served": n, "failed": n, "distinct_pids": n}.
@@ -28,21 +30,34 @@ def read_line(sock, buffer):
     return buffer.partition(b"\n")
 
 
-def flood(path, total, threads):
+def flood(path, total, threads, keep_alive=True):
     counts, lock = {}, threading.Lock()
 
+    def ask(sock, buffer):
+        sock.sendall(REQUEST)
+        line, _, buffer = read_line(sock, buffer)
+        reply = json.loads(line)
+        key = "served" if reply["success"] else reply["error"]
+        with lock:
+            counts[key] = counts.get(key, 0) + 1
+        return buffer
+
+    def connect():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(path)
+        return sock
+
     def worker(count):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(30)
-            sock.connect(path)
-            buffer = b""
+        if keep_alive:
+            with connect() as sock:
+                buffer = b""
+                for _ in range(count):
+                    buffer = ask(sock, buffer)
+        else:
             for _ in range(count):
-                sock.sendall(REQUEST)
-                line, _, buffer = read_line(sock, buffer)
-                reply = json.loads(line)
-                key = "served" if reply["success"] else reply["error"]
-                with lock:
-                    counts[key] = counts.get(key, 0) + 1
+                with connect() as sock:
+                    ask(sock, b"")
 
     workers = [threading.Thread(target=worker, args=(total // threads,)) for _ in range(threads)]
     print("flooding", flush=True)
@@ -87,7 +102,10 @@ def many_pids(path, count, parallel):
 
 def main(argv):
     mode, path, first, second = argv[1], argv[2], int(argv[3]), int(argv[4])
-    result = flood(path, first, second) if mode == "flood" else many_pids(path, first, second)
+    if mode == "pids":
+        result = many_pids(path, first, second)
+    else:
+        result = flood(path, first, second, keep_alive=mode == "flood")
     print(json.dumps(result), flush=True)
     return 0
 
