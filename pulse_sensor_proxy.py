@@ -108,7 +108,7 @@ READ_TIMEOUT = 5.0                 # for a whole request to arrive
 HANDLER_TIMEOUT = 30.0             # for a method to answer
 MAX_CONNECTIONS = 256              # simultaneous socket connections
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
-RATE_LIMIT_PAUSE = 0.001           # x refused connections pausing: Daemon.pause_after_refusal
+RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_METRICS_CONNECTIONS = 32
 SOCKET_DIR_MODE = 0o775            # container uids must traverse it; SO_PEERCRED decides access
@@ -695,6 +695,12 @@ class RateLimiter:
         entry[0] -= 1.0
         entry[2] += 1
         return True
+
+    def exhausted(self, key):
+        """True when the peer's next request would be refused for want of a token (takes none)."""
+        entry = self.entries.get(key)
+        return entry is not None and \
+            entry[0] + (self.clock() - entry[1]) * self.rate < 1.0
 
     def release(self, key):
         entry = self.entries.get(key)
@@ -2471,7 +2477,7 @@ class Daemon:
         self.in_flight = 0
         self.handlers = set()
         self.waiting = {}           # connection task -> (writer, peer), longest waiting first
-        self.pausing = 0            # connections refused by the limiter, before their next read
+        self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
         self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
         self.apply_config(config)
 
@@ -2567,6 +2573,9 @@ class Daemon:
                 # the rest of a refused request cannot be told from a new one: close
                 await self.refuse(peer, writer, started, exc.args[0], http)
                 return
+            if self.limiter.exhausted((peer.uid, peer.pid)):
+                await self.pause_over_limit(task, writer, peer)
+                started = time.monotonic()
             self.waiting.pop(task, None)
             corr_id, error, reply = await self.handle(peer, line, started)
             if http:        # always `Connection: close`
@@ -2578,19 +2587,18 @@ class Daemon:
             if error == E_UNAUTHORIZED:
                 return
             first = False
-            if error == E_RATE_LIMITED:
-                await self.pause_after_refusal(task, writer, peer)
 
-    async def pause_after_refusal(self, task, writer, peer):
-        """Wait before reading the next line of a connection the limiter just refused.
+    async def pause_over_limit(self, task, writer, peer):
+        """Wait before handling a request of a peer whose bucket is empty (it will be refused).
 
-        The refusal itself was answered at once; reading and refusing again is what costs the
-        loop. The wait is RATE_LIMIT_PAUSE times the number of refused connections waiting, so
-        refusals reach the loop about 1/RATE_LIMIT_PAUSE times a second in all, however many
-        connections, pids or uids flood, and a peer within its limits never waits. It is
-        jittered because equal waits keep a flooder's connections in step, and each burst of
-        refusals would hold the loop while another peer waits to be accepted. The connection is
-        idle meanwhile, so at the connection cap it can give way like one waiting for a request.
+        Answering a flood is what costs the loop, whether it comes on keep-alive connections or
+        a new connection per request. The wait is RATE_LIMIT_PAUSE times the number of such
+        requests waiting, so refusals reach the loop about 1/RATE_LIMIT_PAUSE times a second in
+        all, however many connections, pids or uids flood, and a flooder's threads are held
+        meanwhile; a peer within its limits never waits. It is jittered because equal waits
+        keep a flooder's connections in step, and each burst of refusals would hold the loop
+        while another peer waits to be accepted. The connection is idle meanwhile, so at the
+        connection cap it can give way like one waiting for a request.
         """
         self.pausing += 1
         self.waiting[task] = (writer, peer)

@@ -196,14 +196,19 @@ def test_burst_then_refusal_then_refill():
     clock = Clock()
     limiter = psp.RateLimiter(per_minute=20, burst=10, max_concurrent=100, clock=clock)
     peer = (1001, 42)
+    assert not limiter.exhausted(peer), "an unknown peer has a full bucket"
     for _ in range(10):
+        assert not limiter.exhausted(peer)
         assert limiter.acquire(peer)
         limiter.release(peer)
+    assert limiter.exhausted(peer) and limiter.exhausted(peer), "exhausted() takes nothing"
     assert not limiter.acquire(peer), "the 11th request of a burst is refused"
     assert limiter.acquire((1001, 43)), "another pid has its own bucket"
     clock.now += 2.9
+    assert limiter.exhausted(peer)
     assert not limiter.acquire(peer), "less than one token after 2.9 s at 20/min"
     clock.now += 0.2
+    assert not limiter.exhausted(peer)
     assert limiter.acquire(peer), "one token is back after 3 s"
     limiter.release(peer)
     clock.now += 3600
@@ -217,6 +222,7 @@ def test_concurrency_cap():
     limiter = psp.RateLimiter(per_minute=6000, burst=100, max_concurrent=2, clock=Clock())
     assert limiter.acquire("p") and limiter.acquire("p")
     assert not limiter.acquire("p")
+    assert not limiter.exhausted("p"), "in flight is not out of tokens: no wait for that"
     limiter.release("p")
     assert limiter.acquire("p")
 
@@ -369,10 +375,11 @@ def test_the_example_config_is_valid():
     assert config["allowed_source_subnets"] == ["192.168.10.0/24"]
 
 
-def test_the_wait_after_a_refusal_is_shared_and_gives_way_at_the_cap(monkeypatch):
-    """Daemon.pause_after_refusal in-process: each refused connection waiting lengthens the wait
-    (so refusals reach the loop at a bounded rate however many connections flood), and a waiting
-    connection is idle, so at the connection cap it is the one that gives way."""
+def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch):
+    """Daemon.pause_over_limit in-process: each request of a peer over its limit waiting
+    lengthens the wait (so refusals reach the loop at a bounded rate however many connections
+    flood), and a waiting connection is idle, so at the connection cap it is the one that gives
+    way."""
     import asyncio
 
     waits, all_waiting = [], []
@@ -400,7 +407,7 @@ def test_the_wait_after_a_refusal_is_shared_and_gives_way_at_the_cap(monkeypatch
         all_waiting.append(asyncio.Event())
 
         async def refused_connection(writer):
-            await daemon.pause_after_refusal(asyncio.current_task(), writer, peer)
+            await daemon.pause_over_limit(asyncio.current_task(), writer, peer)
 
         tasks = [asyncio.create_task(refused_connection(writer)) for writer in writers]
         await all_waiting[0].wait()
