@@ -344,13 +344,15 @@ HOSTILE = os.path.join(os.path.dirname(__file__), "hostile_peer.py")
 FLOOD_LIMITS = {"per_minute": 60, "burst": 20, "max_concurrent": 4}
 
 
-def test_flood_is_limited_and_another_peer_is_served(daemon_factory):
+@pytest.mark.parametrize("mode", ["flood", "flood-connect"])
+def test_flood_is_limited_and_another_peer_is_served(daemon_factory, mode):
+    """8 threads of one pid: on keep-alive connections, or a new connection per request."""
     port = free_port()
     daemon = daemon_factory({"rate_limit": FLOOD_LIMITS, "metrics_address": f"127.0.0.1:{port}"})
     pid = daemon.proc.pid
     rss_before = proc_status(pid, "VmRSS")
     began = time.monotonic()
-    flood = subprocess.Popen([PYTHON, HOSTILE, "flood", str(daemon.socket), "10000", "8"],
+    flood = subprocess.Popen([PYTHON, HOSTILE, mode, str(daemon.socket), "10000", "8"],
                              stdout=subprocess.PIPE, text=True)
     assert flood.stdout.readline() == "flooding\n"
     during = []         # another pid (this one) asks while the flood runs; its own bucket holds 20
@@ -362,7 +364,8 @@ def test_flood_is_limited_and_another_peer_is_served(daemon_factory):
             pass
     counts = json.loads(flood.communicate(timeout=120)[0])
     elapsed = time.monotonic() - began
-    print(f"flood: {counts} in {elapsed:.2f} s; the other peer asked {len(during)} times during it")
+    print(f"{mode}: {counts} in {elapsed:.2f} s; the other peer asked {len(during)} times during it; "
+          f"RSS +{proc_status(pid, 'VmRSS') - rss_before} KiB")
     assert flood.returncode == 0 and sum(counts.values()) == 10_000
     assert set(counts) <= {"served", psp.E_RATE_LIMITED}
     refill = FLOOD_LIMITS["per_minute"] / 60 * elapsed
