@@ -688,8 +688,7 @@ class RateLimiter:
         if entry is None:
             entry = self.entries[key] = [self.burst, now, 0]
         else:
-            entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
-            entry[1] = now
+            entry[0], entry[1] = self._tokens(entry, now), now
         if entry[0] < 1.0 or entry[2] >= self.max_concurrent:
             return False
         entry[0] -= 1.0
@@ -699,8 +698,11 @@ class RateLimiter:
     def exhausted(self, key):
         """True when the peer's next request would be refused for want of a token (takes none)."""
         entry = self.entries.get(key)
-        return entry is not None and \
-            entry[0] + (self.clock() - entry[1]) * self.rate < 1.0
+        return entry is not None and self._tokens(entry, self.clock()) < 1.0
+
+    def _tokens(self, entry, now):
+        """The entry's tokens at `now`: refilled since its last update, up to the burst."""
+        return min(self.burst, entry[0] + (now - entry[1]) * self.rate)
 
     def release(self, key):
         entry = self.entries.get(key)
@@ -2409,6 +2411,11 @@ class Peer:
     def __init__(self, uid, gid, pid, capabilities):
         self.uid, self.gid, self.pid, self.capabilities = uid, gid, pid, capabilities
 
+    @property
+    def limit_key(self):
+        """What the rate limiter counts by: uid and pid, as the original daemon does."""
+        return self.uid, self.pid
+
     def as_dict(self):
         return {"uid": self.uid, "gid": self.gid, "pid": self.pid,
                 "capabilities": sorted(self.capabilities)}
@@ -2573,7 +2580,7 @@ class Daemon:
                 # the rest of a refused request cannot be told from a new one: close
                 await self.refuse(peer, writer, started, exc.args[0], http)
                 return
-            if self.limiter.exhausted((peer.uid, peer.pid)):
+            if self.limiter.exhausted(peer.limit_key):
                 await self.pause_over_limit(task, writer, peer)
                 started = time.monotonic()
             self.waiting.pop(task, None)
@@ -2601,7 +2608,7 @@ class Daemon:
         connection cap it can give way like one waiting for a request.
         """
         self.pausing += 1
-        self.waiting[task] = (writer, peer)
+        self.waiting[task] = (writer, peer)     # set by _serve_connection too; evictable alone
         try:
             await asyncio.sleep(RATE_LIMIT_PAUSE * self.pausing * (0.5 + random.random()))
         finally:
@@ -2679,7 +2686,7 @@ class Daemon:
             capability, handler = METHODS[name]
             if capability not in peer.capabilities:
                 raise RequestError(E_FORBIDDEN)
-            key = (peer.uid, peer.pid)
+            key = peer.limit_key
             if not self.limiter.acquire(key):
                 self.metrics.inc("pulse_proxy_rate_limit_hits_total")
                 raise RequestError(E_RATE_LIMITED)
