@@ -47,7 +47,10 @@ The module reads top-down: constants, configuration, pure logic (peers, rate lim
 validation, metrics), then I/O (keys on disk, the servers), and the command line last.
 """
 import argparse
+import base64
 import difflib
+import hashlib
+import hmac
 import importlib
 import ipaddress
 import json
@@ -102,6 +105,12 @@ ENV_SOCKET = "PULSE_SENSOR_PROXY_SOCKET"
 ENV_SSH_DIR = "PULSE_SENSOR_PROXY_SSH_DIR"
 ENV_METRICS_ADDR = "PULSE_SENSOR_PROXY_METRICS_ADDR"
 ENV_ALLOWED_SUBNETS = "PULSE_SENSOR_PROXY_ALLOWED_SUBNETS"
+# The original's names for the HTTPS mode's overrides, plus one for the token file.
+ENV_HTTP = {"PULSE_SENSOR_PROXY_HTTP_ENABLED": "http_enabled",
+            "PULSE_SENSOR_PROXY_HTTP_ADDR": "http_listen_addr",
+            "PULSE_SENSOR_PROXY_HTTP_TLS_CERT": "http_tls_cert",
+            "PULSE_SENSOR_PROXY_HTTP_TLS_KEY": "http_tls_key",
+            "PULSE_SENSOR_PROXY_HTTP_AUTH_TOKEN_FILE": "http_auth_token_file"}
 
 MAX_REQUEST_BYTES = 16 * 1024      # one request line (or HTTP head, or HTTP body)
 READ_TIMEOUT = 5.0                 # for a whole request to arrive
@@ -111,6 +120,13 @@ SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long
 RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_METRICS_CONNECTIONS = 32
+DEFAULT_TLS_DIR = "/etc/pulse-sensor-proxy/tls"
+MAX_HTTPS_CONNECTIONS = 256        # simultaneous HTTPS connections, handshakes included
+MAX_HTTP_HEAD_BYTES = 8192         # request line and headers of one HTTPS request
+HTTPS_IDLE_TIMEOUT = 120.0         # a keep-alive connection between requests (Pulse: 90 s)
+HTTPS_WRITE_TIMEOUT = 10.0         # for an answer to be taken by the client
+MIN_TOKEN_LENGTH = 32
+CERT_DAYS = 825
 SOCKET_DIR_MODE = 0o775            # container uids must traverse it; SO_PEERCRED decides access
 SOCKET_MODE = 0o777
 
@@ -157,6 +173,13 @@ DEFAULT_CONFIG = {
     "breaker_cooldown_seconds": 30.0,
     "cache_ttl_seconds": 0.0,
     "admin_identity": ["/root/.ssh/id_ed25519", "/root/.ssh/id_ecdsa", "/root/.ssh/id_rsa"],
+    "http_enabled": False,
+    "http_listen_addr": "0.0.0.0:8443",
+    "http_tls_cert": DEFAULT_TLS_DIR + "/server.crt",
+    "http_tls_key": DEFAULT_TLS_DIR + "/server.key",
+    "http_auth_token_file": None,
+    "http_auth_token": None,
+    "http_allowed_clients": [],
 }
 SENSORS_COMMAND = "sensors -j"
 BREAKER_THRESHOLD = 3              # consecutive failures that open a node's breaker
@@ -418,6 +441,25 @@ def _check_host(value):
         raise ValueError("expected a host name or an IP address") from None
 
 
+def _check_listen_address(value):
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT such as 0.0.0.0:8443 or [::]:8443")
+    parse_host_port(value)
+    return value
+
+
+def _optional(check):
+    return lambda value: None if value is None else check(value)
+
+
+def _check_token(value):
+    # ConfigError, not ValueError: the message must not quote the value (it is a secret).
+    if not isinstance(value, str) or len(value.strip()) < MIN_TOKEN_LENGTH:
+        raise ConfigError([f"http_auth_token: expected a token of at least {MIN_TOKEN_LENGTH} "
+                           "characters"])
+    return value.strip()
+
+
 def _check_host_key_policy(value):
     if value not in ("tofu", "strict"):
         raise ValueError("expected tofu or strict")
@@ -443,6 +485,13 @@ CONFIG_CHECKS = {
     "breaker_cooldown_seconds": _positive,
     "cache_ttl_seconds": _check_number,
     "admin_identity": _check_paths,
+    "http_enabled": _check_bool,
+    "http_listen_addr": _check_listen_address,
+    "http_tls_cert": _check_abs_path,
+    "http_tls_key": _check_abs_path,
+    "http_auth_token_file": _optional(_check_abs_path),
+    "http_auth_token": _optional(_check_token),
+    "http_allowed_clients": _check_subnets,
 }
 
 
@@ -545,6 +594,16 @@ def load_config(path=None, environ=None):
         if environ.get(env):
             try:
                 config[key] = CONFIG_CHECKS[key](environ[env])
+            except ValueError as exc:
+                problems.append(f"${env}: got {_describe(environ[env])}, {exc}")
+    for env, key in ENV_HTTP.items():
+        if environ.get(env):
+            value = environ[env].strip()
+            if key == "http_enabled":
+                value = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                         "no": False}.get(value.lower(), value)
+            try:
+                config[key] = CONFIG_CHECKS[key](value)
             except ValueError as exc:
                 problems.append(f"${env}: got {_describe(environ[env])}, {exc}")
     if environ.get(ENV_ALLOWED_SUBNETS):
@@ -784,9 +843,10 @@ def response_line(corr_id, data=None, error=None):
 
 
 HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH) \S+ HTTP/1\.[01]\r?")
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-                405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
-                429: "Too Many Requests", 503: "Service Unavailable"}
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+                413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 def http_response(status, body, content_type="application/json"):
@@ -805,6 +865,68 @@ def parse_http_head(head_lines):
             raise RequestError(E_INVALID)
         headers[name.lower()] = value.strip()
     return headers
+
+
+class HttpRefusal(Exception):
+    """An HTTPS request answered with `status` and {"error": message}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_https_request(head):
+    """(method, path, query dict, headers, keep_alive) of one request head (bytes, no CRLFCRLF)."""
+    import urllib.parse
+
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpRefusal(400, "malformed request line")
+    try:
+        headers = parse_http_head(line for line in lines[1:] if line)
+    except RequestError:
+        raise HttpRefusal(400, "malformed header") from None
+    target = parts[1].decode("latin-1")
+    path, _, query = target.partition("?")
+    try:
+        params = urllib.parse.parse_qs(query, max_num_fields=16)
+    except ValueError:
+        raise HttpRefusal(400, "too many query parameters") from None
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection != "close" if parts[2] == b"HTTP/1.1" else connection == "keep-alive"
+    return parts[0].decode("latin-1"), path, {k: v[0] for k, v in params.items()}, headers, \
+        keep_alive
+
+
+def check_bearer(header, token):
+    """None when `header` carries `token`; else the refusal, saying which way it is wrong."""
+    if header is None:
+        return "missing authorization header"
+    scheme, _, given = header.partition(" ")
+    if scheme != "Bearer" or not given:
+        return "invalid authorization format"
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
+        return "invalid token"
+    return None
+
+
+def address_allowed(address, networks):
+    """Is the client address (an IPv4-mapped one as IPv4) inside one of `networks`?"""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return any(ip in network for network in networks)
+
+
+def https_response(status, data, keep_alive):
+    body = json.dumps(data, separators=(",", ":")).encode() + b"\n"
+    head = (f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
+    return head.encode() + body
 
 
 def status_for_error(error):
@@ -917,6 +1039,10 @@ def resolve_node(requested, inventory, local_names, strict):
 
 class FetchError(Exception):
     """Reading `sensors -j` failed; the message is what the peer and the log see."""
+
+
+class BreakerOpen(FetchError):
+    """The node failed repeatedly and is not tried until its cool-down ends."""
 
 
 class OutputError(FetchError):
@@ -1141,9 +1267,15 @@ def new_metrics():
                     ("node",))
     metrics.declare("counter", "pulse_proxy_hostkey_changes_total", "Connections refused because "
                     "a node's host key changed", ("node",))
+    metrics.declare("counter", "pulse_proxy_http_requests_total", "HTTPS requests by path and status",
+                    ("path", "status"))
+    metrics.declare("histogram", "pulse_proxy_http_latency_seconds", "HTTPS request handling time",
+                    ("path",))
+    metrics.declare("gauge", "pulse_proxy_http_connections", "Open HTTPS connections")
     metrics.declare("gauge", "pulse_proxy_build_info", "Build information", ("version",))
     metrics.set("pulse_proxy_queue_depth", 0)
     metrics.set("pulse_proxy_connections", 0)
+    metrics.set("pulse_proxy_http_connections", 0)
     metrics.inc("pulse_proxy_rate_limit_hits_total", amount=0)
     metrics.set("pulse_proxy_build_info", 1, (__version__,))
     return metrics
@@ -1172,6 +1304,108 @@ class AuditLog:
             self.stream.flush()
         except (OSError, ValueError):
             pass    # a closed or full log pipe must not take requests down with it
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: TLS material and the HTTPS token
+# ---------------------------------------------------------------------------------------------
+
+
+def tls_server_context(cert_path, key_path):
+    """The HTTPS listener's context: TLS 1.2 or later, no compression, HTTP/1.1 only."""
+    import ssl
+
+    for what, path in (("http_tls_cert", cert_path), ("http_tls_key", key_path)):
+        if not os.path.exists(path):
+            raise ConfigError([f"{what}: {path} does not exist; create it with "
+                               f"`{PROG} tls init` (as root)"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except OSError as exc:
+        raise ConfigError([f"http_tls_cert/http_tls_key: cannot read {exc.filename or cert_path}: "
+                           f"{exc.strerror}"]) from None
+    except ssl.SSLError as exc:
+        raise ConfigError([f"http_tls_cert {cert_path} and http_tls_key {key_path}: not a "
+                           f"matching PEM certificate and key ({exc.reason or exc})"]) from None
+    return context
+
+
+def read_http_token(config, log):
+    """The bearer token Pulse must send: from http_auth_token_file, or inline (with a warning)."""
+    path = config["http_auth_token_file"]
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                token = handle.read(4096).decode("utf-8", "replace").strip()
+        except OSError as exc:
+            raise ConfigError([f"http_auth_token_file: cannot read {path}: {exc.strerror}"]) from None
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigError([f"http_auth_token_file: {path} holds {len(token)} characters; the "
+                               f"token needs at least {MIN_TOKEN_LENGTH}"])
+        return token
+    if config["http_auth_token"]:
+        log.log("warning", "http_auth_token is inline in the config; move it to a file (mode "
+                "0640) named by http_auth_token_file")
+        return config["http_auth_token"]
+    raise ConfigError(["http_enabled is true but there is no token: set http_auth_token_file "
+                       f"to a file with a token of at least {MIN_TOKEN_LENGTH} characters"])
+
+
+def cert_fingerprints(cert_pem):
+    """(SHA256:AA:BB:... of the certificate, sha256//BASE64 of its public key for pinning)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return ("SHA256:" + ":".join(digest[i:i + 2] for i in range(0, 64, 2)),
+            "sha256//" + base64.b64encode(hashlib.sha256(spki).digest()).decode())
+
+
+def host_identities():
+    """This host's names and global addresses, for a certificate's subject alternative names."""
+    names = []
+    for name in (socket.gethostname(), socket.getfqdn(), "localhost"):
+        if name and name not in names:
+            names.append(name)
+    addresses = [str(ipaddress.ip_network(n).network_address) for n in detect_host_networks()]
+    return names, addresses + ["127.0.0.1", "::1"]
+
+
+def generate_certificate(names, addresses, days=CERT_DAYS):
+    """A self-signed ECDSA P-256 server certificate: (cert PEM, key PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, PROG)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(a))
+                                              for a in addresses]
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                         False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1695,7 +1929,7 @@ class NodePool:
         now = self.clock()
         if state.failures >= BREAKER_THRESHOLD and now < state.open_until:
             self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "breaker_open"))
-            raise FetchError(f"node unavailable: {state.last_error}")
+            raise BreakerOpen(f"node unavailable: {state.last_error}")
         started = time.monotonic()
         try:
             if node.local:
@@ -2850,6 +3084,197 @@ async def ensure_cluster_keys(daemon, peer, params, corr_id):
 
 
 # ---------------------------------------------------------------------------------------------
+# HTTPS mode: the listener for a Pulse on another machine
+# ---------------------------------------------------------------------------------------------
+
+
+class HttpsFront:
+    """`GET /temps?node=NAME` and `GET /health` over TLS, as Pulse's HTTP client asks for them.
+
+    Checks run in the original's order, each with its own status: the client's address (403),
+    its rate limit (429), the bearer token (401). Only then is the node resolved and read, by
+    the daemon's Inventory and NodePool, the same as for the socket.
+    """
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.connections = 0
+        self.waiting = {}           # task -> writer: in a handshake or between requests
+        self.load(daemon.config)
+
+    def load(self, config):
+        """Read cert, key and token (start and SIGHUP); ConfigError says which one is missing."""
+        context = tls_server_context(config["http_tls_cert"], config["http_tls_key"])
+        token = read_http_token(config, self.daemon.log)
+        allowed = config["http_allowed_clients"] or self.daemon.source_subnets
+        self.context, self.token = context, token
+        self.networks = [parse_network(n) for n in allowed]
+
+    def count(self, change):
+        self.connections += change
+        self.daemon.metrics.set("pulse_proxy_http_connections", self.connections)
+
+    def give_way(self):
+        """At the cap, the connection waiting longest (handshake or idle) makes room."""
+        if not self.waiting:
+            return False
+        task = next(iter(self.waiting))
+        self.waiting.pop(task).transport.abort()
+        task.cancel()
+        return True
+
+    async def serve_connection(self, reader, writer):
+        if self.connections >= MAX_HTTPS_CONNECTIONS and not self.give_way():
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        self.count(1)
+        self.daemon.handlers.add(task)
+        self.waiting[task] = writer
+        client = str((writer.get_extra_info("peername") or ("unknown",))[0])
+        clean = False
+        try:
+            # A handshake that never finishes holds its slot for READ_TIMEOUT at most.
+            async with asyncio.timeout(READ_TIMEOUT):
+                await writer.start_tls(self.context, ssl_handshake_timeout=READ_TIMEOUT)
+            clean = await self.serve_requests(client, LineReader(reader), writer, task)
+        except (ConnectionError, TimeoutError, ConnectionClosed, asyncio.CancelledError, OSError):
+            pass
+        except Exception:       # a bug must cost one connection, never the daemon
+            self.daemon.log.log("error", "HTTPS connection handler failed",
+                                error=traceback.format_exc(limit=5))
+        finally:
+            self.waiting.pop(task, None)
+            self.daemon.handlers.discard(task)
+            self.count(-1)
+            if clean:
+                writer.close()
+            else:
+                writer.transport.abort()
+
+    async def serve_requests(self, client, lines, writer, task):
+        """Requests on one keep-alive connection; True when it ends in an orderly way."""
+        idle = READ_TIMEOUT
+        while True:
+            self.waiting[task] = writer
+            async with asyncio.timeout(idle):
+                while not lines.buffer:
+                    chunk = await lines.reader.read(65536)
+                    if not chunk:
+                        return True
+                    lines.buffer += chunk
+            started = time.monotonic()
+            method, path, keep_alive = "-", "-", False
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    method, path, query, headers, keep_alive = await self.read_request(lines)
+                self.waiting.pop(task, None)
+                status, data, node = await self.answer(client, method, path, query, headers)
+            except HttpRefusal as exc:
+                status, data, node, keep_alive = exc.status, {"error": str(exc)}, None, False
+            except TimeoutError:
+                status, data, node, keep_alive = 408, {"error": "read timeout"}, None, False
+            self.audit(client, method, path, status, data, node, started)
+            writer.write(https_response(status, data, keep_alive))
+            async with asyncio.timeout(HTTPS_WRITE_TIMEOUT):
+                await writer.drain()
+            if not keep_alive:
+                return True
+            idle = HTTPS_IDLE_TIMEOUT
+
+    @staticmethod
+    async def read_request(lines):
+        """One request's head (bounded) and its body, which a GET may have and nobody reads."""
+        head, budget = [], MAX_HTTP_HEAD_BYTES
+        while True:
+            try:
+                raw = (await lines.readline(budget)).rstrip(b"\r")
+            except RequestError:
+                raise HttpRefusal(431, "request head too large") from None
+            if not raw:
+                if head:
+                    break
+                continue            # a stray empty line before the request line is allowed
+            budget -= len(raw) + 2
+            if budget < 0:
+                raise HttpRefusal(431, "request head too large")
+            head.append(raw)
+        method, path, query, headers, keep_alive = parse_https_request(b"\r\n".join(head))
+        if "transfer-encoding" in headers:
+            raise HttpRefusal(400, "chunked request bodies are not accepted")
+        length = headers.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()) or len(length) > 9:
+            raise HttpRefusal(400, "invalid Content-Length")
+        if int(length) > MAX_REQUEST_BYTES:
+            raise HttpRefusal(413, "request body too large")
+        await lines.readexactly(int(length))
+        return method, path, query, headers, keep_alive
+
+    async def answer(self, client, method, path, query, headers):
+        """(status, JSON data, node) of one request that was read whole."""
+        daemon = self.daemon
+        if not address_allowed(client, self.networks):
+            raise HttpRefusal(403, "source not allowed")
+        key = ("https", client)
+        if not daemon.limiter.acquire(key):
+            daemon.metrics.inc("pulse_proxy_rate_limit_hits_total")
+            raise HttpRefusal(429, E_RATE_LIMITED)
+        try:
+            problem = check_bearer(headers.get("authorization"), self.token)
+            if problem:
+                raise HttpRefusal(401, problem)
+            if path not in ("/temps", "/health"):
+                raise HttpRefusal(404, "not found")
+            if method != "GET":
+                raise HttpRefusal(405, "method not allowed")
+            if path == "/health":
+                return 200, {"status": "ok", "version": __version__}, None
+            return await self.temperatures(query.get("node", "").strip())
+        finally:
+            daemon.limiter.release(key)
+
+    async def temperatures(self, name):
+        if not name:
+            raise HttpRefusal(400, "missing 'node' query parameter")
+        try:
+            node = self.daemon.inventory.resolve(name)
+        except RequestError as exc:
+            if exc.args[0] == E_INVALID_NODE:
+                raise HttpRefusal(400, E_INVALID_NODE) from None
+            raise HttpRefusal(403, f"node not allowed: {exc.args[0]}") from None
+        try:
+            async with asyncio.timeout(HANDLER_TIMEOUT):
+                text, _ = await self.daemon.pool.fetch(node)
+        except BreakerOpen as exc:
+            raise HttpRefusal(503, str(exc)) from None
+        except FetchError as exc:
+            raise HttpRefusal(502, str(exc)) from None
+        except TimeoutError:
+            raise HttpRefusal(503, E_TIMEOUT) from None
+        return 200, {"node": name, "temperature": text}, name
+
+    def audit(self, client, method, path, status, data, node, started):
+        latency = time.monotonic() - started
+        label = path if path in ("/temps", "/health") else "other"
+        metrics = self.daemon.metrics
+        metrics.inc("pulse_proxy_http_requests_total", (label, str(status)))
+        metrics.observe("pulse_proxy_http_latency_seconds", latency, (label,))
+        error = data.get("error") if status != 200 else None
+        message = "HTTPS request" if error is None else \
+            "Rate limit exceeded" if status == 429 else "HTTPS request refused"
+        self.daemon.log.log("info" if error is None else "warning", message, client=client,
+                            method=sanitize_label(method, 16), path=path[:128],
+                            node=sanitize_label(node) if node else None, status=status,
+                            latency_ms=round(latency * 1000, 3), error=error)
+
+
+async def start_https_server(front):
+    host, port = parse_host_port(front.daemon.config["http_listen_addr"])
+    return await asyncio.start_server(front.serve_connection, host, port, backlog=512,
+                                      reuse_address=True, limit=MAX_REQUEST_BYTES * 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # I/O: running the daemon
 # ---------------------------------------------------------------------------------------------
 
@@ -2872,6 +3297,8 @@ async def run_daemon(config, log, ready=None):
     loop.set_exception_handler(lambda _, context: log.log(
         "error", context.get("message", "event loop error"), error=repr(context.get("exception"))))
     stop = asyncio.Event()
+    # Before anything is created: a missing certificate, key or token stops the start here.
+    front = HttpsFront(daemon) if config["http_enabled"] else None
 
     def reload():
         try:
@@ -2883,7 +3310,17 @@ async def run_daemon(config, log, ready=None):
             if new_config[key] != daemon.config[key]:
                 log.log("warning", f"{key} changes need a restart", running=daemon.config[key])
                 new_config[key] = daemon.config[key]
+        for key in ("http_enabled", "http_listen_addr"):
+            if new_config[key] != daemon.config[key]:
+                log.log("warning", f"{key} changes need a restart", running=daemon.config[key])
+                new_config[key] = daemon.config[key]
         daemon.apply_config(new_config)
+        if front:
+            try:
+                front.load(new_config)
+            except ConfigError as exc:
+                log.log("error", "HTTPS reload failed; keeping the running certificate and token",
+                        error=exc.problems)
         log.log("info", "Configuration reloaded", path=new_config["config_path"])
 
     # Handlers go in before the socket exists: a client that sees the socket may signal us.
@@ -2903,12 +3340,13 @@ async def run_daemon(config, log, ready=None):
     path = config["socket_path"]
     prepare_socket_path(path)
     metrics_server = await start_metrics_server(daemon)
+    https_server = await start_https_server(front) if front else None
     server = await asyncio.start_unix_server(daemon.serve_connection, path=path, backlog=512,
                                              limit=MAX_REQUEST_BYTES * 2)
     os.chmod(path, SOCKET_MODE)
     socket_inode = os.stat(path).st_ino
     log.log("info", "Serving", socket=path, version=__version__, metrics=config["metrics_address"],
-            uid=daemon.own_uid)
+            https=config["http_listen_addr"] if front else None, uid=daemon.own_uid)
     sd_notify("READY=1")
     if ready:
         ready(daemon)
@@ -2917,8 +3355,9 @@ async def run_daemon(config, log, ready=None):
     sd_notify("STOPPING=1")
     log.log("info", "Shutting down", in_flight=daemon.in_flight)
     server.close()
-    if metrics_server:
-        metrics_server.close()
+    for other in (metrics_server, https_server):
+        if other:
+            other.close()
     if daemon.handlers:
         _, pending = await asyncio.wait(list(daemon.handlers), timeout=SHUTDOWN_GRACE)
         for task in pending:
@@ -2953,6 +3392,10 @@ def cmd_serve(args):
     log = AuditLog(config["log_level"])
     try:
         return asyncio.run(run_daemon(config, log))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+        return 1
     except (RuntimeError, OSError) as exc:
         return fail(str(exc))
 
@@ -2991,6 +3434,11 @@ def cmd_call(args):
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if args.url:
+        return call_https(args)
+    if args.token_file or args.fingerprint:
+        print(f"{PROG}: error: --token-file and --fingerprint go with --url", file=sys.stderr)
+        return 2
     path = args.socket or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET_PATH
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -3020,6 +3468,140 @@ def cmd_call(args):
     else:
         print(json.dumps(response, indent=2, sort_keys=True))
     return 0 if response.get("success") is True else 1
+
+
+HTTPS_PATHS = {"get_temperature": "/temps", "get_temp": "/temps", "get_status": "/health",
+               "health": "/health"}
+
+
+def https_target(method, node):
+    """The path and query `call --url` asks for, as Pulse's HTTP client would."""
+    import urllib.parse
+
+    path = HTTPS_PATHS.get(method)
+    if path is None:
+        raise ValueError(f"over HTTPS there are only {', '.join(sorted(HTTPS_PATHS))}")
+    if path == "/temps":
+        if not node:
+            raise ValueError("get_temperature needs --node")
+        return path + "?" + urllib.parse.urlencode({"node": node})
+    return path
+
+
+def parse_fingerprint(text):
+    """SHA256:AA:BB:... (or plain hex) as 32 bytes; ValueError otherwise."""
+    digits = text.removeprefix("SHA256:").removeprefix("sha256:").replace(":", "")
+    if not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
+        raise ValueError("--fingerprint: expected SHA256: and 32 hex bytes, as `tls init` prints it")
+    return bytes.fromhex(digits)
+
+
+def call_https(args):
+    """`call --url`: one request to a remote proxy's HTTPS mode, the way Pulse sends it."""
+    import http.client
+    import ssl
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(args.url)
+    try:
+        if url.scheme != "https" or not url.hostname:
+            raise ValueError("--url: expected https://HOST:PORT")
+        target = https_target(args.method, args.node)
+        pin = parse_fingerprint(args.fingerprint) if args.fingerprint else None
+        if not args.token_file:
+            raise ValueError("--url needs --token-file (the file with the proxy's token)")
+        port = url.port or 8443
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.token_file) as handle:
+            token = handle.read(4096).strip()
+    except OSError as exc:
+        return fail(f"--token-file {args.token_file}: {exc.strerror}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False          # the proxy's certificate is self-signed, as for Pulse
+    context.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(url.hostname, port, context=context, timeout=args.timeout)
+    try:
+        conn.connect()
+        if pin is not None:     # checked before the token leaves this machine
+            seen = hashlib.sha256(conn.sock.getpeercert(binary_form=True)).digest()
+            if not hmac.compare_digest(seen, pin):
+                return fail(f"{args.url}: the certificate's fingerprint is SHA256:{seen.hex(':').upper()}, "
+                            "not the one given; nothing was sent")
+        conn.request("GET", target, headers={"Authorization": f"Bearer {token}",
+                                             "Accept": "application/json"})
+        response = conn.getresponse()
+        body = response.read(MAX_CONFIG_BYTES)
+    except (OSError, http.client.HTTPException) as exc:
+        return fail(f"{args.url}: {getattr(exc, 'strerror', None) or exc}")
+    finally:
+        conn.close()
+    if args.raw:
+        sys.stdout.write(body.decode("utf-8", "replace"))
+    else:
+        try:
+            print(f"HTTP {response.status}\n" + json.dumps(json.loads(body), indent=2, sort_keys=True))
+        except ValueError:
+            print(f"HTTP {response.status}\n" + body.decode("utf-8", "replace")[:2000])
+    return 0 if response.status == 200 else 1
+
+
+def cmd_tls_init(args):
+    """Create the HTTPS mode's self-signed certificate and key, never replacing either."""
+    try:
+        config = load_config(args.config)
+        for address in args.address:
+            ipaddress.ip_address(address)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"{PROG}: error: --address: {exc}", file=sys.stderr)
+        return 2
+    cert_path, key_path = config["http_tls_cert"], config["http_tls_key"]
+    present = [p for p in (cert_path, key_path) if os.path.exists(p)]
+    if len(present) == 1:
+        missing = key_path if present[0] == cert_path else cert_path
+        return fail(f"{present[0]} exists but {missing} does not; restore it, or move "
+                    f"{present[0]} aside to create a new pair")
+    if not present:
+        names, addresses = host_identities()
+        names += [n for n in args.name if n not in names]
+        addresses += [a for a in args.address if a not in addresses]
+        if args.dry_run:
+            print(f"would create {cert_path} and {key_path} for {', '.join(names + addresses)}")
+            return 0
+        cert_pem, key_pem = generate_certificate(names, addresses)
+        try:
+            import grp
+            owner = (0, grp.getgrnam(args.group).gr_gid) if os.geteuid() == 0 else None
+        except KeyError:
+            owner = None
+        try:
+            for path in (cert_path, key_path):
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            atomic_write(key_path, key_pem, mode=0o640, overwrite=False, owner=owner)
+            try:
+                atomic_write(cert_path, cert_pem, mode=0o644, overwrite=False, owner=owner)
+            except OSError:
+                os.unlink(key_path)     # no key without its certificate
+                raise
+        except OSError as exc:
+            return fail(f"cannot write {exc.filename or key_path}: {exc.strerror}")
+        print(f"created {cert_path} and {key_path} (ECDSA P-256, {CERT_DAYS} days)")
+    else:
+        print(f"{cert_path} and {key_path} exist; unchanged")
+    try:
+        with open(cert_path, "rb") as handle:
+            fingerprint, pin = cert_fingerprints(handle.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError) as exc:
+        return fail(f"{cert_path}: not a readable PEM certificate ({exc})")
+    print(f"fingerprint: {fingerprint}\npin: {pin}   (curl --pinnedpubkey)")
+    return 0
 
 
 def cmd_config_validate(args):
@@ -3196,7 +3778,23 @@ def build_parser():
     call.add_argument("--socket", help=f"socket path (default ${ENV_SOCKET} or {DEFAULT_SOCKET_PATH})")
     call.add_argument("--raw", action="store_true", help="print the response line as received")
     call.add_argument("--timeout", type=float, default=35.0, help="seconds to wait (default 35)")
+    call.add_argument("--url", help="a proxy's HTTPS mode instead of the socket: https://HOST:8443")
+    call.add_argument("--token-file", help="with --url: file holding the bearer token")
+    call.add_argument("--fingerprint", help="with --url: the certificate's SHA256:... that "
+                      "`tls init` printed; nothing is sent to any other")
     call.set_defaults(func=cmd_call)
+
+    tls = sub.add_parser("tls", help="the HTTPS mode's certificate")
+    tls_sub = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
+    tls_init = tls_sub.add_parser("init", help="create a self-signed certificate and key unless "
+                                  "they exist; print the fingerprint")
+    tls_init.add_argument("--config", help="config file (http_tls_cert, http_tls_key)")
+    tls_init.add_argument("--name", action="append", default=[], help="another DNS name (repeatable)")
+    tls_init.add_argument("--address", action="append", default=[], help="another IP address")
+    tls_init.add_argument("--group", default=PROG, help="group that may read the key "
+                          f"(default {PROG})")
+    tls_init.add_argument("--dry-run", action="store_true", help="say what would be created")
+    tls_init.set_defaults(func=cmd_tls_init)
 
     config = sub.add_parser("config", help="validate or merge a config file")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
