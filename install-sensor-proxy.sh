@@ -28,14 +28,29 @@ WHERE
   --standalone           no container: the proxy serves this host only (Pulse installed natively
                          or in Docker on this host)
 
+HTTPS MODE (a Pulse on another machine: a VM, Docker elsewhere, another cluster)
+  --http-mode            also serve temperatures over HTTPS (GET /temps?node=NAME with a bearer
+                         token); creates /etc/pulse-sensor-proxy/tls/ (self-signed certificate,
+                         kept if present) and the token file /etc/pulse-sensor-proxy/http-token
+  --http-addr ADDR       listen address (default 0.0.0.0:8443; [::]:8443 for IPv6)
+  --pulse-server URL     register with that Pulse (POST URL/api/temperature-proxy/register) and
+                         keep the token it answers; without it, the token is printed to paste
+                         into Pulse. Skipped while the token file exists.
+  --proxy-url URL        the address Pulse is told to use (default https://<this host's first
+                         address>:<port>)
+  --http-allowed-clients CIDR,...  addresses that may connect (default: allowed_source_subnets)
+  Firewall: open the port (8443/tcp) from Pulse's address only, e.g. in the Proxmox firewall
+  (Datacenter or Node > Firewall: accept tcp 8443 from Pulse's IP). A stolen token reads
+  temperatures, and only from the allowed addresses.
+
 OPTIONS
   --allowed-subnets CIDR,...  subnets the nodes accept the proxy's SSH key from (from="...");
                               without it (and none in the config) this host's own addresses
   --enable-rotation-timer     also enable the quarterly key rotation timer
   --no-restart           never restart a container; print what to do instead
   --uninstall            stop and remove the service, units and binary, revoke the proxy's key
-                         on every node, remove only this script's lines from container configs;
-                         state (/var/lib/pulse-sensor-proxy) and config are kept
+                         on every node, remove only this script's lines from container configs,
+                         remove the HTTPS token and TLS files; state (/var/lib/pulse-sensor-proxy) and config are kept
   --purge                with --uninstall: also remove state, config and the service account
   --dry-run              print every action, change nothing
   --quiet                print only warnings, errors and the summary
@@ -80,6 +95,7 @@ readonly MOUNT_OPTIONS=bind,create=dir,optional
 readonly DEFAULT_UID_RANGE=100000-165535
 readonly LEGACY_KEY_DIRS="/root/.ssh /home/pulse/.ssh /opt/pulse/.ssh /etc/pulse/.ssh"
 readonly SOCKET_WAIT_SECONDS=30
+readonly HTTP_DEFAULT_ADDR=0.0.0.0:8443
 
 # Every path on the host hangs off ROOT, which is empty outside the installer's own tests.
 ROOT=${PULSE_INSTALL_ROOT:-}
@@ -91,6 +107,8 @@ UNIT_DIR=$ROOT/etc/systemd/system
 PVE_DIR=$ROOT/etc/pve
 SOCKET=$ROOT$RUN_DIR/$SOCKET_NAME
 BACKUP_DIR=$ROOT/var/backups/pulse-sensor-proxy
+TLS_DIR=$CONF_DIR/tls
+TOKEN_FILE=$CONF_DIR/http-token
 
 ACTION=
 CTIDS=()
@@ -104,6 +122,13 @@ NO_RESTART=0
 PURGE=0
 DRY_RUN=0
 QUIET=0
+HTTP_MODE=0
+HTTP_ADDR=
+PULSE_SERVER=
+PROXY_URL=
+HTTP_CLIENTS=()
+HTTPS_CHANGED=0
+TOKEN_TO_PASTE=0
 
 IS_PVE=0
 ARCH=
@@ -178,6 +203,9 @@ parse_args() {
             --purge) PURGE=1 ;;
             --dry-run) DRY_RUN=1 ;;
             --quiet) QUIET=1 ;;
+            --http-mode) parse_http_arg "$1" ;;
+            --http-addr|--pulse-server|--proxy-url|--http-allowed-clients)
+                need_value "$@"; parse_http_arg "$1" "$2"; shift ;;
             -h|--help) usage; exit 0 ;;
             *) usage_err "unknown argument '$1'" ;;
         esac
@@ -188,6 +216,7 @@ parse_args() {
         ACTION=install
     fi
     [ "${#CTIDS[@]}" -gt 0 ] && [ "$STANDALONE" -eq 1 ] && usage_err "--standalone and --ctid exclude each other"
+    check_http_args
     [ "$PURGE" -eq 1 ] && [ "$ACTION" != uninstall ] && usage_err "--purge goes with --uninstall"
     [ -n "$PYZ" ] && [ -n "$VERSION$URL" ] && usage_err "--pyz and --version/--url exclude each other"
     if [ -n "$VERSION" ] || [ -n "$URL" ]; then
@@ -735,7 +764,7 @@ start_service() {
     if ! service_active; then
         report_changed "$SERVICE started"
         run systemctl start "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
-    elif [ "$BINARY_CHANGED" -eq 1 ] || [ "$UNITS_CHANGED" -eq 1 ]; then
+    elif [ "$BINARY_CHANGED" -eq 1 ] || [ "$UNITS_CHANGED" -eq 1 ] || [ "$HTTPS_CHANGED" -eq 1 ]; then
         report_changed "$SERVICE restarted"
         run systemctl restart "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
     elif [ "$CONFIG_CHANGED" -eq 1 ]; then
@@ -943,6 +972,207 @@ summary() {
     say "check:  pulse-sensor-proxy call get_status"
     say "        journalctl -u ${SERVICE%.service}"
     say "        curl -s $(metrics_url)"
+    https_summary
+}
+
+# ---------------------------------------------------------------- HTTPS mode (--http-mode)
+
+# A Pulse on another machine reads temperatures over HTTPS (its client since v4.31). These
+# steps create the certificate and the token, write the http_* keys and, with --pulse-server,
+# register the proxy with Pulse, which answers the token it will send.
+
+parse_http_arg() {
+    case "$1" in
+        --http-mode) HTTP_MODE=1 ;;
+        --http-addr) HTTP_ADDR=$2 ;;
+        --pulse-server) PULSE_SERVER=${2%/} ;;
+        --proxy-url) PROXY_URL=${2%/} ;;
+        --http-allowed-clients) add_http_clients "$2" ;;
+    esac
+}
+
+add_http_clients() {
+    local list=$1 cidr
+    IFS=, read -r -a cidrs <<<"$list"
+    for cidr in "${cidrs[@]}"; do
+        [[ $cidr =~ ^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$ ]] || usage_err "--http-allowed-clients needs CIDRs, got '$cidr'"
+        HTTP_CLIENTS+=("$cidr")
+    done
+}
+
+check_http_args() {
+    if [ "$HTTP_MODE" -eq 0 ]; then
+        [ -z "$HTTP_ADDR$PULSE_SERVER$PROXY_URL${HTTP_CLIENTS[*]}" ] \
+            || usage_err "--http-addr, --pulse-server, --proxy-url and --http-allowed-clients go with --http-mode"
+        return 0
+    fi
+    [ "$ACTION" = uninstall ] && usage_err "--uninstall takes no --http-mode (it removes the HTTPS mode's files anyway)"
+    [ "${#CTIDS[@]}" -gt 0 ] || STANDALONE=1
+    ACTION=install
+    [[ ${HTTP_ADDR:-$HTTP_DEFAULT_ADDR} =~ ^(\[[0-9A-Fa-f:.]+\]|[0-9.]+):[0-9]{1,5}$ ]] \
+        || usage_err "--http-addr needs IP:PORT or [IPv6]:PORT, got '$HTTP_ADDR'"
+    [ -z "$PULSE_SERVER" ] || [[ $PULSE_SERVER =~ ^https?://[^/[:space:]]+$ ]] \
+        || usage_err "--pulse-server needs http(s)://HOST[:PORT], got '$PULSE_SERVER'"
+    [ -z "$PROXY_URL" ] || [[ $PROXY_URL =~ ^https://[^/[:space:]]+$ ]] \
+        || usage_err "--proxy-url needs https://HOST[:PORT], got '$PROXY_URL'"
+    return 0
+}
+
+# The URL Pulse is told to use: --proxy-url, else this host's first address and the port.
+advertised_url() {
+    local addr=${HTTP_ADDR:-$HTTP_DEFAULT_ADDR} host port first
+    [ -z "$PROXY_URL" ] || { printf '%s\n' "$PROXY_URL"; return 0; }
+    port=${addr##*:}
+    host=${addr%:*}
+    if [ "$host" = 0.0.0.0 ] || [ "$host" = "[::]" ]; then
+        first=$(host_addresses | head -n 1)
+        [ -n "$first" ] || err "found no address of this host to advertise; give --proxy-url https://HOST:$port"
+        host=${first%/*}
+        [[ $host == *:* ]] && host="[$host]"
+    fi
+    printf 'https://%s:%s\n' "$host" "$port"
+}
+
+ensure_tls_material() {
+    local cert=$TLS_DIR/server.crt key=$TLS_DIR/server.key
+    ensure_dir "$TLS_DIR" 750 root "$ACCOUNT"
+    if [ -f "$cert" ] && [ -f "$key" ]; then
+        report_ok "TLS certificate $cert"
+    else
+        report_changed "TLS certificate $cert and key $key (self-signed, ECDSA P-256)"
+        printf '{"http_tls_cert": "%s", "http_tls_key": "%s"}\n' "$cert" "$key" >"$WORK/tls.yaml"
+        run proxy tls init --config "$WORK/tls.yaml" --group "$ACCOUNT" >"$WORK/tls.out" \
+            || err "could not create the TLS certificate: $(cat "$WORK/tls.out")"
+    fi
+    ensure_file_mode "$key" 640 root "$ACCOUNT"
+}
+
+new_token() { python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())'; }
+
+readonly REGISTER_CLIENT='import json, sys, urllib.error, urllib.request
+url, hostname, proxy_url = sys.argv[1:4]
+body = json.dumps({"hostname": hostname, "proxy_url": proxy_url, "mode": "http"}).encode()
+request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(request, timeout=20) as response:
+        status, text = response.status, response.read(65536)
+except urllib.error.HTTPError as exc:
+    status, text = exc.code, exc.read(65536)
+except (OSError, ValueError) as exc:
+    reason = getattr(exc, "reason", exc)
+    print(f"cannot reach {url}: {reason}")
+    sys.exit(3)
+if status == 200:
+    try:
+        answer = json.loads(text)
+        token = answer["token"] if answer.get("success") is True else ""
+    except (ValueError, KeyError, TypeError, AttributeError):
+        token = ""
+    if isinstance(token, str) and len(token) >= 32 and token.isprintable() and " " not in token:
+        print(token)
+        print(answer.get("pve_instance", ""))
+        sys.exit(0)
+    print("Pulse answered 200 without a usable token: " + text[:200].decode("utf-8", "replace"))
+    sys.exit(4)
+print(f"{status} " + text[:200].decode("utf-8", "replace").strip())
+sys.exit(5)'
+
+# register_with_pulse: POST the registration; prints the token Pulse answered.
+register_with_pulse() {
+    local url=$PULSE_SERVER/api/temperature-proxy/register node answer code=0
+    node=$(uname -n); node=${node%%.*}
+    answer=$(python3 -c "$REGISTER_CLIENT" "$url" "$node" "$(advertised_url)") || code=$?
+    case "$code" in
+        0) printf '%s\n' "$answer" ;;
+        5) case "$answer" in
+               404*) err "Pulse at $PULSE_SERVER has no PVE instance for node '$node' (pve_instance_not_found): add this host in Pulse first, then run this again" ;;
+               410*) err "Pulse at $PULSE_SERVER has its temperature proxy endpoints switched off (410): run with --http-mode but without --pulse-server, and paste the token it prints into Pulse" ;;
+               *) err "registering with $url failed: HTTP $answer" ;;
+           esac ;;
+        *) err "registering with $url failed: $answer" ;;
+    esac
+}
+
+ensure_http_token() {
+    local token
+    if [ -s "$TOKEN_FILE" ]; then
+        report_ok "token $TOKEN_FILE (remove it to register or make a new one)"
+        ensure_file_mode "$TOKEN_FILE" 640 root "$ACCOUNT"
+        return 0
+    fi
+    if [ -n "$PULSE_SERVER" ]; then
+        if [ "$DRY_RUN" -eq 1 ]; then
+            report_changed "registered with $PULSE_SERVER as $(advertised_url); token $TOKEN_FILE"
+            return 0
+        fi
+        token=$(register_with_pulse) || exit 1
+        say "registered with $PULSE_SERVER as PVE instance '$(sed -n 2p <<<"$token")'"
+        token=$(head -n 1 <<<"$token")
+    else
+        token=$(new_token)
+        TOKEN_TO_PASTE=1
+    fi
+    printf '%s\n' "$token" | write_file "$TOKEN_FILE" 640 root "$ACCOUNT" "token $TOKEN_FILE" || true
+    HTTPS_CHANGED=1
+}
+
+ensure_https_config() {
+    local args=(--set http_enabled=true --set "http_auth_token_file=$TOKEN_FILE"
+                --set "http_tls_cert=$TLS_DIR/server.crt" --set "http_tls_key=$TLS_DIR/server.key")
+    local clients
+    if [ -n "$HTTP_ADDR" ]; then args+=(--set "http_listen_addr=$HTTP_ADDR")
+    else args+=(--set-default "http_listen_addr=$HTTP_DEFAULT_ADDR"); fi
+    if [ "${#HTTP_CLIENTS[@]}" -gt 0 ]; then
+        clients=$(printf '%s,' "${HTTP_CLIENTS[@]}")
+        args+=(--set "http_allowed_clients=[${clients%,}]")
+    fi
+    proxy config merge --config "$CONFIG" >"$WORK/https.current" || err "could not read $CONFIG"
+    proxy config merge --config "$CONFIG" "${args[@]}" >"$WORK/https.merged" \
+        || err "could not merge the http_* keys into $CONFIG"
+    if cmp -s "$WORK/https.current" "$WORK/https.merged"; then
+        report_ok "config $CONFIG http_* keys"
+        return 0
+    fi
+    report_changed "config $CONFIG http_* keys"
+    HTTPS_CHANGED=1
+    if [ "$DRY_RUN" -eq 1 ]; then
+        diff -u "$WORK/https.current" "$WORK/https.merged" | tail -n +3 || true
+    else
+        proxy config merge --config "$CONFIG" "${args[@]}" --write >/dev/null || err "could not write $CONFIG"
+    fi
+}
+
+ensure_https_mode() {
+    [ "$HTTP_MODE" -eq 1 ] || return 0
+    # The token first: a refused registration then leaves nothing of the mode behind, and a
+    # failure after it keeps the answered token, so the next run does not register again.
+    ensure_http_token
+    ensure_tls_material
+    ensure_https_config
+}
+
+https_summary() {
+    local fingerprint
+    [ "$HTTP_MODE" -eq 1 ] && [ "$DRY_RUN" -eq 0 ] || return 0
+    fingerprint=$(proxy tls init --config "$CONFIG" 2>/dev/null | sed -n 's/^fingerprint: //p')
+    say "HTTPS mode: $(advertised_url)   certificate $fingerprint"
+    if [ "$TOKEN_TO_PASTE" -eq 1 ]; then
+        say "token (paste it into Pulse with the proxy URL, in the PVE instance's temperature proxy settings): $(cat "$TOKEN_FILE")"
+    fi
+    if [ "${#HTTP_CLIENTS[@]}" -eq 0 ] && ! grep -q '^http_allowed_clients:' "$CONFIG"; then
+        say "note: HTTPS clients are limited to allowed_source_subnets; Pulse's address needs --http-allowed-clients CIDR if it is not among them"
+    fi
+    say "check:  pulse-sensor-proxy call get_temperature --node $(uname -n | cut -d. -f1) --url $(advertised_url) --token-file $TOKEN_FILE --fingerprint $fingerprint"
+}
+
+remove_https_material() {
+    local path
+    for path in "$TOKEN_FILE" "$TLS_DIR"; do
+        if [ -e "$path" ]; then
+            report_changed "$path removed"
+            run rm -rf "$path"
+        fi
+    done
 }
 
 # ---------------------------------------------------------------- install / uninstall
@@ -954,6 +1184,7 @@ do_install() {
     select_binary
     install_binary
     ensure_config
+    ensure_https_mode
     install_units
     start_service
     ensure_rotation_timer
@@ -1015,6 +1246,7 @@ do_uninstall() {
         report_changed "binary $BIN removed"
         run rm -f "$BIN" "$BIN.previous"
     fi
+    remove_https_material
     if [ "$PURGE" -eq 0 ]; then
         say "kept: $STATE_DIR and $CONF_DIR (remove them and the account with --uninstall --purge)"
         return 0

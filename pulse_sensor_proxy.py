@@ -618,13 +618,17 @@ def load_config(path=None, environ=None):
     return config
 
 
-def merge_config(raw, add_subnets=(), add_peer_ranges=()):
-    """Return `raw` with subnets and read-only peer uid ranges added (each only once).
+def merge_config(raw, add_subnets=(), add_peer_ranges=(), set_keys=(), default_keys=()):
+    """Return `raw` with subnets and read-only peer uid ranges added (each only once), the
+    (key, value) pairs of `set_keys` set and those of `default_keys` set where absent.
 
-    Everything already in the document stays as it is; used by the installer so re-running it
+    Everything else in the document stays as it is; used by the installer so re-running it
     adds what a new container needs without touching the admin's own edits.
     """
     merged = dict(raw or {})
+    merged.update(set_keys)
+    for key, value in default_keys:
+        merged.setdefault(key, value)
     subnets = list(merged.get("allowed_source_subnets") or [])
     known = {str(parse_network(s)) for s in subnets if isinstance(s, str)}
     for item in add_subnets:
@@ -3623,12 +3627,30 @@ def render_config_yaml(raw):
     return header + yaml.safe_dump(raw, default_flow_style=False, sort_keys=False)
 
 
+def parse_settings(items):
+    """KEY=VALUE arguments as (key, value) pairs, VALUE read as YAML (true, 8443, [a, b])."""
+    import yaml
+
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in CONFIG_CHECKS:
+            raise ValueError(f"--set {item}: expected KEY=VALUE with a config key"
+                             f"{_suggest(key, CONFIG_CHECKS)}")
+        try:
+            pairs.append((key, yaml.safe_load(text)))
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item}: the value is not YAML") from None
+    return pairs
+
+
 def cmd_config_merge(args):
     path = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
     try:
         raw = read_config_file(path)
         validate_config(raw, source=path)
-        merged = merge_config(raw, args.add_subnet, args.add_peer_uids)
+        merged = merge_config(raw, args.add_subnet, args.add_peer_uids,
+                              parse_settings(args.set), parse_settings(args.set_default))
         validate_config(merged, source=path)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -3805,6 +3827,10 @@ def build_parser():
     merge.add_argument("--config", help="config file to merge into")
     merge.add_argument("--add-subnet", action="append", default=[], metavar="CIDR")
     merge.add_argument("--add-peer-uids", action="append", default=[], metavar="LOW-HIGH")
+    merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a key (VALUE is YAML; repeatable)")
+    merge.add_argument("--set-default", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a key only where the config does not have it")
     merge.add_argument("--write", action="store_true",
                        help="write the result (default: print it, change nothing)")
     merge.set_defaults(func=cmd_config_merge)

@@ -335,3 +335,14 @@ def test_the_originals_http_keys_validate_and_env_overrides_apply(base_dir):
     out = run_cli("config", "validate", "--config", str(path))
     assert out.returncode == 1 and "at least 32 characters" in out.stdout
     assert "secret-but-short" not in out.stdout, "a token is never echoed"
+
+
+def test_config_merge_sets_keys_and_defaults_only_where_absent():
+    raw = {"log_level": "debug", "http_listen_addr": "[::]:8443"}
+    merged = psp.merge_config(raw, set_keys=[("http_enabled", True)],
+                              default_keys=[("http_listen_addr", "0.0.0.0:8443")])
+    assert merged == {"log_level": "debug", "http_listen_addr": "[::]:8443", "http_enabled": True}
+    assert psp.parse_settings(["http_allowed_clients=[10.0.0.5/32]"]) == \
+        [("http_allowed_clients", ["10.0.0.5/32"])]
+    with pytest.raises(ValueError, match="did you mean 'http_enabled'"):
+        psp.parse_settings(["http_enable=true"])

@@ -177,6 +177,12 @@ class TestCommandLine:
         (["--standalone", "--pyz", "x.pyz", "--url", "http://127.0.0.1/"], "exclude each other"),
         (["--standalone", "--allowed-subnets", "10.0.0.0/8,bad net"], "--allowed-subnets needs CIDRs"),
         (["--bogus"], "unknown argument '--bogus'"),
+        (["--standalone", "--pulse-server", "http://pulse:7655"], "go with --http-mode"),
+        (["--http-mode", "--http-addr", "pve1:8443"], "--http-addr needs IP:PORT"),
+        (["--http-mode", "--proxy-url", "http://10.0.0.1:8443"], "--proxy-url needs https://"),
+        (["--http-mode", "--pulse-server", "pulse:7655"], "--pulse-server needs http(s)://"),
+        (["--http-mode", "--http-allowed-clients", "10.0.0.0/8,bad net"], "needs CIDRs"),
+        (["--uninstall", "--http-mode"], "--uninstall takes no --http-mode"),
         ([], "nothing to do"),
     ])
     def test_usage_errors_exit_2(self, args, message):
@@ -189,7 +195,8 @@ class TestCommandLine:
         assert result.returncode == 0
         for flag in ("--ctid", "--standalone", "--pyz", "--version", "--url", "--allowed-subnets",
                      "--enable-rotation-timer", "--no-restart", "--uninstall", "--purge",
-                     "--dry-run", "--quiet", "--help"):
+                     "--dry-run", "--quiet", "--help", "--http-mode", "--http-addr",
+                     "--pulse-server", "--proxy-url", "--http-allowed-clients", "Firewall"):
             assert flag in result.stdout
         assert DEFAULT_ENTRY in result.stdout
 
@@ -358,3 +365,21 @@ def test_dry_run_changes_nothing(tmp_path):
     assert "+allowed_source_subnets:\n+- 192.168.1.10/32\n+- 2001:db8:1::10/128\n+- 10.10.10.1/32\n" in result.stdout
     assert "nothing was changed" in result.stdout
     assert not (tmp_path / "pct/pct.log").exists()
+
+
+def test_http_mode_dry_run_changes_nothing_and_registers_nowhere(tmp_path):
+    root, env = host_tree(tmp_path)
+    pyz = tmp_path / "pulse-sensor-proxy.pyz"
+    shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+    before = snapshot_tree(root)
+    # a port nothing listens on: a registration attempt would fail the run
+    result = installer("--dry-run", "--http-mode", "--pulse-server", "http://127.0.0.1:9",
+                       "--pyz", str(pyz), env=env)
+    assert result.returncode == 0, result.stderr
+    assert snapshot_tree(root) == before
+    conf = root / "etc/pulse-sensor-proxy"
+    assert f"would    TLS certificate {conf}/tls/server.crt" in result.stdout
+    assert "would    registered with http://127.0.0.1:9 as https://192.168.1.10:8443" in result.stdout
+    assert "+http_enabled: true\n" in result.stdout
+    assert f"+http_auth_token_file: {conf}/http-token\n" in result.stdout
+    assert "+http_listen_addr: 0.0.0.0:8443\n" in result.stdout

@@ -387,6 +387,76 @@ def test_rotation_timer_and_new_subnets_on_request(guest, first_install):
         guest.run(f"pct exec 105 -- {CT_CALL} get_temperature --node {node}")
 
 
+# -- HTTPS mode: a Pulse on another machine --------------------------------------------------
+
+HTTP_INSTALL = f"{INSTALL} --ctid 105,106 --http-mode"
+TOKEN_FILE = "/etc/pulse-sensor-proxy/http-token"
+
+
+def fake_pulse(guest, name, *instances):
+    """The register fixture, running in the guest; returns its URL and state directory."""
+    state = f"/root/{name}"
+    guest.run(f"mkdir -p {state}")
+    shutil.copy(REPO / "tests/system/pulse_register_fixture.py", guest.path("/root/register.py"))
+    port = {"gone": 7601, "other": 7602, "pulse": 7603}[name]
+    guest.run(f"systemd-run --quiet --unit fake-{name} /usr/bin/python3 /root/register.py {port} "
+              f"{state} {' '.join(instances)}")
+    wait_for(lambda: guest.path(f"{state}/ready").exists(), what=f"fake Pulse {name}")
+    return f"http://127.0.0.1:{port}", guest.path(state)
+
+
+@pytest.mark.parametrize("name, instances, message", [
+    ("gone", ("gone",), "switched off (410)"),
+    ("other", ("pve9=elsewhere",), "no PVE instance for node 'pve1' (pve_instance_not_found)"),
+])
+def test_http_mode_refused_registration_changes_nothing(guest, first_install, name, instances,
+                                                        message):
+    url, state = fake_pulse(guest, name, *instances)
+    before = tree_state(guest)
+    result = guest.run(f"{HTTP_INSTALL} --pulse-server {url}", check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert json.loads((state / "requests.jsonl").read_text()) == \
+        {"hostname": "pve1", "proxy_url": f"https://{ADDRESS}:8443", "mode": "http"}
+    assert tree_state(guest) == before
+
+
+def test_http_mode_registers_and_stores_the_answered_token(guest, first_install):
+    url, state = fake_pulse(guest, "pulse", "pve1=cluster-a")
+    result = guest.run(f"{HTTP_INSTALL} --pulse-server {url}")
+    assert "registered with " + url + " as PVE instance 'cluster-a'" in result.stdout
+    answered = (state / "tokens").read_text().split()
+    assert len(answered) == 1 and len(answered[0]) == 44
+    assert guest.path(TOKEN_FILE).read_text().strip() == answered[0]
+    assert guest.out(f"stat -c '%a %U %G' {TOKEN_FILE} /etc/pulse-sensor-proxy/tls/server.key") == \
+        f"640 root {ACCOUNT}\n640 root {ACCOUNT}\n"
+    fingerprint = guest.out("pulse-sensor-proxy tls init --config " + CONFIG).split("fingerprint: ")[1].split()[0]
+    assert f"HTTPS mode: https://{ADDRESS}:8443   certificate {fingerprint}" in result.stdout
+    assert answered[0] not in result.stdout, "a registered token is not printed"
+    guest.test_fingerprint = fingerprint
+
+
+def test_a_client_on_the_host_reads_temperatures_over_https(guest, first_install):
+    out = guest.out(f"pulse-sensor-proxy call get_temperature --node pve2 --url https://{ADDRESS}:8443 "
+                    f"--token-file {TOKEN_FILE} --fingerprint {guest.test_fingerprint} --raw")
+    sample = json.loads((REPO / "tests/fixtures/sensors" / NODES["pve2"][0]).read_text())
+    assert json.loads(json.loads(out)["temperature"]) == sample
+    shutil.copy(REPO / "tests/pulse_https_client.py", guest.path("/root/pulse_https_client.py"))
+    script = ("import json, sys; sys.path.insert(0, '/root'); from pulse_https_client import PulseHttpClient; "
+              f"c = PulseHttpClient('https://{ADDRESS}:8443', open('{TOKEN_FILE}').read().strip()); "
+              "print(json.dumps([c.temperature(n) for n in ('pve1', 'pve2', 'pve3')]))")
+    replies = json.loads(guest.out(f'python3 -c "{script}"'))
+    assert replies[1] == sample and replies[2] == {}
+
+
+def test_http_mode_second_run_changes_nothing(guest, first_install):
+    url, state = "http://127.0.0.1:7603", guest.path("/root/pulse")
+    before = tree_state(guest)
+    result = guest.run(f"{HTTP_INSTALL} --pulse-server {url}")
+    assert "Nothing to change: everything was already in place." in result.stdout
+    assert tree_state(guest) == before
+    assert len((state / "requests.jsonl").read_text().splitlines()) == 1, "not registered again"
+
+
 def test_uninstall_leaves_nothing_behind(guest, first_install):
     keys = [guest.out(f"cat /var/lib/pulse-sensor-proxy/{slot}/id_ed25519.pub").split()[1]
             for slot in ("ssh", "ssh.d/prev")]
@@ -396,7 +466,8 @@ def test_uninstall_leaves_nothing_behind(guest, first_install):
     for path in ("/etc/systemd/system/pulse-sensor-proxy.service",
                  "/etc/systemd/system/pulse-sensor-proxy-key-rotation.service",
                  "/etc/systemd/system/pulse-sensor-proxy-key-rotation.timer",
-                 "/usr/local/bin/pulse-sensor-proxy", "/run/pulse-sensor-proxy"):
+                 "/usr/local/bin/pulse-sensor-proxy", "/run/pulse-sensor-proxy",
+                 "/etc/pulse-sensor-proxy/http-token", "/etc/pulse-sensor-proxy/tls"):
         assert not guest.path(path).exists(), path
     assert "pulse-sensor-proxy" not in guest.out("systemctl list-units --all --no-legend 'pulse-sensor-proxy*'")
     assert guest.path("/etc/pve/lxc/105.conf").read_text() == CT105
