@@ -121,6 +121,8 @@ def test_token_checks_say_which(https, headers, message):
     daemon, _ = https(1)
     assert raw_get(daemon, "/temps?node=n1", headers) == (401, {"error": message})
     assert raw_get(daemon, "/health", headers) == (401, {"error": message})
+    refusal = daemon.wait_log(lambda r: r.get("status") == 401, "the refusal's audit record")
+    assert (refusal["client"], refusal["error"], refusal["path"]) == ("127.0.0.1", message, "/temps")
     status, body = raw_get(daemon, "/temps?node=n1", bearer(daemon.token))
     assert status == 200 and "temperature" in body
 
@@ -173,6 +175,8 @@ def test_a_flood_from_one_address_is_429_while_another_is_served(https):
     assert raw_get(daemon, "/health", bearer(daemon.token), source="127.0.0.2") == \
         (429, {"error": "rate limit exceeded"})
     assert raw_get(daemon, "/health", bearer(daemon.token), source="127.0.0.3")[0] == 200
+    limited = daemon.wait_log(lambda r: r.get("msg") == "Rate limit exceeded", "the 429 record")
+    assert (limited["client"], limited["status"]) == ("127.0.0.2", 429)
 
 
 def tls_client(maximum):
