@@ -134,7 +134,9 @@ CAP_READ, CAP_ADMIN = "read", "admin"
 CAPABILITIES = (CAP_READ, CAP_ADMIN)
 
 # The wire's error strings. Each maps to the `result` label of metrics and audit records and,
-# for the HTTP form, to a status code.
+# for the HTTP form, to a status code. Pulse's client sorts errors by words in them (README,
+# "Errors"): per-node errors say `node "NAME"`, `ssh` or `sensors`, never `rate limit`, which
+# is kept for the one error that concerns every node: the peer itself is over its allowance.
 E_TOO_LARGE = "payload too large"
 E_READ_TIMEOUT = "read timeout"
 E_INVALID = "invalid request format"
@@ -143,14 +145,16 @@ E_UNKNOWN_METHOD = "unknown method"
 E_TIMEOUT = "timeout"
 E_BUSY = "server busy"
 E_UNAUTHORIZED = "unauthorized"
-E_FORBIDDEN = "forbidden: method requires admin"
+E_FORBIDDEN = "method requires admin capability"       # Pulse's auth class, verbatim
+E_FORBIDDEN_CLEANUP = "method requires cleanup or admin capability"
 E_RATE_LIMITED = "rate limit exceeded"
 E_INTERNAL = "internal error"
 ERROR_RESULTS = {
     E_TOO_LARGE: ("invalid", 413), E_READ_TIMEOUT: ("timeout", 408), E_INVALID: ("invalid", 400),
     E_EMPTY: ("invalid", 400), E_UNKNOWN_METHOD: ("invalid", 200), E_TIMEOUT: ("timeout", 200),
     E_BUSY: ("busy", 503), E_UNAUTHORIZED: ("unauthorized", 403),
-    E_FORBIDDEN: ("forbidden", 403), E_RATE_LIMITED: ("rate_limited", 429),
+    E_FORBIDDEN: ("forbidden", 403), E_FORBIDDEN_CLEANUP: ("forbidden", 403),
+    E_RATE_LIMITED: ("rate_limited", 429),
 }
 
 DEFAULT_CONFIG = {
@@ -158,7 +162,8 @@ DEFAULT_CONFIG = {
     "metrics_address": "127.0.0.1:9127",
     "allowed_peers": [],
     "allow_idmapped_root": True,
-    "rate_limit": {"per_minute": 20, "burst": 10, "max_concurrent": 10},
+    "rate_limit": {"per_minute": 60, "burst": 20, "max_concurrent": 10,
+                   "per_node_per_minute": 60, "per_node_burst": 4},
     "log_level": "info",
     "socket_path": DEFAULT_SOCKET_PATH,
     "ssh_dir": DEFAULT_SSH_DIR,
@@ -171,7 +176,7 @@ DEFAULT_CONFIG = {
     "ssh": {"user": "root", "port": 22, "connect_timeout": 5.0, "command_timeout": 10.0,
             "max_output_bytes": 1024 * 1024},
     "breaker_cooldown_seconds": 30.0,
-    "cache_ttl_seconds": 0.0,
+    "node_min_interval_seconds": 2.0,
     "admin_identity": ["/root/.ssh/id_ed25519", "/root/.ssh/id_ecdsa", "/root/.ssh/id_rsa"],
     "http_enabled": False,
     "http_listen_addr": "0.0.0.0:8443",
@@ -186,7 +191,7 @@ BREAKER_THRESHOLD = 3              # consecutive failures that open a node's bre
 BREAKER_MAX_FACTOR = 8             # the cool-down doubles per failed probe, up to this factor
 INVENTORY_RECHECK = 2.0            # seconds between mtime checks of the node sources
 E_INVALID_NODE = "invalid node name"
-E_UNKNOWN_NODE = "unknown node"
+KNOWN_NODES_SHOWN = 8              # names listed in a `not in allowlist` error
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +398,8 @@ def _positive(value):
 
 
 RATE_LIMIT_CHECKS = {"per_minute": _positive, "burst": _int_at_least(1),
-                     "max_concurrent": _int_at_least(1)}
+                     "max_concurrent": _int_at_least(1), "per_node_per_minute": _check_number,
+                     "per_node_burst": _int_at_least(0)}
 SSH_CHECKS = {"user": _check_user, "port": _check_port, "connect_timeout": _positive,
               "command_timeout": _positive, "max_output_bytes": _int_at_least(1024)}
 
@@ -483,7 +489,7 @@ CONFIG_CHECKS = {
     "host_key_policy": _check_host_key_policy,
     "ssh": _check_ssh,
     "breaker_cooldown_seconds": _positive,
-    "cache_ttl_seconds": _check_number,
+    "node_min_interval_seconds": _check_number,
     "admin_identity": _check_paths,
     "http_enabled": _check_bool,
     "http_listen_addr": _check_listen_address,
@@ -724,26 +730,50 @@ def peer_capabilities(uid, gid, own_uid, allowed_peers, idmapped_ranges):
 # ---------------------------------------------------------------------------------------------
 
 
+def peer_allowance(limits, nodes):
+    """(per minute, burst, in flight) one peer may use when `nodes` nodes are known.
+
+    Pulse asks for every node on every poll, from one process: what it may ask grows with
+    the cluster. The nodes themselves are protected separately (node_min_interval_seconds).
+    """
+    return (limits["per_minute"] + limits["per_node_per_minute"] * nodes,
+            limits["burst"] + limits["per_node_burst"] * nodes,
+            limits["max_concurrent"] + nodes)
+
+
 class RateLimiter:
     """Token bucket per peer key (uid, pid) plus a cap on requests in flight per peer.
 
-    Buckets refill at per_minute/60 tokens a second up to `burst`. An entry that is full and
+    Buckets refill at per_minute/60 tokens a second up to `burst`, both following
+    peer_allowance for the number of known nodes (`node_count()`). An entry that is full and
     idle is the same as no entry, so such entries are dropped: memory follows the peers that
     are active, not the pids ever seen. `clock` is injectable so tests need no sleeps.
     """
 
     MAX_ENTRIES = 8192
 
-    def __init__(self, per_minute, burst, max_concurrent, clock=time.monotonic):
-        self.rate = per_minute / 60.0
-        self.burst = float(burst)
-        self.max_concurrent = max_concurrent
+    def __init__(self, per_minute, burst, max_concurrent, clock=time.monotonic,
+                 per_node_per_minute=0.0, per_node_burst=0, node_count=lambda: 0):
+        self.limits = {"per_minute": per_minute, "burst": burst, "max_concurrent": max_concurrent,
+                       "per_node_per_minute": per_node_per_minute, "per_node_burst": per_node_burst}
+        self.node_count = node_count
+        self.nodes = None
         self.clock = clock
         self.entries = {}           # key -> [tokens, last_refill, in_flight]
         self._next_sweep = 0.0
+        self.fit()
+
+    def fit(self):
+        """Follow the number of known nodes (cheap: the inventory re-reads its sources rarely)."""
+        nodes = self.node_count()
+        if nodes != self.nodes:
+            self.nodes = nodes
+            per_minute, burst, self.max_concurrent = peer_allowance(self.limits, nodes)
+            self.rate, self.burst = per_minute / 60.0, float(burst)
 
     def acquire(self, key):
         """Take a token and an in-flight slot; False when the peer is over either limit."""
+        self.fit()
         now = self.clock()
         if now >= self._next_sweep or len(self.entries) >= self.MAX_ENTRIES:
             self._sweep(now)
@@ -760,6 +790,7 @@ class RateLimiter:
 
     def exhausted(self, key):
         """True when the peer's next request would be refused for want of a token (takes none)."""
+        self.fit()
         entry = self.entries.get(key)
         return entry is not None and self._tokens(entry, self.clock()) < 1.0
 
@@ -972,6 +1003,28 @@ def validate_node_name(value):
     return value
 
 
+class InvalidNodeName(RequestError):
+    """A node name a peer sent that is no name or address (see requested_node)."""
+
+
+def requested_node(value):
+    """validate_node_name for a name a peer sent; the refusal names it, in Pulse's words."""
+    try:
+        return validate_node_name(value)
+    except RequestError:
+        shown = sanitize_label(value) if isinstance(value, str) else ""
+        raise InvalidNodeName(f'node "{shown}" rejected by validator: {E_INVALID_NODE} (expected '
+                           "a host name or an IP address)") from None
+
+
+def unknown_node_error(requested, inventory):
+    names = [node.name for node in inventory]
+    known = ", ".join(names[:KNOWN_NODES_SHOWN]) or "none"
+    if len(names) > KNOWN_NODES_SHOWN:
+        known += f", and {len(names) - KNOWN_NODES_SHOWN} more"
+    return RequestError(f'node "{requested}" not in allowlist (known: {known})')
+
+
 class Node:
     """One place `sensors -j` can be read: over SSH (host, port, user) or locally."""
     __slots__ = ("name", "host", "port", "user", "local")
@@ -1037,12 +1090,28 @@ def resolve_node(requested, inventory, local_names, strict):
     if key in local_names:
         return next((n for n in inventory if n.local), Node(requested, local=True))
     if strict:
-        raise RequestError(E_UNKNOWN_NODE)
+        raise unknown_node_error(requested, inventory)
     return Node(requested)
 
 
 class FetchError(Exception):
-    """Reading `sensors -j` failed; the message is what the peer and the log see."""
+    """Reading `sensors -j` failed; the message says `ssh` (the connection) or `sensors` (the
+    command). On the wire node_error_text puts the node's name first."""
+
+
+def output_too_large(limit):
+    return f"sensors -j output too large (over {limit} bytes)"
+
+
+RATE_LIMIT_WORDS = re.compile(r"rate(\s*)limit", re.IGNORECASE)
+
+
+def node_error_text(name, text):
+    """A per-node error for the wire: `node "NAME": ...`, which Pulse files under that node
+    and does not retry. (Its client retries ssh errors, and one that fails every attempt ends
+    as "max retries exhausted", a failure that switches the proxy off for every node.) Text
+    from the node (stderr, an sshd's disconnect reason) cannot add the words `rate limit`."""
+    return f'node "{name}": ' + RATE_LIMIT_WORDS.sub("rate-limit", text)[:500]
 
 
 class BreakerOpen(FetchError):
@@ -1051,6 +1120,9 @@ class BreakerOpen(FetchError):
 
 class OutputError(FetchError):
     """`sensors -j` ran but what it printed is unusable: the connection itself is fine."""
+
+
+E_SENSORS_OUTPUT = "invalid sensors output"
 
 
 def interpret_sensors_output(stdout, stderr, status):
@@ -1070,9 +1142,9 @@ def interpret_sensors_output(stdout, stderr, status):
     try:
         parsed = json.loads(text)
     except (ValueError, RecursionError):
-        raise OutputError("invalid sensors output") from None
+        raise OutputError(E_SENSORS_OUTPUT) from None
     if not isinstance(parsed, dict):
-        raise OutputError("invalid sensors output")
+        raise OutputError(E_SENSORS_OUTPUT)
     return text
 
 
@@ -1750,7 +1822,7 @@ class Inventory:
     def resolve(self, requested):
         nodes = self.current()
         names = self.names if self.config["local_sensors"] else set()
-        return resolve_node(validate_node_name(requested), nodes, names,
+        return resolve_node(requested_node(requested), nodes, names,
                             self.config["strict_node_validation"])
 
 
@@ -1773,7 +1845,7 @@ async def read_capped(stream, limit, keep=None):
         if keep is None:
             data += chunk
             if len(data) > limit:
-                raise FetchError("output too large")
+                raise FetchError(output_too_large(limit))
         elif len(data) < keep:
             data += chunk[:keep - len(data)]
 
@@ -1886,7 +1958,7 @@ class NodeState:
         self.opens = 0
         self.open_until = 0.0
         self.last_error = ""
-        self.cache = None             # (expires, text)
+        self.cache = None             # (answer from it until, the last reading)
 
 
 class NodePool:
@@ -1933,7 +2005,8 @@ class NodePool:
         now = self.clock()
         if state.failures >= BREAKER_THRESHOLD and now < state.open_until:
             self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "breaker_open"))
-            raise BreakerOpen(f"node unavailable: {state.last_error}")
+            raise BreakerOpen(f"unavailable (breaker open after {state.failures} failures in a "
+                              f"row): {state.last_error}")
         started = time.monotonic()
         try:
             if node.local:
@@ -1961,8 +2034,8 @@ class NodePool:
         self.metrics.set("pulse_proxy_node_breaker_open", 0, (label,))
         self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "success"))
         self.metrics.set("pulse_proxy_node_up", 1, (label,))
-        if self.config["cache_ttl_seconds"] > 0:
-            state.cache = (self.clock() + self.config["cache_ttl_seconds"], text)
+        if self.config["node_min_interval_seconds"] > 0:
+            state.cache = (self.clock() + self.config["node_min_interval_seconds"], text)
         return text
 
     async def ssh_fetch(self, node, state):
@@ -1980,7 +2053,7 @@ class NodePool:
                     OSError) as exc:
                 self.drop(state)
                 if fresh or attempt == 2:
-                    raise FetchError(f"SSH session to {node.name} failed: {exc}") from None
+                    raise FetchError(f"ssh: session to {node.name} failed: {exc}") from None
                 # a reused connection died since its last use (sshd restarted): reconnect once
 
     async def run_sensors(self, conn, node):
@@ -1997,10 +2070,10 @@ class NodePool:
         except TimeoutError:
             raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
         if session.too_large:       # the remote side may still be writing: not OutputError
-            raise FetchError("output too large")
+            raise FetchError(output_too_large(self.ssh["max_output_bytes"]))
         if lost is not None and session.status is None:
             # the connection died while the command ran: an SSH failure, not the node's sensors
-            raise FetchError(f"SSH session to {node.name} failed: {lost}")
+            raise FetchError(f"ssh: session to {node.name} failed: {lost}")
         return interpret_sensors_output(bytes(session.stdout), bytes(session.stderr),
                                         session.status)
 
@@ -2050,7 +2123,7 @@ class NodePool:
         def judge(server_key):
             fingerprint = server_key.get_fingerprint()
             if trusted:
-                verdict["error"] = f"host key changed for {node.name}"
+                verdict["error"] = f"ssh: host key changed for {node.name}"
                 self.metrics.inc("pulse_proxy_hostkey_changes_total", (sanitize_label(node.name),))
                 self.log.log("error", "HOST KEY CHANGED: refusing to connect; if the node was "
                              "reinstalled, remove its old key from known_hosts", node=node.name,
@@ -2058,14 +2131,14 @@ class NodePool:
                              known_hosts=self.known_hosts_path)
                 return False
             if self.config["host_key_policy"] == "strict":
-                verdict["error"] = f"unknown host key for {node.name} (host_key_policy: strict)"
+                verdict["error"] = f"ssh: unknown host key for {node.name} (host_key_policy: strict)"
                 self.log.log("warning", "Unknown host key refused", node=node.name,
                              fingerprint=fingerprint)
                 return False
             try:
                 self.pin_host_key(node, server_key)
             except OSError as exc:      # a full or read-only state dir: trust nothing unpinned
-                verdict["error"] = (f"cannot pin the host key of {node.name} in "
+                verdict["error"] = (f"ssh: cannot pin the host key of {node.name} in "
                                     f"{self.known_hosts_path}: {exc.strerror}")
                 return False
             return True
@@ -2082,19 +2155,19 @@ class NodePool:
                     keepalive_count_max=3, gss_host=None, password=None, kbdint_auth=False,
                     ignore_encrypted=True)
         except TimeoutError:
-            raise FetchError(f"cannot connect to {node.host}:{node.port}: no SSH answer within "
+            raise FetchError(f"ssh: cannot connect to {node.host}:{node.port}: no SSH answer within "
                              f"{timeout:g} s") from None
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise FetchError(verdict.get("error") or f"host key not verifiable: {exc}") from None
+            raise FetchError(verdict.get("error") or f"ssh: host key not verifiable: {exc}") from None
         except asyncssh.PermissionDenied:
-            raise FetchError(f"permission denied (publickey) on {node.name}: {whose} is not "
+            raise FetchError(f"ssh: permission denied (publickey) on {node.name}: {whose} is not "
                              "installed there") from None
         except (asyncssh.Error, OSError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and (exc.errno or 0) > 0:
                 reason = os.strerror(exc.errno)     # asyncio's text is "Connect call failed (addr)"
             else:
                 reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-            raise FetchError(f"cannot connect to {node.host}:{node.port}: {reason}") from None
+            raise FetchError(f"ssh: cannot connect to {node.host}:{node.port}: {reason}") from None
 
     def known_host_keys(self, node):
         """(trusted keys, revoked keys) for a node from Proxmox's and our known_hosts."""
@@ -2113,7 +2186,7 @@ class NodePool:
                 except PermissionError:
                     parsed = None   # Proxmox's priv/ is root-only; `keys push` copies its keys
                 except (OSError, ValueError, UnicodeDecodeError) as exc:
-                    parsed = f"cannot use {path}: {exc}"
+                    parsed = f"ssh: cannot use {path}: {exc}"
                 cached = self.known_cache[path] = (stamp, parsed)
             if isinstance(cached[1], str):
                 raise FetchError(cached[1])    # fail closed: never re-pin over a broken file
@@ -2363,7 +2436,7 @@ class KeyAdmin:
         wanted = []
         for name in names:
             try:
-                wanted.append(resolve_node(validate_node_name(name), nodes, set(), True))
+                wanted.append(resolve_node(requested_node(name), nodes, set(), True))
             except RequestError as exc:
                 raise FetchError(f"--node {name}: {exc}") from None
         return wanted
@@ -2730,9 +2803,6 @@ class Daemon:
         """Switch to a validated config (start and SIGHUP)."""
         self.config = config
         self.log.level = LOG_LEVELS[config["log_level"]]
-        limits = config["rate_limit"]
-        self.limiter = RateLimiter(limits["per_minute"], limits["burst"], limits["max_concurrent"],
-                                   clock=self.clock)
         ranges = []
         if config["allow_idmapped_root"]:
             try:
@@ -2744,7 +2814,7 @@ class Daemon:
         previous = getattr(self, "config_for_nodes", None)
         node_config = {k: config[k] for k in ("nodes", "pve_dir", "strict_node_validation",
                                               "local_sensors", "host_key_policy", "ssh",
-                                              "breaker_cooldown_seconds", "cache_ttl_seconds",
+                                              "breaker_cooldown_seconds", "node_min_interval_seconds",
                                               "ssh_dir")}
         if node_config != previous:
             if previous is not None:
@@ -2752,6 +2822,12 @@ class Daemon:
             self.config_for_nodes = node_config
             self.inventory = Inventory(config, self.log, self.clock)
             self.pool = NodePool(config, self.log, self.metrics, self.clock)
+        limits = config["rate_limit"]
+        self.limiter = RateLimiter(limits["per_minute"], limits["burst"], limits["max_concurrent"],
+                                   clock=self.clock,
+                                   per_node_per_minute=limits["per_node_per_minute"],
+                                   per_node_burst=limits["per_node_burst"],
+                                   node_count=lambda: len(self.inventory.current()))
         if not config["allowed_source_subnets"]:
             detected = detect_host_networks()
             self.source_subnets = detected
@@ -3025,7 +3101,8 @@ async def get_status(daemon, peer, params, corr_id):
     config = daemon.config
     return {"version": __version__, "public_key": read_public_key(config["ssh_dir"]),
             "ssh_dir": config["ssh_dir"], "socket": config["socket_path"],
-            "uptime_seconds": round(daemon.clock() - daemon.started, 3), "peer": peer.as_dict()}
+            "uptime_seconds": round(daemon.clock() - daemon.started, 3), "peer": peer.as_dict(),
+            "capabilities": sorted(peer.capabilities)}     # where the original daemon put them
 
 
 @rpc_method("get_temperature", CAP_READ)
@@ -3035,7 +3112,7 @@ async def get_temperature(daemon, peer, params, corr_id):
     try:
         text, cached = await daemon.pool.fetch(node)
     except FetchError as exc:
-        raise RequestError(str(exc)) from None
+        raise RequestError(node_error_text(node.name, str(exc))) from None
     return {"node": params["node"], "temperature": text, "source": "local" if node.local else "ssh",
             "cached": cached, "latency_ms": round((time.monotonic() - started) * 1000, 3)}
 
@@ -3072,7 +3149,7 @@ async def ensure_cluster_keys(daemon, peer, params, corr_id):
     installing the key is `pulse-sensor-proxy keys push`, run as root."""
     public_key = read_public_key(daemon.config["ssh_dir"])
     if not public_key:
-        raise RequestError(f"no public key in {daemon.config['ssh_dir']}")
+        raise RequestError(f"ssh: no public key in {daemon.config['ssh_dir']}")
     results = {}
     for node, error in await probe_nodes(daemon):
         if error is None:
@@ -3242,9 +3319,9 @@ class HttpsFront:
             raise HttpRefusal(400, "missing 'node' query parameter")
         try:
             node = self.daemon.inventory.resolve(name)
+        except InvalidNodeName:
+            raise HttpRefusal(400, E_INVALID_NODE) from None
         except RequestError as exc:
-            if exc.args[0] == E_INVALID_NODE:
-                raise HttpRefusal(400, E_INVALID_NODE) from None
             raise HttpRefusal(403, f"node not allowed: {exc.args[0]}") from None
         try:
             async with asyncio.timeout(HANDLER_TIMEOUT):

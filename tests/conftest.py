@@ -230,6 +230,8 @@ def daemon(daemon_factory):
 # --- a daemon and real sshd nodes --------------------------------------------------------------
 
 FAST_LIMITS = {"per_minute": 1000000, "burst": 100000, "max_concurrent": 100}
+# Tests that count a node's `sensors -j` runs ask again at once and expect a new run.
+EVERY_TIME = {"node_min_interval_seconds": 0}
 
 
 @pytest.fixture
@@ -242,7 +244,8 @@ def cluster(daemon_factory, ssh_nodes):
         settings = {"nodes": {f"n{i + 1}": {"host": node.host, "port": node.port, "user": node.user}
                               for i, node in enumerate(nodes)},
                     "rate_limit": FAST_LIMITS, "metrics_address": f"127.0.0.1:{free_port()}",
-                    "ssh": dict({"connect_timeout": 3, "command_timeout": 4}, **(ssh or {}))}
+                    "ssh": dict({"connect_timeout": 3, "command_timeout": 4}, **(ssh or {})),
+                    **EVERY_TIME}
         settings.update(config)
         daemon = daemon_factory(settings)
         daemon.public_key = (daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
@@ -252,6 +255,11 @@ def cluster(daemon_factory, ssh_nodes):
         return daemon, nodes
 
     return make
+
+
+def on_node(name, error):
+    """A per-node error as the wire carries it: the node's name first (see node_error_text)."""
+    return f'node "{name}": {error}'
 
 
 def temperature(daemon, node, **extra):
@@ -320,7 +328,7 @@ def lab(daemon_factory, ssh_nodes, base_dir):
         config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
                             for i, n in enumerate(nodes)},
                   "admin_identity": [str(admin.private_path)], "rate_limit": FAST_LIMITS,
-                  "ssh": {"connect_timeout": 5, "command_timeout": 5}}
+                  "ssh": {"connect_timeout": 5, "command_timeout": 5}, **EVERY_TIME}
         daemon = daemon_factory(config, uid=SERVICE_UID)
         result = Lab(daemon, nodes, admin)
         if push:

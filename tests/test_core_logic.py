@@ -14,7 +14,9 @@ from conftest import ROOT
 def test_empty_config_gives_documented_defaults():
     config = psp.validate_config(None)
     assert config["metrics_address"] == "127.0.0.1:9127"
-    assert config["rate_limit"] == {"per_minute": 20, "burst": 10, "max_concurrent": 10}
+    assert config["rate_limit"] == {"per_minute": 60, "burst": 20, "max_concurrent": 10,
+                                    "per_node_per_minute": 60, "per_node_burst": 4}
+    assert config["node_min_interval_seconds"] == 2
     assert config["allow_idmapped_root"] is True
     assert config["socket_path"] == "/run/pulse-sensor-proxy/pulse-sensor-proxy.sock"
     assert config["allowed_peers"] == []
@@ -301,7 +303,7 @@ def test_http_statuses():
     assert psp.status_for_error(psp.E_INVALID) == 400
     assert psp.status_for_error(psp.E_RATE_LIMITED) == 429
     assert psp.status_for_error(psp.E_UNAUTHORIZED) == 403
-    assert psp.status_for_error("host key changed for pve1") == 200
+    assert psp.status_for_error("ssh: host key changed for pve1") == 200
 
 
 def test_call_params():

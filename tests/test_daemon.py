@@ -12,6 +12,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import pulse_sensor_proxy as psp
 from conftest import MODULE, PYTHON, rpc, run_cli, send_raw, wait_for
 
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
@@ -45,6 +46,7 @@ def test_get_status_exactly_as_pulse_sends_it(daemon):
     assert data["uptime_seconds"] >= 0
     assert data["peer"] == {"uid": 0, "gid": 0, "pid": data["peer"]["pid"],
                             "capabilities": ["admin", "read"]}
+    assert data["capabilities"] == ["admin", "read"], "top level too, as the original answered"
 
 
 def test_keep_alive_answers_in_order(daemon):
@@ -201,13 +203,13 @@ def test_uid_matrix(daemon_factory):
 
     configured = rpc(daemon.socket, {"method": "get_status"}, uid=1001)
     assert configured["success"] and configured["data"]["peer"]["capabilities"] == ["read"]
-    assert rpc(daemon.socket, admin, uid=1001)["error"] == "forbidden: method requires admin"
+    assert rpc(daemon.socket, admin, uid=1001)["error"] == psp.E_FORBIDDEN
 
     container_root = rpc(daemon.socket, {"method": "get_status"}, uid=100000)
     assert container_root["data"]["peer"] == {
         "uid": 100000, "gid": 100000, "pid": container_root["data"]["peer"]["pid"],
         "capabilities": ["read"]}
-    assert rpc(daemon.socket, admin, uid=165535)["error"] == "forbidden: method requires admin"
+    assert rpc(daemon.socket, admin, uid=165535)["error"] == psp.E_FORBIDDEN
     assert rpc(daemon.socket, {"method": "get_status"}, uid=165536)["error"] == "unauthorized"
 
 
@@ -267,10 +269,12 @@ def test_idmapped_container_root_from_a_real_user_namespace(daemon_factory):
 # -- rate limits -----------------------------------------------------------------------------------
 
 
-def test_eleventh_request_of_a_burst_is_refused(daemon):
-    payload = b'{"method":"get_status"}\n' * 11
+def test_the_request_after_a_burst_is_refused(daemon):
+    # The defaults for a daemon that knows one node (this host).
+    _, burst, _ = psp.peer_allowance(psp.DEFAULT_CONFIG["rate_limit"], 1)
+    payload = b'{"method":"get_status"}\n' * (burst + 1)
     replies = lines_of(send_raw(daemon.socket, payload, shutdown=True))
-    assert [r["success"] for r in replies] == [True] * 10 + [False]
+    assert [r["success"] for r in replies] == [True] * burst + [False]
     assert replies[-1]["error"] == "rate limit exceeded"
     record = daemon.wait_log(lambda r: r.get("msg") == "Rate limit exceeded", "the rate-limit log line")
     assert record["uid"] == 0 and record["pid"] == os.getpid()

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 import pulse_sensor_proxy as psp
-from conftest import SERVICE_UID, fd_count, metric_samples, temperature, wait_for
+from conftest import SERVICE_UID, fd_count, metric_samples, on_node, temperature, wait_for
 from sshnodes import DEFAULT_FIXTURE
 
 TIMEOUTS = {"connect_timeout": 2, "command_timeout": 2}
@@ -32,7 +32,7 @@ TIMED_OUT = f"sensors -j timed out after {TIMEOUTS['command_timeout']} s"
 
 
 def no_answer(node):
-    return f"cannot connect to {node.host}:{node.port}: no SSH answer within {TIMEOUTS['connect_timeout']} s"
+    return f"ssh: cannot connect to {node.host}:{node.port}: no SSH answer within {TIMEOUTS['connect_timeout']} s"
 
 
 def node_metrics(daemon, name):
@@ -76,7 +76,7 @@ def silent(node):
 
 FAULTS = {
     "node down": Fault(lambda node, ns: node.stop(), lambda node, ns, daemon: node.start(),
-                       repeat(lambda n: f"cannot connect to {n.host}:{n.port}: Connection refused"),
+                       repeat(lambda n: f"ssh: cannot connect to {n.host}:{n.port}: Connection refused"),
                        pending=False),
     "TCP black hole": Fault(lambda node, ns: ns.black_hole(node.port),
                             lambda node, ns, daemon: ns.lift_black_hole(node.port), silent, pending=True),
@@ -87,13 +87,13 @@ FAULTS = {
                                              repeat(TIMED_OUT), pending=True),
     "100 MB of output": Fault(lambda node, ns: node.set_mode("huge", 100_000_000),
                               lambda node, ns, daemon: node.set_mode("fixture", DEFAULT_FIXTURE),
-                              repeat("output too large"), pending=False),
+                              repeat(psp.output_too_large(1024 * 1024)), pending=False),
     "non-JSON output": Fault(lambda node, ns: node.set_mode("garbage"),
                              lambda node, ns, daemon: node.set_mode("fixture", DEFAULT_FIXTURE),
                              repeat("invalid sensors output"), pending=False),
     "host key changed": Fault(lambda node, ns: node.rotate_host_key(),
                               lambda node, ns, daemon: forget_host_key(daemon, node),
-                              repeat("host key changed for n1"), pending=False),
+                              repeat("ssh: host key changed for n1"), pending=False),
 }
 
 
@@ -127,8 +127,9 @@ def fault_cycle(fault, daemon, faulty, netns):
             assert not first.done(), "n1's request was still waiting when n2 answered"
         errors = [first.result(timeout=60)["error"]]
     errors += [temperature(daemon, "n1")["error"] for _ in range(psp.BREAKER_THRESHOLD - 1)]
-    assert errors == expected
-    assert temperature(daemon, "n1")["error"] == f"node unavailable: {expected[-1]}"
+    assert errors == [on_node("n1", error) for error in expected]
+    assert temperature(daemon, "n1")["error"] == on_node(
+        "n1", f"unavailable (breaker open after {psp.BREAKER_THRESHOLD} failures in a row): {expected[-1]}")
     failing = node_metrics(daemon, "n1")
     assert (failing["up"], failing["breaker_open"]) == (0, 1)
     assert grown(before, failing) == {"requests_success": 0, "requests_error": psp.BREAKER_THRESHOLD,
@@ -148,7 +149,7 @@ def test_big_output_is_cut_off_on_the_node_too(cluster):
     """100 MB from sensors: the session is aborted at the cap, nothing keeps streaming."""
     daemon, (node,) = cluster(1, ssh=TIMEOUTS)
     node.set_mode("huge", 100_000_000)
-    assert temperature(daemon, "n1")["error"] == "output too large"
+    assert temperature(daemon, "n1")["error"].startswith(on_node("n1", "sensors -j output too large"))
     wait_for(lambda: not node.session_pids(), what="the node's session to end")
 
 
@@ -162,7 +163,7 @@ def test_sshd_restarted_during_a_request(cluster):
         wait_for(lambda: node.exec_count() > runs, what="sensors -j running on n1")
         assert temperature(daemon, "n2")["success"], "the healthy node answers meanwhile"
         node.restart()
-        assert pending.result(timeout=60)["error"] == "SSH session to n1 failed: Connection lost"
+        assert pending.result(timeout=60)["error"] == on_node("n1", "ssh: session to n1 failed: Connection lost")
     state = node_metrics(daemon, "n1")
     assert (state["up"], state["breaker_open"], state["requests_error"]) == (0, 0, 1)
     node.set_mode("fixture", DEFAULT_FIXTURE)
@@ -349,7 +350,7 @@ def test_new_host_key_cannot_be_pinned(cluster, state_disk, how):
     break_state_dir(state_disk, state, how)
     reason = NO_SPACE if how == "full" else READ_ONLY
     assert temperature(daemon, "n1")["error"] == \
-        f"cannot pin the host key of n1 in {state / 'known_hosts'}: {reason}"
+        on_node("n1", f"ssh: cannot pin the host key of n1 in {state / 'known_hosts'}: {reason}")
     assert node.exec_count() == 0
     mend_state_dir(state_disk, state, how)
     assert temperature(daemon, "n1")["success"]

@@ -261,7 +261,7 @@ def test_revoke_by_fingerprint_only_on_chosen_nodes(lab):
     key = lab.current_public().split()[1]
     assert key in lab.keys_on(lab.nodes[0]) and key not in lab.keys_on(lab.nodes[1])
     assert lab.cli("keys", "revoke", "--fingerprint", "MD5:xx").returncode == 2
-    assert "unknown node" in lab.cli("keys", "push", "--node", "n9").stderr
+    assert 'node "n9" not in allowlist' in lab.cli("keys", "push", "--node", "n9").stderr
 
 
 def test_status_reports_slots_and_the_restricted_path(lab):

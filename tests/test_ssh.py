@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import pulse_sensor_proxy as psp
-from conftest import FAST_LIMITS, metric_samples, rpc, temperature, wait_for
+from conftest import FAST_LIMITS, metric_samples, on_node, rpc, temperature, wait_for
 from sshnodes import FIXTURES_DIR, make_keypair
 
 def fixture_json(name):
@@ -64,7 +64,7 @@ def test_from_option_excluding_us_refuses_the_key(cluster):
 def test_output_over_the_cap(cluster):
     daemon, (node,) = cluster(1, ssh={"max_output_bytes": 65536})
     node.set_mode("huge", 10_000_000)
-    assert temperature(daemon, "n1")["error"] == "output too large"
+    assert temperature(daemon, "n1")["error"].startswith(on_node("n1", "sensors -j output too large"))
     node.set_mode("fixture", "intel-coretemp-nvme")
     assert temperature(daemon, "n1")["success"], "the node works again afterwards"
 
@@ -72,9 +72,9 @@ def test_output_over_the_cap(cluster):
 def test_non_json_output(cluster):
     daemon, (node,) = cluster(1)
     node.set_mode("garbage")
-    assert temperature(daemon, "n1")["error"] == "invalid sensors output"
+    assert temperature(daemon, "n1")["error"] == on_node("n1", "invalid sensors output")
     node.set_mode("exit", 3)
-    assert temperature(daemon, "n1")["error"] == "sensors -j exited with status 3"
+    assert temperature(daemon, "n1")["error"] == on_node("n1", "sensors -j exited with status 3")
     node.set_mode("fixture", "intel-coretemp-nvme")
     assert temperature(daemon, "n1")["success"]
     assert node.accepted_publickey_count() == 1, "bad output is no reason to log in again"
@@ -86,7 +86,7 @@ def test_command_timeout_leaves_other_nodes_unaffected(cluster):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         stuck = pool.submit(temperature, daemon, "n1")
         assert temperature(daemon, "n2")["success"]
-        assert stuck.result(timeout=20)["error"] == "sensors -j timed out after 1 s"
+        assert stuck.result(timeout=20)["error"] == on_node("n1", "sensors -j timed out after 1 s")
 
 
 def test_tcp_that_never_speaks_ssh_fails_within_connect_timeout(cluster, tarpit, stalling_sshd):
@@ -102,8 +102,8 @@ def test_tcp_that_never_speaks_ssh_fails_within_connect_timeout(cluster, tarpit,
         pit = pool.submit(temperature, daemon, "pit")
         stall = pool.submit(temperature, daemon, "stall")
         assert temperature(daemon, "n1")["success"], "a healthy node answers meanwhile"
-        assert pit.result(timeout=20)["error"] == \
-            f"cannot connect to 127.0.0.1:{tarpit.port}: no SSH answer within 1 s"
+        assert pit.result(timeout=20)["error"] == on_node(
+            "pit", f"ssh: cannot connect to 127.0.0.1:{tarpit.port}: no SSH answer within 1 s")
         assert stall.result(timeout=20)["error"].endswith("no SSH answer within 1 s")
 
 
@@ -114,7 +114,7 @@ def test_changed_host_key_is_refused_and_counted(cluster):
     assert node.host_public_key in known_hosts.read_text(), "pinned on first use"
     node.rotate_host_key()
     reply = temperature(daemon, "n1")
-    assert reply["error"] == "host key changed for n1"
+    assert reply["error"] == on_node("n1", "ssh: host key changed for n1")
     record = daemon.wait_log(lambda r: r.get("msg", "").startswith("HOST KEY CHANGED"), "the alarm")
     assert record["level"] == "error" and record["node"] == "n1"
     assert metric_samples(daemon)[("pulse_proxy_hostkey_changes_total", (("node", "n1"),))] == 1
@@ -125,7 +125,8 @@ def test_strict_policy_trusts_only_known_hosts_files(cluster, base_dir):
     pve = base_dir / "pve"
     (pve / "priv").mkdir(parents=True)
     daemon, (known, unknown) = cluster(2, host_key_policy="strict", pve_dir=str(pve))
-    assert temperature(daemon, "n2")["error"] == "unknown host key for n2 (host_key_policy: strict)"
+    assert temperature(daemon, "n2")["error"] == \
+        on_node("n2", "ssh: unknown host key for n2 (host_key_policy: strict)")
     (pve / "priv" / "known_hosts").write_text(f"n1 {known.host_public_key}\n")
     assert temperature(daemon, "n1")["success"], "Proxmox's cluster file is trusted"
     assert not (daemon.base / "state" / "known_hosts").exists(), "strict never pins"
@@ -135,27 +136,29 @@ def test_corrupt_known_hosts_fails_closed(cluster):
     daemon, (node,) = cluster(1)
     (daemon.base / "state" / "known_hosts").write_text("[127.0.0.1]:1 ssh-ed25519 !!!notbase64\n")
     reply = temperature(daemon, "n1")
-    assert reply["error"].startswith("cannot use ") and node.exec_count() == 0
+    assert reply["error"].startswith(on_node("n1", "ssh: cannot use ")) and node.exec_count() == 0
 
 
 @pytest.mark.parametrize("name", ["a;b", "$(id)", "-oProxyCommand=x", "x" * 65, "", "pvé", "..",
                                   "a..b", ".hidden", "n1 ", "n1\n", "../etc", "[n1]"])
 def test_invalid_node_names_are_refused_before_any_io(cluster, name):
     daemon, (node,) = cluster(1)
-    assert temperature(daemon, name)["error"] == "invalid node name"
+    assert temperature(daemon, name)["error"] == \
+        f'node "{psp.sanitize_label(name)}" rejected by validator: invalid node name (expected a ' \
+        "host name or an IP address)"
     assert node.exec_count() == 0 and node.accepted_publickey_count() == 0
 
 
 def test_non_string_node_is_invalid(cluster):
     daemon, _ = cluster(1)
     for value in (None, 5, ["n1"]):
-        assert temperature(daemon, value)["error"] == "invalid node name"
+        assert temperature(daemon, value)["error"].startswith('node "" rejected by validator')
 
 
 def test_unknown_node_is_refused_in_strict_mode(cluster):
     daemon, _ = cluster(1)
-    assert temperature(daemon, "pve9")["error"] == "unknown node"
-    assert temperature(daemon, "10.1.2.3")["error"] == "unknown node"
+    assert temperature(daemon, "pve9")["error"] == 'node "pve9" not in allowlist (known: n1)'
+    assert temperature(daemon, "10.1.2.3")["error"] == 'node "10.1.2.3" not in allowlist (known: n1)'
 
 
 def test_concurrent_requests_for_one_node_share_one_exec(cluster):
@@ -174,9 +177,10 @@ def test_breaker_opens_fails_fast_and_recovers(cluster):
     daemon, (node,) = cluster(1, breaker_cooldown_seconds=1)
     node.stop()
     errors = [temperature(daemon, "n1")["error"] for _ in range(3)]
-    assert all(e.startswith(f"cannot connect to 127.0.0.1:{node.port}") for e in errors), errors
+    assert all(e.startswith(on_node("n1", f"ssh: cannot connect to 127.0.0.1:{node.port}")) for e in errors), errors
     fast = temperature(daemon, "n1")["error"]
-    assert fast == f"node unavailable: {errors[-1]}"
+    assert fast == on_node("n1", "unavailable (breaker open after 3 failures in a row): "
+                           + errors[-1][len(on_node("n1", "")):])
     samples = metric_samples(daemon)
     assert samples[("pulse_proxy_node_breaker_open", (("node", "n1"),))] == 1
     assert samples[("pulse_proxy_node_up", (("node", "n1"),))] == 0
@@ -201,8 +205,8 @@ def test_new_key_on_disk_is_used_for_new_connections(cluster, base_dir):
     assert node.accepted_publickey_count() == 2
 
 
-def test_cache_ttl(cluster):
-    daemon, (node,) = cluster(1, cache_ttl_seconds=3600)
+def test_node_min_interval_answers_from_the_last_reading(cluster):
+    daemon, (node,) = cluster(1, node_min_interval_seconds=3600)
     first, second = temperature(daemon, "n1"), temperature(daemon, "n1")
     assert (first["data"]["cached"], second["data"]["cached"]) == (False, True)
     assert node.exec_count() == 1
@@ -236,7 +240,7 @@ def test_ensure_cluster_keys_is_admin_only(cluster):
     daemon, _ = cluster(1, allowed_peers=[{"uid": 1001}])
     assert rpc(daemon.socket, {"method": "register_nodes"}, uid=1001)["success"]
     assert rpc(daemon.socket, {"method": "ensure_cluster_keys"}, uid=1001)["error"] == \
-        "forbidden: method requires admin"
+        "method requires admin capability"
 
 
 def test_members_file_is_the_inventory(daemon_factory, base_dir, ssh_node):
@@ -253,7 +257,7 @@ def test_members_file_is_the_inventory(daemon_factory, base_dir, ssh_node):
     reply = temperature(daemon, "127.0.0.1")
     assert reply["success"] and reply["data"]["source"] == "ssh", "by address: pve2 over SSH"
     assert temperature(daemon, "pve2")["success"]
-    assert temperature(daemon, "pve3")["error"] == "unknown node"
+    assert temperature(daemon, "pve3")["error"] == 'node "pve3" not in allowlist (known: pve1, pve2)'
 
 
 # -- parsing of Proxmox's node sources (fixtures in their real formats) --------------------------
@@ -294,7 +298,7 @@ def test_resolve_node_order():
     assert psp.resolve_node("10.0.0.2", nodes, set(), True).name == "pve2"
     assert psp.resolve_node("localhost", nodes, {"localhost"}, True).name == "pve2"
     assert psp.resolve_node("other", nodes, set(), False).host == "other"
-    with pytest.raises(psp.RequestError, match="unknown node"):
+    with pytest.raises(psp.RequestError, match='node "other" not in allowlist \\(known: pve1, pve2\\)'):
         psp.resolve_node("other", nodes, set(), True)
 
 
