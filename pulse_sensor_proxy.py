@@ -25,6 +25,7 @@ Commands (``pulse-sensor-proxy --help`` lists their options)::
     version                   print the version and exit
     call METHOD [--node N]    send one request to a running daemon, pretty-print the answer
     config validate           check a config file; prints every problem, or OK
+    config migrate [--write]  rewrite a config of the original proxy in this one's vocabulary
     config merge              add subnets / peer uid ranges to a config file (used by the installer)
     demo                      run the daemon with every path under ./demo-run (no root, no Proxmox)
 
@@ -588,11 +589,32 @@ def read_config_file(path):
         raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
 
 
+def read_optional_text(path):
+    """A small text file's contents, or None when it does not exist."""
+    try:
+        with open(path) as handle:
+            return handle.read(MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+
+
+def read_translated_config(path):
+    """The config file in our vocabulary, and the notes on what was translated or ignored."""
+    raw, notes, problems = translate_original(read_config_file(path), read_optional_text)
+    if problems:
+        raise ConfigError([f"{path}: {problem}" for problem in problems])
+    return raw, notes
+
+
 def load_config(path=None, environ=None):
-    """Read, validate and apply environment overrides; returns the effective config."""
+    """Read, translate, validate and apply environment overrides; returns the effective config
+    (with `config_notes`: what of the original proxy's vocabulary was translated or ignored)."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
-    config = validate_config(read_config_file(path), source=path)
+    raw, notes = read_translated_config(path)
+    config = validate_config(raw, source=path)
     overrides = {ENV_SOCKET: "socket_path", ENV_SSH_DIR: "ssh_dir",
                  ENV_METRICS_ADDR: "metrics_address"}
     problems = []
@@ -621,6 +643,7 @@ def load_config(path=None, environ=None):
     if problems:
         raise ConfigError(problems)
     config["config_path"] = path
+    config["config_notes"] = notes
     return config
 
 
@@ -700,6 +723,192 @@ def detect_host_networks():
                 or address.is_unspecified) and network not in usable:
             usable.append(network)
     return [str(n) for n in usable]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the original proxy's vocabulary
+# ---------------------------------------------------------------------------------------------
+
+ALL_UIDS = "0-4294967295"
+DURATION_UNITS = {"h": 3600.0, "ms": 0.001, "m": 60.0, "s": 1.0, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+DURATION_PART = r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)"
+# Keys of the original whose function nothing here has: accepted, with why they are ignored.
+ORIGINAL_IGNORED = {
+    "pulse_control_plane": "nothing here takes the node list from Pulse; the nodes come from the "
+                           "cluster (/etc/pve/.members) or `nodes:`",
+    "write_timeout": "answers are written without a configurable deadline here",
+}
+
+
+def parse_duration(value):
+    """Seconds of a Go duration (`5s`, `1m30s`, `500ms`) or a plain number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and re.fullmatch(f"({DURATION_PART})+", value.strip()):
+        return sum(float(n) * DURATION_UNITS[u] for n, u in re.findall(DURATION_PART, value))
+    raise ValueError("expected a duration such as 5s, 500ms or 1m30s")
+
+
+def parse_allowed_nodes_file(text):
+    """The original's allowed_nodes file: a YAML list, or a mapping with `allowed_nodes:`."""
+    yaml, loader = _yaml_loader()
+    try:
+        data = yaml.load(text, Loader=loader)
+    except yaml.YAMLError:
+        raise ValueError("not YAML") from None
+    if isinstance(data, dict):
+        data = data.get("allowed_nodes")
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ValueError("expected a list of nodes or `allowed_nodes:` with one")
+    return data
+
+
+def translate_original(raw, read_text):
+    """A config in the original proxy's vocabulary, in ours: (document, notes, problems).
+
+    `notes` name each translation and each ignored key, one sentence each; `read_text(path)`
+    reads the file `allowed_nodes_file` names (None when it does not exist). Keys of neither
+    vocabulary pass through for validate_config to refuse.
+    """
+    if not isinstance(raw, dict):
+        return raw, [], []
+    doc, notes, problems = dict(raw), [], []
+
+    def note(key, text):
+        notes.append(f"{key}: {text}")
+
+    peers = list(doc.get("allowed_peers") or []) if isinstance(doc.get("allowed_peers"), list) \
+        else doc.get("allowed_peers")
+    if isinstance(peers, list):
+        for index, entry in enumerate(peers):
+            caps = entry.get("capabilities") if isinstance(entry, dict) else None
+            if isinstance(caps, list) and "write" in caps:
+                kept = [c for c in caps if c != "write"] or [CAP_READ]
+                peers[index] = dict(entry, capabilities=kept)
+                note(f"allowed_peers[{index}].capabilities", "`write` dropped: no method of the "
+                     "original needed it beyond read")
+        doc["allowed_peers"] = peers
+    for key, field in (("allowed_peer_uids", "uid"), ("allowed_peer_gids", "gid")):
+        if key not in doc:
+            continue
+        values = doc.pop(key) or []
+        if not isinstance(values, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            problems.append(f"{key}: got {_describe(values)}, expected a list of ids")
+            continue
+        if not isinstance(peers, list):
+            continue
+        for value in values:
+            entry = {"uid": value} if field == "uid" else {"uids": ALL_UIDS, "gid": value}
+            peers.append(dict(entry, capabilities=[CAP_READ, CAP_ADMIN]))
+        if values:
+            note(key, f"now allowed_peers entries with read and admin, as the original granted "
+                 f"({', '.join(map(str, values))})")
+        else:
+            note(key, "empty; dropped")
+    if "allowed_idmap_users" in doc:
+        users = doc.pop("allowed_idmap_users")
+        if users in (None, [], ["root"]):
+            note("allowed_idmap_users", "dropped: allow_idmapped_root uses root's /etc/subuid "
+                 "ranges, as this setting did")
+        else:
+            note("allowed_idmap_users", f"ignored: only root's /etc/subuid ranges are read here, "
+                 f"not those of {_describe(users)}")
+    if doc.get("metrics_address") in ("default", ""):
+        doc["metrics_address"] = DEFAULT_CONFIG["metrics_address"]
+        note("metrics_address", f"`default` is {DEFAULT_CONFIG['metrics_address']}")
+    if "read_timeout" in doc:
+        value = doc.pop("read_timeout")
+        try:
+            seconds = parse_duration(value)
+            note("read_timeout", f"ignored: a request must arrive within {READ_TIMEOUT:g} s here"
+                 + ("" if seconds == READ_TIMEOUT else f", not {seconds:g} s"))
+        except ValueError as exc:
+            problems.append(f"read_timeout: got {_describe(value)}, {exc}")
+    if "max_ssh_output_bytes" in doc:
+        value = doc.pop("max_ssh_output_bytes")
+        ssh = doc.get("ssh") if isinstance(doc.get("ssh"), dict) else {}
+        doc["ssh"] = dict(ssh, max_output_bytes=value)
+        note("max_ssh_output_bytes", "now ssh.max_output_bytes")
+    if "require_proxmox_hostkeys" in doc:
+        value = doc.pop("require_proxmox_hostkeys")
+        if isinstance(value, bool):
+            doc.setdefault("host_key_policy", "strict" if value else "tofu")
+            note("require_proxmox_hostkeys", f"now host_key_policy: {doc['host_key_policy']}")
+        else:
+            problems.append(f"require_proxmox_hostkeys: got {_describe(value)}, expected true or false")
+    translate_allowed_nodes(doc, read_text, note, problems)
+    limits = doc.get("rate_limit")
+    if isinstance(limits, dict) and {"per_peer_interval_ms", "per_peer_burst"} & set(limits):
+        limits = dict(limits)
+        interval = limits.pop("per_peer_interval_ms", None)
+        if interval is not None:
+            if isinstance(interval, int) and not isinstance(interval, bool) and interval > 0:
+                limits["per_minute"] = round(60000 / interval, 3)
+            else:
+                problems.append(f"rate_limit.per_peer_interval_ms: got {_describe(interval)}, "
+                                "expected milliseconds > 0")
+        if "per_peer_burst" in limits:
+            limits["burst"] = limits.pop("per_peer_burst")
+        doc["rate_limit"] = limits
+        note("rate_limit", "per_peer_interval_ms and per_peer_burst are now per_minute and burst "
+             "(a peer's allowance also grows with the known nodes)")
+    if doc.get("strict_node_validation") is False and "nodes" in doc:
+        doc["strict_node_validation"] = True
+        note("strict_node_validation", "true: the original refused nodes outside allowed_nodes "
+             "whatever this said, and allowed_nodes is `nodes:` here")
+    if "cache_ttl_seconds" in doc:
+        doc.setdefault("node_min_interval_seconds", doc.pop("cache_ttl_seconds"))
+        note("cache_ttl_seconds", "now node_min_interval_seconds")
+    if doc.get("http_auth_token") == "":
+        doc.pop("http_auth_token")
+        note("http_auth_token", "empty, as the original's installer left it: no token set "
+             "(http_auth_token_file is where this proxy reads one)")
+    for key, why in ORIGINAL_IGNORED.items():
+        if key in doc:
+            doc.pop(key)
+            note(key, f"ignored: {why}")
+    return doc, notes, problems
+
+
+def translate_allowed_nodes(doc, read_text, note, problems):
+    """allowed_nodes (and the file allowed_nodes_file names) as `nodes:`."""
+    if "allowed_nodes" not in doc and "allowed_nodes_file" not in doc:
+        return
+    entries = doc.pop("allowed_nodes", None) or []
+    path = doc.pop("allowed_nodes_file", None)
+    if not isinstance(entries, list):
+        problems.append(f"allowed_nodes: got {_describe(entries)}, expected a list of nodes")
+        entries = []
+    if path is not None:
+        try:
+            text = read_text(_check_abs_path(path))
+            if text is None:
+                note("allowed_nodes_file", f"{path} does not exist; no nodes from it")
+            else:
+                listed = parse_allowed_nodes_file(text)
+                entries = entries + listed
+                note("allowed_nodes_file", f"{len(listed)} nodes read from {path} into nodes:")
+        except (ValueError, OSError) as exc:
+            problems.append(f"allowed_nodes_file: {path}: {exc}")
+    nodes = dict(doc.get("nodes") or {}) if isinstance(doc.get("nodes"), dict) else {}
+    skipped = []
+    for entry in entries:
+        try:
+            nodes.setdefault(validate_node_name(str(entry).strip()), None)
+        except RequestError:
+            skipped.append(str(entry))
+    if skipped:
+        note("allowed_nodes", "entries that are not a node name or address ignored (the known "
+             f"nodes are the allowlist here): {', '.join(skipped[:8])}")
+    if nodes:
+        doc["nodes"] = nodes
+        note("allowed_nodes", f"now nodes: {', '.join(list(nodes)[:8])}"
+             + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else ""))
+    elif entries or path is not None:
+        note("allowed_nodes", "no nodes listed; the cluster's nodes are used")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1076,9 +1285,9 @@ def parse_pvecm_nodes(text):
 
 
 def resolve_node(requested, inventory, local_names, strict):
-    """The Node a request means: an inventory member by name, then by address, then this host.
-
-    `requested` is already validated; unknown names are refused when `strict`.
+    """The Node a request means: an inventory member by name, by address, by the first label
+    of an FQDN (`pve1.example.lan` is pve1), then this host. (Pulse sends the host part of a
+    node's API URL.) `requested` is already validated; unknown names are refused when `strict`.
     """
     key = requested.lower()
     for node in inventory:
@@ -1087,11 +1296,29 @@ def resolve_node(requested, inventory, local_names, strict):
     for node in inventory:
         if node.host.lower() == key:
             return node
+    label = key.split(".")[0]
+    if label != key and not is_address(key):
+        for node in inventory:
+            if node.name.lower() == label:
+                return node
     if key in local_names:
         return next((n for n in inventory if n.local), Node(requested, local=True))
     if strict:
         raise unknown_node_error(requested, inventory)
     return Node(requested)
+
+
+def is_address(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def node_at(addresses, inventory):
+    """The known node whose host is one of `addresses` (IP literals), or None."""
+    return next((node for node in inventory if node.host in addresses), None)
 
 
 class FetchError(Exception):
@@ -1822,8 +2049,11 @@ class Inventory:
     def resolve(self, requested):
         nodes = self.current()
         names = self.names if self.config["local_sensors"] else set()
-        return resolve_node(requested_node(requested), nodes, names,
+        node = resolve_node(requested_node(requested), nodes, names,
                             self.config["strict_node_validation"])
+        if node.port is None:       # a name no source knew (strict_node_validation: false)
+            node.port, node.user = self.config["ssh"]["port"], self.config["ssh"]["user"]
+        return node
 
 
 def read_pvecm_nodes():
@@ -1945,6 +2175,38 @@ def load_private_key(path):
             return asyncssh.import_private_key(handle.read(65536))
     except (OSError, asyncssh.KeyImportError) as exc:
         raise FetchError(f"cannot load the SSH key {path}: {exc}") from None
+
+
+class NameResolver:
+    """A name resolved to addresses (getaddrinfo), bounded in time and cached, positive and
+    negative alike, so a peer sending made-up names costs at most one lookup per name a TTL."""
+
+    TIMEOUT = 1.0
+    TTL = 300.0
+    MAX_NAMES = 1024
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.cache = {}             # name -> (valid until, frozenset of addresses)
+
+    async def addresses(self, name):
+        now = self.clock()
+        hit = self.cache.get(name)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            async with asyncio.timeout(self.TIMEOUT):
+                infos = await asyncio.get_running_loop().getaddrinfo(name, None,
+                                                                     type=socket.SOCK_STREAM)
+            found = frozenset(str(ipaddress.ip_address(info[4][0].split("%")[0])) for info in infos)
+        except (OSError, TimeoutError, ValueError, UnicodeError):
+            found = frozenset()
+        if len(self.cache) >= self.MAX_NAMES:
+            self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
+            if len(self.cache) >= self.MAX_NAMES:
+                self.cache.clear()
+        self.cache[name] = (now + self.TTL, found)
+        return found
 
 
 class NodeState:
@@ -2822,6 +3084,7 @@ class Daemon:
             self.config_for_nodes = node_config
             self.inventory = Inventory(config, self.log, self.clock)
             self.pool = NodePool(config, self.log, self.metrics, self.clock)
+            self.names = NameResolver(self.clock)
         limits = config["rate_limit"]
         self.limiter = RateLimiter(limits["per_minute"], limits["burst"], limits["max_concurrent"],
                                    clock=self.clock,
@@ -3107,7 +3370,15 @@ async def get_status(daemon, peer, params, corr_id):
 
 @rpc_method("get_temperature", CAP_READ)
 async def get_temperature(daemon, peer, params, corr_id):
-    node = daemon.inventory.resolve(params.get("node"))
+    try:
+        node = daemon.inventory.resolve(params.get("node"))
+    except RequestError as refused:
+        # A name no node has may still resolve to a known node's address (as the original's
+        # validator allowed); an invalid name never gets this far.
+        requested = requested_node(params.get("node"))
+        node = node_at(await daemon.names.addresses(requested), daemon.inventory.current())
+        if node is None:
+            raise refused from None
     started = time.monotonic()
     try:
         text, cached = await daemon.pool.fetch(node)
@@ -3471,6 +3742,9 @@ def cmd_serve(args):
             print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
     log = AuditLog(config["log_level"])
+    for note in config["config_notes"]:
+        log.log("warning", "Config key of the original proxy; run `config migrate --write`",
+                note=note)
     try:
         return asyncio.run(run_daemon(config, log))
     except ConfigError as exc:
@@ -3694,6 +3968,11 @@ def cmd_config_validate(args):
         return 1
     if not os.path.exists(config["config_path"]):
         print(f"{config['config_path']}: no such file; the defaults apply")
+    for note in config["config_notes"]:
+        print(f"{config['config_path']}: {note}")
+    if config["config_notes"]:
+        print(f"{config['config_path']}: in the original proxy's vocabulary; `{PROG} config "
+              "migrate --write` rewrites it in this one (keeping a .bak)")
     print("OK")
     return 0
 
@@ -3743,17 +4022,51 @@ def cmd_config_merge(args):
         print("config: unchanged")
         return 0
     try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        info = None
-    mode = stat.S_IMODE(info.st_mode) if info else 0o640
-    try:
-        atomic_write(path, text.encode(), mode=mode)
-        if info and os.geteuid() == 0:
-            os.chown(path, info.st_uid, info.st_gid)
+        write_config_file(path, text.encode())
     except OSError as exc:
         return fail(f"cannot write {path}: {exc.strerror or exc}")
     print(f"config: updated {path}")
+    return 0
+
+
+def write_config_file(path, data, like=None):
+    """Atomically write a config file with the mode and owner of `like` (default: itself)."""
+    try:
+        info = os.stat(like or path)
+    except FileNotFoundError:
+        info = None
+    atomic_write(path, data, mode=stat.S_IMODE(info.st_mode) if info else 0o640)
+    if info and os.geteuid() == 0:
+        os.chown(path, info.st_uid, info.st_gid)
+
+
+def cmd_config_migrate(args):
+    path = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+    try:
+        raw, notes = read_translated_config(path)
+        validate_config(raw, source=path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"{path}: {note}", file=sys.stderr)
+    text = render_config_yaml(raw)
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    if not notes:
+        print(f"config: {path} is already in this proxy's vocabulary; unchanged")
+        return 0
+    try:
+        with open(path, "rb") as handle:
+            original = handle.read(MAX_CONFIG_BYTES + 1)
+        write_config_file(path + ".bak", original, like=path)
+        write_config_file(path, text.encode())
+    except OSError as exc:
+        return fail(f"cannot write {exc.filename or path}: {exc.strerror or exc}; {path} is "
+                    "unchanged unless it says so")
+    print(f"config: rewrote {path} in this proxy's vocabulary; the original is {path}.bak")
     return 0
 
 
@@ -3911,6 +4224,12 @@ def build_parser():
     merge.add_argument("--write", action="store_true",
                        help="write the result (default: print it, change nothing)")
     merge.set_defaults(func=cmd_config_merge)
+    migrate = config_sub.add_parser("migrate", help="rewrite a config of the original proxy in "
+                                    "this one's vocabulary (keeps FILE.bak)")
+    migrate.add_argument("--config", help="config file to migrate")
+    migrate.add_argument("--write", action="store_true",
+                         help="write the result (default: print it, change nothing)")
+    migrate.set_defaults(func=cmd_config_migrate)
 
     keys = sub.add_parser("keys", help="the proxy's key on the nodes (root)")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

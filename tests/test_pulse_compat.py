@@ -121,3 +121,33 @@ def test_node_text_cannot_say_rate_limit():
     assert pulse.classify(error) == pulse.NODE and "rate limit" not in error.lower()
 
 
+
+
+# -- names as Pulse sends them: the host part of the node's API URL ------------------------------
+
+def test_fqdn_address_and_resolved_names_reach_the_node(cluster):
+    daemon, (node,) = cluster(1, local_sensors=False)       # so `localhost` is not this host
+    for sent in ("n1", "N1", "n1.example.lan", "127.0.0.1", "localhost"):
+        reply = temperature(daemon, sent)
+        assert reply["success"] and reply["data"]["source"] == "ssh", (sent, reply)
+    assert node.exec_count() == 5
+    for sent in ("n2.example.lan", "no-such-node.invalid", "10.9.8.7"):
+        assert temperature(daemon, sent)["error"] == f'node "{sent}" not in allowlist (known: n1)'
+
+
+def test_resolution_is_cached_bounded_and_matches_only_addresses():
+    import asyncio
+    clock = [0.0]
+    names = psp.NameResolver(clock=lambda: clock[0])
+    inventory = [psp.Node("pve1", "127.0.0.1"), psp.Node("pve2", "pve2.example.lan")]
+    found = asyncio.run(names.addresses("localhost"))
+    assert "127.0.0.1" in found and psp.node_at(found, inventory).name == "pve1"
+    assert asyncio.run(names.addresses("no-such-node.invalid")) == frozenset()
+    names.cache["localhost"] = (clock[0] + 1, frozenset({"192.0.2.9"}))
+    assert asyncio.run(names.addresses("localhost")) == {"192.0.2.9"}, "answered from the cache"
+    clock[0] += 2
+    assert "127.0.0.1" in asyncio.run(names.addresses("localhost")), "looked up again after the TTL"
+    for index in range(psp.NameResolver.MAX_NAMES + 10):
+        names.cache[f"n{index}"] = (clock[0] + 100, frozenset())
+    asyncio.run(names.addresses("another-name.invalid"))     # a new name: the table is full
+    assert len(names.cache) <= psp.NameResolver.MAX_NAMES
