@@ -86,7 +86,9 @@ EOF
 readonly ACCOUNT=pulse-sensor-proxy
 readonly SERVICE=pulse-sensor-proxy.service
 readonly ROTATION_TIMER=pulse-sensor-proxy-key-rotation.timer
-readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.service pulse-sensor-proxy-key-rotation.timer)
+readonly CLEANUP_PATH=pulse-sensor-proxy-cleanup.path
+readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.service pulse-sensor-proxy-key-rotation.timer
+                pulse-sensor-proxy-cleanup.service "$CLEANUP_PATH")
 readonly MIN_PYTHON=3.9
 readonly RUN_DIR=/run/pulse-sensor-proxy
 readonly SOCKET_NAME=pulse-sensor-proxy.sock
@@ -720,6 +722,73 @@ Persistent=true
 WantedBy=timers.target
 UNIT
         ;;
+        pulse-sensor-proxy-cleanup.service) cat <<'UNIT'
+[Unit]
+Description=Remove the pulse-sensor-proxy key from the nodes a clean-up request names
+After=pulse-sensor-proxy.service network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+# Root: it logs in to the nodes with root's own SSH identity (read from ~/.ssh) to take
+# the proxy's key lines out of authorized_keys, and removes the request from the state
+# dir (CAP_DAC_OVERRIDE, CAP_FOWNER: the directory belongs to the service account).
+ExecStart=/usr/local/bin/pulse-sensor-proxy cleanup
+Environment=SHIV_ROOT=%C/pulse-sensor-proxy-cleanup
+CacheDirectory=pulse-sensor-proxy-cleanup
+CacheDirectoryMode=0700
+UMask=0077
+
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=/var/lib/pulse-sensor-proxy
+# Of the homes only root's ~/.ssh: the admin identity, and this node's authorized_keys, which
+# on Proxmox links into /etc/pve/priv.
+ProtectHome=tmpfs
+BindPaths=-/root/.ssh
+ReadWritePaths=-/root/.ssh -/etc/pve/priv
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallFilter=@chown
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
+UNIT
+        ;;
+        pulse-sensor-proxy-cleanup.path) cat <<'UNIT'
+[Unit]
+Description=Watch for pulse-sensor-proxy clean-up requests (Pulse's request_cleanup)
+
+[Path]
+# The daemon writes the request (atomically, by rename); the root service acts on it.
+PathChanged=/var/lib/pulse-sensor-proxy/cleanup-request.json
+Unit=pulse-sensor-proxy-cleanup.service
+
+[Install]
+WantedBy=paths.target
+UNIT
+        ;;
         *) err "no unit $1" ;;
     esac
 }
@@ -790,6 +859,17 @@ ensure_rotation_timer() {
     else
         report_changed "$ROTATION_TIMER enabled"
         run systemctl enable --now --quiet "$ROTATION_TIMER"
+    fi
+}
+
+# Pulse's request_cleanup (root and admin peers; the daemon only writes the request) is acted
+# on by a root oneshot that this path unit starts.
+ensure_cleanup_path() {
+    if systemctl is-enabled --quiet "$CLEANUP_PATH" 2>/dev/null; then
+        report_ok "$CLEANUP_PATH enabled"
+    else
+        report_changed "$CLEANUP_PATH enabled"
+        run systemctl enable --now --quiet "$CLEANUP_PATH"
     fi
 }
 
@@ -1188,6 +1268,7 @@ do_install() {
     install_units
     start_service
     ensure_rotation_timer
+    ensure_cleanup_path
     push_keys
     local id
     for id in "${CTIDS[@]}"; do connect_container "$id"; done

@@ -35,6 +35,7 @@ Methods and the capability each needs::
     get_temperature (get_temp)   read   `sensors -j` of one node
     register_nodes               read   the known nodes and whether the key works on each
     ensure_cluster_keys          admin  per node: is the proxy's key accepted? (+ the line to install)
+    request_cleanup {host}       cleanup  queue the removal of the proxy's key from a node (admin too)
 
 Peers: uid 0 and the daemon's own uid get read+admin; ``allowed_peers`` in the config grants
 uids or uid ranges; uids inside a range that ``/etc/subuid`` gives to ``root`` (the uids of
@@ -131,8 +132,10 @@ CERT_DAYS = 825
 SOCKET_DIR_MODE = 0o775            # container uids must traverse it; SO_PEERCRED decides access
 SOCKET_MODE = 0o777
 
-CAP_READ, CAP_ADMIN = "read", "admin"
-CAPABILITIES = (CAP_READ, CAP_ADMIN)
+CAP_READ, CAP_ADMIN, CAP_CLEANUP = "read", "admin", "cleanup"
+CAPABILITIES = (CAP_READ, CAP_ADMIN, CAP_CLEANUP)
+CLEANUP_REQUEST = "cleanup-request.json"   # in the state dir; a root .path unit acts on it
+MAX_CLEANUP_HOSTS = 64             # hosts one pending request may hold
 
 # The wire's error strings. Each maps to the `result` label of metrics and audit records and,
 # for the HTTP form, to a status code. Pulse's client sorts errors by words in them (README,
@@ -348,7 +351,7 @@ def _check_peers(value):
         caps = entry.get("capabilities", [CAP_READ])
         if not isinstance(caps, list) or not caps or any(c not in CAPABILITIES for c in caps):
             problems.append(f"{where}.capabilities: got {_describe(caps)}, expected a list of "
-                            "read and/or admin")
+                            "read, admin and/or cleanup")
             continue
         peers.append({"uids": uids, "gid": gid, "capabilities": frozenset(caps)})
     if problems:
@@ -931,6 +934,8 @@ def peer_capabilities(uid, gid, own_uid, allowed_peers, idmapped_ranges):
             caps |= entry["capabilities"]
     if any(low <= uid <= high for low, high in idmapped_ranges):
         caps.add(CAP_READ)
+    if CAP_ADMIN in caps:
+        caps.add(CAP_CLEANUP)       # as in the original: admin peers may ask for a clean-up
     return frozenset(caps)
 
 
@@ -2797,6 +2802,37 @@ async def keys_revoke(admin, names, fingerprint):
     return await admin.for_each(admin.nodes(names), revoke, "remove the key")
 
 
+async def run_cleanup(admin):
+    """Act on a pending request_cleanup (the root unit's job): take the proxy's keys (current,
+    next, previous) off each host it names, then drop the request, done or not: a failure is
+    reported here and is for `keys revoke` by hand, not for an endless retry."""
+    path = os.path.join(os.path.dirname(admin.config["ssh_dir"]), CLEANUP_REQUEST)
+    claimed = path if admin.dry_run else path + ".processing"
+    if not admin.dry_run:
+        try:
+            os.rename(path, claimed)      # a request that arrives meanwhile waits for next time
+        except FileNotFoundError:
+            admin.say("No cleanup request pending.")
+            return True
+    hosts = read_cleanup_request(claimed)
+    fingerprints = [key_fingerprint(line) for line in
+                    (admin.keys.public_line(slot) for slot in ("current", "next", "prev")) if line]
+    ok = True
+    for host in hosts:
+        for fingerprint in fingerprints:
+            try:
+                ok = await keys_revoke(admin, [host], fingerprint) and ok
+            except FetchError as exc:
+                admin.say(f"  {host}: FAILED: {exc}")
+                ok = False
+    if not admin.dry_run:
+        os.unlink(claimed)
+    if not ok:
+        admin.say(f"Some keys stay; remove them with `{PROG} keys revoke --node HOST "
+                  "--fingerprint FP`.")
+    return ok
+
+
 async def keys_status(admin):
     slots = {slot: admin.keys.public_line(slot) for slot in ("current", "next", "prev")}
     for slot, line in slots.items():
@@ -3262,7 +3298,7 @@ class Daemon:
                 raise RequestError(E_UNKNOWN_METHOD)
             capability, handler = METHODS[name]
             if capability not in peer.capabilities:
-                raise RequestError(E_FORBIDDEN)
+                raise RequestError(E_FORBIDDEN_CLEANUP if capability == CAP_CLEANUP else E_FORBIDDEN)
             key = peer.limit_key
             if not self.limiter.acquire(key):
                 self.metrics.inc("pulse_proxy_rate_limit_hits_total")
@@ -3412,6 +3448,54 @@ async def register_nodes(daemon, peer, params, corr_id):
             entry["error"] = error
         results.append(entry)
     return {"nodes": results}
+
+
+def cleanup_host(value):
+    """The node a request_cleanup names; Pulse sends the node's configured URL
+    (`https://pve1.example.lan:8006`), so scheme, port and path are taken off first."""
+    if isinstance(value, str):
+        host = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", value.strip()).split("/")[0]
+        bracketed = re.fullmatch(r"\[([^\]]+)\](:\d+)?", host)
+        if bracketed:
+            host = bracketed.group(1)
+        elif host.count(":") == 1:
+            host = host.split(":")[0]
+        value = host
+    return requested_node(value)
+
+
+def read_cleanup_request(path):
+    """The hosts of a pending clean-up request ([] when there is none or it is unreadable)."""
+    try:
+        with open(path) as handle:
+            hosts = json.load(handle).get("hosts")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [h for h in hosts if isinstance(h, str)] if isinstance(hosts, list) else []
+
+
+@rpc_method("request_cleanup", CAP_CLEANUP)
+async def request_cleanup(daemon, peer, params, corr_id):
+    """Queue the removal of the proxy's key from a node, for the root unit that watches the
+    request file (the daemon itself cannot change a node). One pending file: a new request
+    joins the hosts already waiting."""
+    host = cleanup_host(params.get("host"))
+    reason = params.get("reason") if isinstance(params.get("reason"), str) else None
+    path = os.path.join(os.path.dirname(daemon.config["ssh_dir"]), CLEANUP_REQUEST)
+    hosts = list(dict.fromkeys(read_cleanup_request(path) + [host]))
+    if len(hosts) > MAX_CLEANUP_HOSTS:
+        raise RequestError(f'node "{host}": cleanup not queued: {MAX_CLEANUP_HOSTS} hosts are '
+                           "already waiting")
+    body = {"hosts": hosts, "requested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reason": reason[:200] if reason else None}
+    try:
+        atomic_write(path, json.dumps(body).encode() + b"\n", mode=0o640)
+    except OSError as exc:
+        raise RequestError(f'node "{host}": cleanup not queued: cannot write {path}: '
+                           f"{exc.strerror}") from None
+    daemon.log.log("warning", "Cleanup requested: the proxy's key is to be removed from a node",
+                   node=host, uid=peer.uid, pid=peer.pid, reason=body["reason"], path=path)
+    return {"queued": True}
 
 
 @rpc_method("ensure_cluster_keys", CAP_ADMIN)
@@ -4110,6 +4194,10 @@ def cmd_keys(args):
                            args.dry_run)
 
 
+def cmd_cleanup(args):
+    return run_key_command(args, run_cleanup, args.dry_run)
+
+
 def cmd_rotate_keys(args):
     if args.check:
         if args.rollback or args.dry_run:
@@ -4246,6 +4334,13 @@ def build_parser():
     for parser_ in (status, push, revoke):
         parser_.add_argument("--config", help="config file")
     keys.set_defaults(func=cmd_keys)
+
+    cleanup = sub.add_parser("cleanup", help="act on a pending request_cleanup: remove the "
+                             "proxy's keys from the hosts it names (root; run by "
+                             "pulse-sensor-proxy-cleanup.path)")
+    cleanup.add_argument("--dry-run", action="store_true", help="show what would change")
+    cleanup.add_argument("--config", help="config file")
+    cleanup.set_defaults(func=cmd_cleanup)
 
     rotate = sub.add_parser("rotate-keys", help="replace the key on every node, staged and verified (root)")
     rotate.add_argument("--dry-run", action="store_true", help="print every step, change nothing")

@@ -165,10 +165,10 @@ RANGES = [(100000, 165535)]
 
 
 @pytest.mark.parametrize("uid, gid, expected", [
-    (0, 0, {"read", "admin"}),
-    (999, 999, {"read", "admin"}),            # the daemon's own uid in these cases
+    (0, 0, {"read", "admin", "cleanup"}),
+    (999, 999, {"read", "admin", "cleanup"}),            # the daemon's own uid in these cases
     (1001, 1001, {"read"}),
-    (2500, 50, {"read", "admin"}),
+    (2500, 50, {"read", "admin", "cleanup"}),
     (2500, 51, set()),                         # gid must match when configured
     (100000, 100000, {"read"}),                # container root: read, never admin
     (165535, 0, {"read"}),

@@ -45,8 +45,8 @@ def test_get_status_exactly_as_pulse_sends_it(daemon):
     assert data["version"] == __import__("pulse_sensor_proxy").__version__
     assert data["uptime_seconds"] >= 0
     assert data["peer"] == {"uid": 0, "gid": 0, "pid": data["peer"]["pid"],
-                            "capabilities": ["admin", "read"]}
-    assert data["capabilities"] == ["admin", "read"], "top level too, as the original answered"
+                            "capabilities": ["admin", "cleanup", "read"]}
+    assert data["capabilities"] == ["admin", "cleanup", "read"], "top level too, as the original answered"
 
 
 def test_keep_alive_answers_in_order(daemon):
@@ -227,9 +227,9 @@ def test_unauthorized_peer_is_disconnected(daemon):
 def test_daemon_own_uid_is_admin(daemon_factory):
     daemon = daemon_factory(uid=4300)
     mine = rpc(daemon.socket, {"method": "get_status"}, uid=4300)
-    assert mine["data"]["peer"]["capabilities"] == ["admin", "read"]
+    assert mine["data"]["peer"]["capabilities"] == ["admin", "cleanup", "read"]
     assert rpc(daemon.socket, {"method": "get_status"}, uid=4301)["error"] == "unauthorized"
-    assert daemon.rpc("get_status")["data"]["peer"]["capabilities"] == ["admin", "read"]
+    assert daemon.rpc("get_status")["data"]["peer"]["capabilities"] == ["admin", "cleanup", "read"]
     private = daemon.ssh_dir / "id_ed25519"
     assert private.stat().st_uid == 4300
 
