@@ -688,12 +688,16 @@ def merge_config(raw, add_subnets=(), add_peer_ranges=(), set_keys=(), default_k
     return merged
 
 
-def parse_subuid(text, user="root"):
-    """The (low, high) uid ranges /etc/subuid gives `user` (lines `name:start:count`)."""
+def parse_subuid(text, user="root", uid=0):
+    """The (low, high) uid ranges /etc/subuid gives `user`, whose uid is `uid`.
+
+    Lines are `name:start:count`, where shadow's subid lookup also takes the owner as a number.
+    """
     ranges = []
     for line in text.splitlines():
         parts = line.strip().split(":")
-        if len(parts) == 3 and parts[0] == user and parts[1].isdigit() and parts[2].isdigit():
+        if (len(parts) == 3 and parts[0] in (user, str(uid)) and parts[1].isdigit()
+                and parts[2].isdigit()):
             start, count = int(parts[1]), int(parts[2])
             if count > 0:
                 ranges.append((start, start + count - 1))
@@ -1269,22 +1273,38 @@ def parse_members(text):
     return local, nodes
 
 
-PVECM_NODE_LINE = re.compile(r"\s*(\d+)\s+(\d+)\s+(\S+)(\s+\(local\))?\s*")
+QUORUM_ROW = re.compile(r"(0x[0-9a-fA-F]+|\d+)\s+\d+\s+(.*?)((?:\s+\((?:local|votes \d+)\))*)")
+QUORUM_FLAGS = re.compile(r"[A-Z]+(?:,[A-Z]+)*")
 
 
 def parse_pvecm_nodes(text):
-    """`pvecm nodes` output: (local node's name or None, [Node, ...])."""
-    local, nodes = None, []
+    """`pvecm nodes` output: (local node's name or None, [Node, ...]).
+
+    pvecm execs `corosync-quorumtool -l`: a header `Nodeid Votes [Qdevice] Name`, then one row
+    per node (`1 1 pve1 (local)`, node ids decimal or `0x...`). With a QDevice the extra column
+    holds flags (`A,V,NMW`, `NR`) and the device has its own row, node id 0, named `Qdevice`:
+    it is no node. A row only counts under its header, so error texts yield no nodes.
+    """
+    local, nodes, qdevice_column = None, [], None
     for line in text.splitlines():
-        match = PVECM_NODE_LINE.fullmatch(line)
-        if not match:
+        fields = line.split()
+        if fields[:2] == ["Nodeid", "Votes"]:
+            qdevice_column = "Qdevice" in fields[2:-1]
+            continue
+        match = QUORUM_ROW.fullmatch(line.strip())
+        if qdevice_column is None or not match or int(match.group(1), 0) == 0:
+            continue
+        columns = match.group(2).split()
+        if qdevice_column and len(columns) == 2 and QUORUM_FLAGS.fullmatch(columns[0]):
+            columns = columns[1:]
+        if len(columns) != 1:
             continue
         try:
-            name = validate_node_name(match.group(3))
+            name = validate_node_name(columns[0])
         except RequestError:
             continue
         nodes.append(Node(name))
-        if match.group(4):
+        if "(local)" in match.group(3):
             local = name
     return local, nodes
 
@@ -1356,12 +1376,24 @@ class OutputError(FetchError):
 
 E_SENSORS_OUTPUT = "invalid sensors output"
 
+# The two defects of lm-sensors 3.6.0's `sensors -j` (prog/sensors/main.c, chips.c), fixed in
+# 3.6.1, repaired in exactly their printed shapes: a chip whose features are all ignored leaves
+# the comma after its Adapter line (`"Adapter": "PCI adapter",\n   }`), and a subfeature without
+# the read flag prints `(label)` straight after the previous value (`"temp1_input": 36.850(Composite)`).
+SENSORS_REPAIRS = (
+    ("empty_chip", re.compile(r'^(      "Adapter": "[^"\n]*"),(\n   \})', re.M), r"\1\2"),
+    ("write_only_label", re.compile(r'^(         "[^"\n]+": -?\d+\.\d{3})\([^()\n]*\)', re.M), r"\1"),
+)
+
 
 def interpret_sensors_output(stdout, stderr, status):
-    """The `sensors -j` JSON text of a run, or FetchError.
+    """(the `sensors -j` JSON text of a run, names of the repairs made), or FetchError.
 
     lm-sensors on a machine without sensors prints `{}` (with a blank line), `No sensors
-    found!` on stderr and exits 1: that is a node with no temperatures, not a failure.
+    found!` on stderr and exits 1: that is a node with no temperatures, not a failure. The
+    text handed on is strict JSON that any decoder reads alike: 3.6.2 prints `NaN` (and could
+    print `inf`) for unreadable values, which become `null`; a label printed twice keeps its
+    last value, as Go's encoding/json would.
     """
     text = stdout.decode("utf-8", "replace").strip()
     no_sensors = status == 1 and b"No sensors found" in stderr
@@ -1371,13 +1403,31 @@ def interpret_sensors_output(stdout, stderr, status):
         detail = stderr.decode("utf-8", "replace").strip().splitlines()
         raise OutputError(f"sensors -j exited with status {status}"
                          + (f": {detail[0][:200]}" if detail else ""))
+    repairs = []
+    for name, shape, replacement in SENSORS_REPAIRS:
+        text, count = shape.subn(replacement, text)
+        if count:
+            repairs.append(name)
+    rewrites = []
+
+    def last_value_wins(pairs):
+        if len({key for key, _ in pairs}) != len(pairs):
+            rewrites.append("duplicate_key")
+        return dict(pairs)
+
+    def null_constant(name):
+        rewrites.append("non_finite")
+
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(text, object_pairs_hook=last_value_wins, parse_constant=null_constant)
     except (ValueError, RecursionError):
         raise OutputError(E_SENSORS_OUTPUT) from None
     if not isinstance(parsed, dict):
         raise OutputError(E_SENSORS_OUTPUT)
-    return text
+    if rewrites:
+        text = json.dumps(parsed)
+        repairs.extend(dict.fromkeys(rewrites))
+    return text, repairs
 
 
 def authorized_keys_line(public_key, subnets):
@@ -1580,6 +1630,8 @@ def new_metrics():
     metrics.declare("histogram", "pulse_proxy_http_latency_seconds", "HTTPS request handling time",
                     ("path",))
     metrics.declare("gauge", "pulse_proxy_http_connections", "Open HTTPS connections")
+    metrics.declare("counter", "pulse_proxy_sensors_repairs_total", "sensors -j outputs made "
+                    "strict JSON (lm-sensors 3.6.0 defects, NaN, repeated labels)", ("node", "repair"))
     metrics.declare("gauge", "pulse_proxy_build_info", "Build information", ("version",))
     metrics.set("pulse_proxy_queue_depth", 0)
     metrics.set("pulse_proxy_connections", 0)
@@ -2277,9 +2329,10 @@ class NodePool:
         started = time.monotonic()
         try:
             if node.local:
-                text = await run_local_sensors(self.ssh["command_timeout"], self.ssh["max_output_bytes"])
+                text, repairs = await run_local_sensors(self.ssh["command_timeout"],
+                                                        self.ssh["max_output_bytes"])
             else:
-                text = await self.ssh_fetch(node, state)
+                text, repairs = await self.ssh_fetch(node, state)
         except FetchError as exc:
             state.failures += 1
             state.last_error = str(exc)
@@ -2295,6 +2348,8 @@ class NodePool:
             raise
         finally:
             self.metrics.observe("pulse_proxy_ssh_latency_seconds", time.monotonic() - started, (label,))
+        for repair in repairs:
+            self.metrics.inc("pulse_proxy_sensors_repairs_total", (label, repair))
         if state.opens:
             self.log.log("info", "Node recovered", node=label)
         state.failures = state.opens = 0

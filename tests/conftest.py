@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pulse_sensor_proxy as psp  # noqa: E402  (the imports below need the paths above)
+import gojson  # noqa: E402
 from sshnodes import free_port, make_keypair  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def rpc(sock_path, request, uid=None, gid=None):
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data)
+        return gojson.check_reply(data)
     # As another uid, through the operators' own client (`call` needs only the standard
     # library, so the system python3 runs it for any uid).
     params = dict(request.get("params") or {})
@@ -106,7 +107,7 @@ def rpc(sock_path, request, uid=None, gid=None):
                                              "--socket", str(sock_path), "--raw"],
                          capture_output=True, text=True, timeout=30)
     assert out.stdout, f"call printed nothing: {out.stderr}"
-    return json.loads(out.stdout)
+    return gojson.check_reply(out.stdout)
 
 
 def run_cli(*args, env=None, timeout=60):

@@ -155,6 +155,8 @@ def test_merge_adds_once_and_keeps_everything_else():
 def test_subuid_parsing():
     text = "root:100000:65536\nalice:165536:65536\nroot:200000:10\n# comment\nroot:x:1\n"
     assert psp.parse_subuid(text) == [(100000, 165535), (200000, 200009)]
+    # shadow's subid lookup takes the owner by name or by uid
+    assert psp.parse_subuid("0:100000:65536\n1000:300000:65536\n") == [(100000, 165535)]
 
 
 # -- peers ----------------------------------------------------------------------------------------

@@ -8,8 +8,12 @@ import subprocess
 import pytest
 
 import pulse_sensor_proxy as psp
+import gojson
 from conftest import FAST_LIMITS, metric_samples, on_node, rpc, temperature, wait_for
 from sshnodes import FIXTURES_DIR, make_keypair
+
+PVE_FIXTURES = FIXTURES_DIR.parent / "pve"
+
 
 def fixture_json(name):
     return json.loads((FIXTURES_DIR / f"{name}.json").read_text())
@@ -278,6 +282,30 @@ def test_parse_pvecm_nodes():
     assert [n.name for n in nodes] == ["pve1", "pve2", "pve3.example.com"]
 
 
+@pytest.mark.parametrize("fixture, local, names", [
+    ("plain.txt", "pve1", ["pve1", "pve2", "pve3.example.com"]),
+    ("qdevice.txt", "pve1", ["pve1", "pve2"]),
+    ("hex-votes.txt", "192.0.2.11", ["192.0.2.11", "pve2"]),
+    ("not-root.txt", None, []),
+    ("no-cluster.txt", None, []),
+])
+def test_parse_pvecm_nodes_in_every_shape(fixture, local, names):
+    text = (PVE_FIXTURES / "pvecm" / fixture).read_text()
+    found_local, nodes = psp.parse_pvecm_nodes(text)
+    assert (found_local, [n.name for n in nodes]) == (local, names)
+    assert "Qdevice" not in [n.name for n in nodes]
+
+
+@pytest.mark.parametrize("fixture, local, nodes", [
+    ("cluster.json", "pve1", [("pve1", "192.0.2.11"), ("pve2", "192.0.2.12"), ("pve3", "192.0.2.13")]),
+    ("node-without-ip.json", "pve2", [("pve1", "pve1"), ("pve2", "192.0.2.12")]),
+    ("standalone.json", "pve", [("pve", "pve")]),
+])
+def test_parse_members_as_pmxcfs_writes_it(fixture, local, nodes):
+    found_local, found = psp.parse_members((PVE_FIXTURES / "members" / fixture).read_text())
+    assert (found_local, [(n.name, n.host) for n in found]) == (local, nodes)
+
+
 def test_parse_members():
     local, nodes = psp.parse_members(json.dumps({
         "nodename": "pve2", "version": 12,
@@ -312,13 +340,56 @@ def test_valid_node_names(value, expected):
 
 def test_sensors_output_interpretation():
     no_sensors = (FIXTURES_DIR / "no-sensors.json").read_bytes()
-    assert psp.interpret_sensors_output(no_sensors, b"No sensors found!\n", 1).strip() == "{\n\n}"
+    assert psp.interpret_sensors_output(no_sensors, b"No sensors found!\n", 1) == ("{\n\n}", [])
     with pytest.raises(psp.FetchError, match="exited with status 1: boom"):
         psp.interpret_sensors_output(b"{}", b"boom\n", 1)
     with pytest.raises(psp.FetchError, match="invalid sensors output"):
         psp.interpret_sensors_output(b"[1, 2]", b"", 0)
     with pytest.raises(psp.FetchError, match="without an exit status"):
         psp.interpret_sensors_output(b"{}", b"", None)
+
+
+LM_SENSORS = FIXTURES_DIR / "lm-sensors"
+
+
+@pytest.mark.parametrize("fixture, repairs", [
+    ("3.6.0-valid.json", []), ("3.6.0-empty-chip.txt", ["empty_chip"]),
+    ("3.6.0-write-only.txt", ["write_only_label"]), ("3.6.2-compact.json", []),
+    ("3.6.2-nan.txt", ["non_finite"]),
+])
+def test_sensors_output_of_each_lm_sensors_version(fixture, repairs):
+    text, made = psp.interpret_sensors_output((LM_SENSORS / fixture).read_bytes(), b"", 0)
+    assert made == repairs
+    decoded = gojson.decode(text)
+    composite = decoded["nvme-pci-0200"]["Composite"]
+    assert composite["temp1_input"] == 36.85 and composite["temp1_max"] == 81.85
+    if fixture == "3.6.2-nan.txt":
+        assert composite["temp1_min"] is None
+    if fixture == "3.6.0-empty-chip.txt":
+        assert decoded["nvme-pci-0100"] == {"Adapter": "PCI adapter"}
+
+
+@pytest.mark.parametrize("raw", [
+    (LM_SENSORS / "3.6.0-other-damage.txt").read_bytes(),
+    b'{"a":{"Adapter": "x",\n   "b": 1,}}',
+    b'{"chip":{"f":{"temp1_input": 36.850(Composite)}}}',     # not at lm-sensors' indentation
+    b'{"chip":{"f":{"temp1_input": 1.5}}} trailing',
+])
+def test_sensors_output_other_damage_still_fails(raw):
+    with pytest.raises(psp.OutputError, match="^invalid sensors output$"):
+        psp.interpret_sensors_output(raw, b"", 0)
+
+
+def test_sensors_output_repeated_label_keeps_the_last_value():
+    text, made = psp.interpret_sensors_output(b'{"c":{"Core 0":{"t": 1.0},"Core 0":{"t": 2.0}}}', b"", 0)
+    assert made == ["duplicate_key"] and gojson.decode(text) == {"c": {"Core 0": {"t": 2.0}}}
+
+
+def test_go_decoder_helper_is_strict():
+    for text in ('{"a": NaN}', '{"a": Infinity}', '{"a": 1,}', '{"a": 1, "a": 2}', "[1,]"):
+        with pytest.raises(gojson.GoDecodeError):
+            gojson.decode(text)
+    assert gojson.decode('{"a": [1, null]}') == {"a": [1, None]}
 
 
 def test_config_for_nodes_is_validated():
