@@ -875,11 +875,24 @@ ensure_cleanup_path() {
 
 # ---------------------------------------------------------------- 7 nodes
 
+# The node names in a .members file, one a line: its "nodelist", or on a standalone host (pmxcfs
+# then writes only "nodename" and "version") that name; nothing for an unreadable file.
+MEMBERS_NODES='
+import json, sys
+try:
+    with open(sys.argv[1]) as handle:
+        members = json.load(handle)
+    names = sorted(members.get("nodelist") or {}) or [members["nodename"]]
+except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    sys.exit(1)
+print("\n".join(names))
+'
+
 # cluster_nodes: one node name a line, from the cluster membership Proxmox keeps.
 cluster_nodes() {
-    [ -f "$PVE_DIR/.members" ] || { hostname; return 0; }
-    python3 -c 'import json, sys; print("\n".join(sorted(json.load(open(sys.argv[1]))["nodelist"])))' \
-        "$PVE_DIR/.members"
+    if ! python3 -c "$MEMBERS_NODES" "$PVE_DIR/.members" 2>/dev/null; then
+        hostname
+    fi
 }
 
 push_keys() {

@@ -6,6 +6,7 @@ The real install, under a booted systemd, is tests/system/test_install_systemd.p
 import os
 import pty
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +16,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "install-sensor-proxy.sh"
 UNITS = REPO / "units"
-PVE_BIN = REPO / "tests/fixtures/pve/bin"
+PVE_FIXTURES = REPO / "tests/fixtures/pve"
+PVE_BIN = PVE_FIXTURES / "bin"
 ENTRY = "lxc.mount.entry: /run/pulse-sensor-proxy {} none bind,create=dir,optional 0 0"
 DEFAULT_ENTRY = ENTRY.format("run/pulse-sensor-proxy")
 
 
-def lib(function, *args, stdin=None):
+def without_traceback(result):
+    """An installer run's result, after checking no Python traceback reached its output."""
+    output = result.stdout + result.stderr
+    assert (b"Traceback" if isinstance(output, bytes) else "Traceback") not in output, output
+    return result
+
+
+def lib(function, *args, stdin=None, env=None):
     """Call one function of the installer (sourced, main not run); returns the CompletedProcess."""
-    return subprocess.run(
+    return without_traceback(subprocess.run(
         ["bash", "-c", f'. "{SCRIPT}"; "$@"', "lib", function, *map(str, args)],
-        env={**os.environ, "PULSE_INSTALLER_LIB": "1"}, input=stdin,
-        capture_output=True)
+        env={**os.environ, "PULSE_INSTALLER_LIB": "1", **(env or {})}, input=stdin,
+        capture_output=True))
 
 
 def edit(tmp_path, mode, text):
@@ -37,8 +46,23 @@ def edit(tmp_path, mode, text):
 
 
 def installer(*args, env=None, **kwargs):
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kwargs)
+    return without_traceback(subprocess.run(["bash", str(SCRIPT), *args], capture_output=True,
+                                            text=True, env={**os.environ, **(env or {})}, **kwargs))
+
+
+@pytest.mark.parametrize("members, expected", [
+    ("cluster.json", "pve1\npve2\npve3\n"), ("standalone.json", "pve\n"),
+    (None, f"{socket.gethostname()}\n"), ("not json", f"{socket.gethostname()}\n"),
+])
+def test_cluster_nodes_on_every_host(tmp_path, members, expected):
+    pve = tmp_path / "etc/pve"
+    pve.mkdir(parents=True)
+    if members == "not json":
+        (pve / ".members").write_text("{")
+    elif members:
+        shutil.copy(PVE_FIXTURES / "members" / members, pve / ".members")
+    result = lib("cluster_nodes", env={"PULSE_INSTALL_ROOT": str(tmp_path)})
+    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, expected, b"")
 
 
 PLAIN = """arch: amd64
