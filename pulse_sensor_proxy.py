@@ -2037,15 +2037,15 @@ def local_names():
 
 class Inventory:
     """The cluster's nodes: config `nodes:`, else /etc/pve/.members, else `pvecm nodes`,
-    else this host alone. .members is re-read when its mtime changes (checked every few
-    seconds, not per request)."""
+    else this host alone. .members is re-read every few seconds (not per request), so a node
+    joining or leaving is served without a restart."""
 
     def __init__(self, config, log, clock=time.monotonic):
         self.config, self.log, self.clock = config, log, clock
         self.members_path = os.path.join(config["pve_dir"], ".members")
         self.hostname = socket.gethostname().lower()
         self.names = local_names()
-        self.next_check, self.members_stamp, self.nodes, self.source = 0.0, None, [], ""
+        self.next_check, self.members_text, self.nodes, self.source = 0.0, None, [], ""
         self.pvecm = None
 
     def current(self):
@@ -2064,19 +2064,23 @@ class Inventory:
                               for name, e in self.config["nodes"].items()]
                 self.source = "config"
             return
+        # pmxcfs reports .members with mtime 0 and rebuilds it on each read: compare its text
         try:
-            info = os.stat(self.members_path)
-            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-        except OSError:
-            stamp = None
-        if stamp is not None:
-            if stamp != self.members_stamp:
-                self.members_stamp = stamp
+            with open(self.members_path, "rb") as handle:
+                text = handle.read(MAX_CONFIG_BYTES)
+        except OSError as exc:
+            text = None
+            if not isinstance(exc, FileNotFoundError) and self.members_text != exc.strerror:
+                self.log.log("warning", "Cannot read cluster members", path=self.members_path,
+                             error=exc.strerror)
+                self.members_text = exc.strerror
+        if text is not None:
+            if text != self.members_text:
+                self.members_text = text
                 try:
-                    with open(self.members_path) as handle:
-                        local, nodes = parse_members(handle.read(MAX_CONFIG_BYTES))
+                    local, nodes = parse_members(text.decode("utf-8"))
                     self.set_nodes(nodes, local, "pve")
-                except (OSError, ValueError) as exc:
+                except (ValueError, UnicodeDecodeError) as exc:
                     self.log.log("warning", "Cannot read cluster members", path=self.members_path,
                                  error=str(exc))
             if self.source == "pve":
@@ -2206,23 +2210,32 @@ def _asyncssh_classes():
 
 
 def parse_known_hosts(text):
-    """known_hosts text as asyncssh's matcher, but every key must decode.
+    """known_hosts text as (asyncssh's matcher of its usable lines, [(line number, host
+    patterns), ...] of the lines whose key does not decode).
 
-    asyncssh skips entries whose key does not decode; for us a damaged line must be an error,
-    or a corrupted pin would silently turn into a fresh trust-on-first-use.
+    OpenSSH skips such a line, and so does the matcher; the caller learns which hosts they
+    named, so that a damaged pin fails closed instead of turning into a fresh trust on first use.
     """
     import asyncssh
+    usable, skipped = [], []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
-        if fields[0].startswith("@"):
-            fields = fields[1:]
+        entry = fields[1:] if fields[0].startswith("@") else fields
         try:
-            asyncssh.import_public_key(" ".join(fields[1:3]))
+            asyncssh.import_public_key(" ".join(entry[1:3]))
         except (asyncssh.KeyImportError, ValueError):
-            raise ValueError(f"line {number}: not a valid host key entry") from None
-    return asyncssh.import_known_hosts(text)
+            skipped.append((number, entry[0] if entry else ""))
+            continue
+        usable.append(line)
+    return asyncssh.import_known_hosts("\n".join(usable) + "\n"), skipped
+
+
+def names_host(patterns, names):
+    """Whether a known_hosts host field (`a,b,[c]:2222`) names one of `names`."""
+    return any(p.lstrip("!").removeprefix("[").split("]:")[0].lower() in names
+               for p in patterns.split(","))
 
 
 def load_private_key(path):
@@ -2439,12 +2452,12 @@ class NodePool:
     async def connect(self, node, client_keys, on_lost=None, whose="the proxy's key"):
         """A new SSH connection to a node as node.user, its host key checked by our policy."""
         asyncssh, client_class, _ = _asyncssh_classes()
-        trusted, revoked = self.known_host_keys(node)
+        trusted, revoked, known = self.known_host_keys(node)
         verdict = {}
 
         def judge(server_key):
             fingerprint = server_key.get_fingerprint()
-            if trusted:
+            if known:
                 verdict["error"] = f"ssh: host key changed for {node.name}"
                 self.metrics.inc("pulse_proxy_hostkey_changes_total", (sanitize_label(node.name),))
                 self.log.log("error", "HOST KEY CHANGED: refusing to connect; if the node was "
@@ -2492,31 +2505,65 @@ class NodePool:
             raise FetchError(f"ssh: cannot connect to {node.host}:{node.port}: {reason}") from None
 
     def known_host_keys(self, node):
-        """(trusted keys, revoked keys) for a node from Proxmox's and our known_hosts."""
-        trusted, revoked = [], []
-        for path in (self.pve_known_hosts_path, self.known_hosts_path):
+        """(trusted keys, revoked keys, whether any key is known) for a node.
+
+        The cluster's own knowledge comes first: the node's `nodes/<node>/ssh_known_hosts`
+        (Proxmox VE >= 8.2 keeps each node's key there) and the older merged
+        `priv/known_hosts`, as sshd answers on port 22. Our pins (trust on first use) count
+        where the cluster knows nothing; where both know the node they must agree, or no key is
+        trusted and the connection is the changed-key alarm.
+        """
+        cluster, revoked = [], []
+        node_file = os.path.join(self.config["pve_dir"], "nodes", node.name, "ssh_known_hosts")
+        for path in (node_file, self.pve_known_hosts_path):
+            keys = self.known_hosts_entries(path, node, 22)
+            cluster.extend(keys[0])
+            revoked.extend(keys[1])
+        pinned, pin_revoked = self.known_hosts_entries(self.known_hosts_path, node, node.port,
+                                                       fail_closed=True)
+        revoked.extend(pin_revoked)
+        trusted = cluster or pinned
+        if cluster and pinned:
+            pins = {key.public_data for key in pinned}
+            trusted = [key for key in cluster if key.public_data in pins]
+        return trusted, revoked, bool(cluster or pinned)
+
+    def known_hosts_entries(self, path, node, port, fail_closed=False):
+        """(trusted, revoked) keys a known_hosts file holds for the node at `port`.
+
+        A line whose key does not decode is skipped with a warning; in our own pins
+        (`fail_closed`) such a line naming the node refuses the node rather than re-pin it.
+        """
+        try:
+            info = os.stat(path)
+        except OSError:
+            return [], []
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        cached = self.known_cache.get(path)
+        if cached is None or cached[0] != stamp:
             try:
-                info = os.stat(path)
-            except OSError:
-                continue
-            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-            cached = self.known_cache.get(path)
-            if cached is None or cached[0] != stamp:
-                try:
-                    with open(path) as handle:
-                        parsed = parse_known_hosts(handle.read(MAX_CONFIG_BYTES))
-                except PermissionError:
-                    parsed = None   # Proxmox's priv/ is root-only; `keys push` copies its keys
-                except (OSError, ValueError, UnicodeDecodeError) as exc:
-                    parsed = f"ssh: cannot use {path}: {exc}"
-                cached = self.known_cache[path] = (stamp, parsed)
-            if isinstance(cached[1], str):
-                raise FetchError(cached[1])    # fail closed: never re-pin over a broken file
-            if cached[1] is not None:
-                match = cached[1].match(node.name, node.host, node.port)
-                trusted.extend(match[0])
-                revoked.extend(match[2])
-        return trusted, revoked
+                with open(path) as handle:
+                    parsed = parse_known_hosts(handle.read(MAX_CONFIG_BYTES))
+                for number, _ in parsed[1]:
+                    self.log.log("warning", "Skipped a known_hosts line whose key does not decode",
+                                 path=path, line=number)
+            except PermissionError:
+                parsed = None   # Proxmox's priv/ is root-only
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                parsed = f"ssh: cannot use {path}: {exc}"
+            cached = self.known_cache[path] = (stamp, parsed)
+        if isinstance(cached[1], str):
+            raise FetchError(cached[1])    # fail closed: never re-pin over an unreadable file
+        if cached[1] is None:
+            return [], []
+        matcher, skipped = cached[1]
+        names = {node.name.lower(), node.host.lower()}
+        for number, patterns in skipped:
+            if fail_closed and names_host(patterns, names):
+                raise FetchError(f"ssh: cannot use {path} line {number}: the host key of {node.name} "
+                                 "there does not decode")
+        match = matcher.match(node.name, node.host, port)
+        return list(match[0]), list(match[2])
 
     def pin_host_key(self, node, server_key):
         """Trust on first use: remember a new node's key in our known_hosts."""

@@ -136,6 +136,40 @@ def test_strict_policy_trusts_only_known_hosts_files(cluster, base_dir):
     assert not (daemon.base / "state" / "known_hosts").exists(), "strict never pins"
 
 
+def test_cluster_per_node_host_keys_are_trusted_before_tofu(cluster, base_dir):
+    """pve-cluster (Setup.pm ssh_create_node_known_hosts) writes `NODE KEY`, no final newline."""
+    pve = base_dir / "pve"
+    (pve / "nodes" / "n1").mkdir(parents=True)
+    daemon, (node, _) = cluster(2, host_key_policy="strict", pve_dir=str(pve))
+    (pve / "nodes" / "n1" / "ssh_known_hosts").write_text(f"n1 {node.host_public_key}")
+    assert temperature(daemon, "n1")["success"]
+    assert temperature(daemon, "n2")["error"] == "unknown host key for n2 (host_key_policy: strict)"
+    assert not (daemon.base / "state" / "known_hosts").exists(), "nothing pinned"
+
+
+def test_undecodable_cluster_line_is_skipped_with_a_warning(cluster, base_dir):
+    pve = base_dir / "pve"
+    (pve / "priv").mkdir(parents=True)
+    daemon, (node,) = cluster(1, host_key_policy="strict", pve_dir=str(pve))
+    known = pve / "priv" / "known_hosts"
+    known.write_text(f"old ssh-future AAAAnotakey\nn1 {node.host_public_key}\n")
+    assert temperature(daemon, "n1")["success"], "the line after the undecodable one counts"
+    record = daemon.wait_log(lambda r: r.get("msg", "").startswith("Skipped a known_hosts line"),
+                             "the warning")
+    assert (record["path"], record["line"]) == (str(known), 1)
+
+
+def test_pin_that_disagrees_with_the_cluster_is_the_changed_key_alarm(cluster, base_dir):
+    pve = base_dir / "pve"
+    (pve / "nodes" / "n1").mkdir(parents=True)
+    daemon, (node,) = cluster(1, pve_dir=str(pve))
+    assert temperature(daemon, "n1")["success"], "pinned on first use"
+    node.rotate_host_key()
+    (pve / "nodes" / "n1" / "ssh_known_hosts").write_text(f"n1 {node.host_public_key}")
+    assert temperature(daemon, "n1")["error"] == "host key changed for n1"
+    assert node.exec_count() == 1
+
+
 def test_corrupt_known_hosts_fails_closed(cluster):
     daemon, (node,) = cluster(1)
     (daemon.base / "state" / "known_hosts").write_text("[127.0.0.1]:1 ssh-ed25519 !!!notbase64\n")
