@@ -600,6 +600,8 @@ Type=notify
 NotifyAccess=main
 User=pulse-sensor-proxy
 Group=pulse-sensor-proxy
+# pmxcfs serves /etc/pve (but priv/) to group www-data only: .members and the nodes' host keys
+SupplementaryGroups=www-data
 Environment=SHIV_ROOT=%C/pulse-sensor-proxy
 ExecStartPre=/usr/local/bin/pulse-sensor-proxy config validate --config /etc/pulse-sensor-proxy/config.yaml
 ExecStart=/usr/local/bin/pulse-sensor-proxy serve --config /etc/pulse-sensor-proxy/config.yaml

@@ -118,9 +118,10 @@ def run_cli(*args, env=None, timeout=60):
                           timeout=timeout, env=environment)
 
 
-def as_uid(uid, gid=None):
+def as_uid(uid, gid=None, groups=()):
     gid = uid if gid is None else gid
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]
 
 
 class Daemon:
@@ -133,6 +134,7 @@ class Daemon:
         self.config_path = self.base / "config.yaml"
         self.log_path = self.base / "daemon.log"
         self.uid = uid
+        self.groups = ()          # supplementary groups, as the unit's SupplementaryGroups=
         self.config = {"socket_path": str(self.socket), "ssh_dir": str(self.ssh_dir),
                        "metrics_address": "disabled", "allowed_source_subnets": ["127.0.0.1"],
                        "subuid_file": str(self.base / "subuid")}
@@ -154,7 +156,7 @@ class Daemon:
             for path in (self.base / "run", self.base / "state"):
                 if path.stat().st_uid != self.uid:      # a read-only state dir is already
                     os.chown(path, self.uid, self.uid)
-            prefix = as_uid(self.uid)
+            prefix = as_uid(self.uid, groups=self.groups)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(prefix + [PYTHON, str(MODULE), "serve", "--config",
                                                str(self.config_path)],

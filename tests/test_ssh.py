@@ -331,7 +331,8 @@ def test_parse_pvecm_nodes_in_every_shape(fixture, local, names):
 
 
 @pytest.mark.parametrize("fixture, local, nodes", [
-    ("cluster.json", "pve1", [("pve1", "192.0.2.11"), ("pve2", "192.0.2.12"), ("pve3", "192.0.2.13")]),
+    ("cluster.json", "pve1",
+     [("pve1", "192.0.2.11"), ("pve2", "192.0.2.12"), ("pve3", "192.0.2.13")]),
     ("node-without-ip.json", "pve2", [("pve1", "pve1"), ("pve2", "192.0.2.12")]),
     ("standalone.json", "pve", [("pve", "pve")]),
 ])
@@ -415,7 +416,8 @@ def test_sensors_output_other_damage_still_fails(raw):
 
 
 def test_sensors_output_repeated_label_keeps_the_last_value():
-    text, made = psp.interpret_sensors_output(b'{"c":{"Core 0":{"t": 1.0},"Core 0":{"t": 2.0}}}', b"", 0)
+    raw = b'{"c":{"Core 0":{"t": 1.0},"Core 0":{"t": 2.0}}}'
+    text, made = psp.interpret_sensors_output(raw, b"", 0)
     assert made == ["duplicate_key"] and gojson.decode(text) == {"c": {"Core 0": {"t": 2.0}}}
 
 
