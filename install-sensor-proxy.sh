@@ -84,6 +84,7 @@ EOF
 }
 
 readonly ACCOUNT=pulse-sensor-proxy
+readonly PVE_GROUP=www-data
 readonly SERVICE=pulse-sensor-proxy.service
 readonly ROTATION_TIMER=pulse-sensor-proxy-key-rotation.timer
 readonly CLEANUP_PATH=pulse-sensor-proxy-cleanup.path
@@ -425,6 +426,18 @@ ensure_account() {
         --shell /usr/sbin/nologin "$ACCOUNT"
 }
 
+# pmxcfs serves /etc/pve (all but priv/) to group www-data only: the account joins it to read
+# the cluster's membership and the nodes' host keys, as the original proxy's did.
+ensure_cluster_group() {
+    [ "$IS_PVE" -eq 1 ] && getent group "$PVE_GROUP" >/dev/null || return 0
+    if id -nG "$ACCOUNT" 2>/dev/null | tr ' ' '\n' | grep -qx "$PVE_GROUP"; then
+        report_ok "service account in group $PVE_GROUP (reads /etc/pve/.members)"
+        return 0
+    fi
+    report_changed "service account in group $PVE_GROUP (reads /etc/pve/.members)"
+    run usermod --append --groups "$PVE_GROUP" "$ACCOUNT"
+}
+
 ensure_directories() {
     ensure_dir "$STATE_DIR" 750 "$ACCOUNT" "$ACCOUNT"
     ensure_dir "$STATE_DIR/ssh" 700 "$ACCOUNT" "$ACCOUNT"
@@ -600,8 +613,6 @@ Type=notify
 NotifyAccess=main
 User=pulse-sensor-proxy
 Group=pulse-sensor-proxy
-# pmxcfs serves /etc/pve (but priv/) to group www-data only: .members and the nodes' host keys
-SupplementaryGroups=www-data
 Environment=SHIV_ROOT=%C/pulse-sensor-proxy
 ExecStartPre=/usr/local/bin/pulse-sensor-proxy config validate --config /etc/pulse-sensor-proxy/config.yaml
 ExecStart=/usr/local/bin/pulse-sensor-proxy serve --config /etc/pulse-sensor-proxy/config.yaml
@@ -1275,6 +1286,7 @@ remove_https_material() {
 do_install() {
     preflight
     ensure_account
+    ensure_cluster_group
     ensure_directories
     select_binary
     install_binary

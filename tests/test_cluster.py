@@ -1,6 +1,6 @@
 """The cluster as Proxmox serves it to the daemon under its unit: pmxcfs' /etc/pve with
 `.members` 0440 root:www-data, `priv/` 0700 root and each node's `nodes/<node>/ssh_known_hosts`,
-read by the service account through its supplementary group only (SupplementaryGroups=www-data).
+read by the service account through its group www-data only (the installer adds it).
 
 The booted-systemd install is tests/system/test_install_systemd.py.
 """
