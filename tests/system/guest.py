@@ -117,10 +117,17 @@ class Guest:
     def prepare_pve(self):
         nodelist = {name: {"id": number, "online": 1, "ip": ADDRESS}
                     for number, name in enumerate(NODES, start=1)}
+        # As pmxcfs serves them (src/pmxcfs/pmxcfs.c): .members 0440, every file group
+        # www-data, priv/ root only; each node's host key in nodes/<node>/ssh_known_hosts, one
+        # line without a final newline (PVE/Cluster/Setup.pm ssh_create_node_known_hosts).
         self.write("/etc/pve/.members", json.dumps({
             "nodename": "pve1", "version": 7,
             "cluster": {"name": "lab", "version": 3, "nodes": 3, "quorate": 1},
-            "nodelist": nodelist}, indent=1) + "\n")
+            "nodelist": nodelist}, indent=1) + "\n", 0o440)
+        for name in REMOTE_NODES:
+            self.write(f"/etc/pve/nodes/{name}/ssh_known_hosts", f"{name} {self.host_key(name)}",
+                       0o640)
+        self.chroot("chown", "-R", "root:www-data", "/etc/pve/.members", "/etc/pve/nodes")
         known = "".join(
             f"{name} {self.host_key(name)}\n[{ADDRESS}]:{port} {self.host_key(name)}\n"
             for name, port in REMOTE_NODES.items())

@@ -248,6 +248,8 @@ def test_container_uid_reads_every_node(guest, first_install):
             guest.run(f"pct exec {ctid} -- {CT_CALL} get_temperature --node {node} --socket {socket}")
     reply = guest.out(f"pct exec 105 -- {CT_CALL} get_temperature --node pve1 --raw")
     assert "coretemp" in reply
+    # the nodes' keys came from the cluster's nodes/<node>/ssh_known_hosts: nothing was pinned
+    assert not guest.path("/var/lib/pulse-sensor-proxy/known_hosts").exists()
 
 
 def test_other_uid_is_refused(guest, first_install):
