@@ -72,11 +72,14 @@ STEPS (each idempotent, each reported in one line: "ok" already in place, "chang
   9 summary
   A second run changes nothing and says so.
 
-CONTAINER CONFIG LINE (in /etc/pve/lxc/<CTID>.conf, main section only)
-  lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir,optional 0 0
-  `optional` keeps the container starting where the proxy is not installed (another node after a
-  migration, or after --uninstall). A socket-level entry or an `mpN: /run/pulse-sensor-proxy...`
-  mount point left by an older installer is replaced by this line, keeping its container path.
+CONTAINER CONFIG LINE (in /etc/pve/lxc/<CTID>.conf, main section; edited under pct's own lock)
+  lxc.mount.entry: /run/pulse-sensor-proxy mnt/pulse-proxy none bind,create=dir,optional 0 0
+  Not under /run: the container's systemd mounts a fresh tmpfs on /run after LXC's mounts and
+  hides them. `optional` keeps the container starting where the proxy is not installed (another
+  node after a migration, or after --uninstall). A socket-level entry or an
+  `mpN: /run/pulse-sensor-proxy...` mount point left by an older installer is replaced by this
+  line, keeping its container path unless that is under /run; such lines in [pve:pending] are
+  dropped; snapshot sections are left as they are.
 
 EXIT STATUS
   0 done (or nothing to do), 1 a step failed, 2 bad usage
@@ -93,7 +96,7 @@ readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.servi
 readonly MIN_PYTHON=3.9
 readonly RUN_DIR=/run/pulse-sensor-proxy
 readonly SOCKET_NAME=pulse-sensor-proxy.sock
-readonly DEFAULT_CONTAINER_DIR=run/pulse-sensor-proxy
+readonly DEFAULT_CONTAINER_DIR=mnt/pulse-proxy
 readonly MOUNT_OPTIONS=bind,create=dir,optional
 readonly DEFAULT_UID_RANGE=100000-165535
 readonly LEGACY_KEY_DIRS="/root/.ssh /home/pulse/.ssh /opt/pulse/.ssh /etc/pulse/.ssh"
@@ -108,6 +111,7 @@ CONF_DIR=$ROOT/etc/pulse-sensor-proxy
 CONFIG=$CONF_DIR/config.yaml
 UNIT_DIR=$ROOT/etc/systemd/system
 PVE_DIR=$ROOT/etc/pve
+PVE_LOCK_DIR=$ROOT/run/lock/lxc
 SOCKET=$ROOT$RUN_DIR/$SOCKET_NAME
 BACKUP_DIR=$ROOT/var/backups/pulse-sensor-proxy
 TLS_DIR=$CONF_DIR/tls
@@ -248,7 +252,11 @@ choose_from_menu() {
 
 # awk program shared by the conf_* functions. MODE: "add" (our mount entry exactly once per
 # container path), "remove" (drop every line mounting the proxy's directory), "report" (one line
-# per legacy line that "add" replaces).
+# per legacy line that "add" replaces or drops). A container path under /run becomes
+# DEFAULT_DIR: the container's systemd mounts a fresh tmpfs on /run after LXC's bind mounts,
+# hiding them. [pve:pending] (pve-container's parse_pct_config: changes not applied yet) gets
+# the same treatment for our lines, except that "add" drops them there, the main section
+# holding the entry; snapshot sections are history and stay byte for byte.
 # shellcheck disable=SC2016 # awk program, not shell
 readonly CONF_AWK='
 function container_dir(line,   rest, n, f, src, target, i, opts) {
@@ -268,6 +276,7 @@ function container_dir(line,   rest, n, f, src, target, i, opts) {
     if (src ~ /\.sock$/) sub(/\/[^\/]*$/, "", target)
     sub(/^\/+/, "", target)
     sub(/\/+$/, "", target)
+    if (target ~ /^(var\/)?run(\/|$)/) target = DEFAULT_DIR
     return target
 }
 function entry(dir) { return "lxc.mount.entry: " RUN_DIR " " dir " none " OPTIONS " 0 0" }
@@ -279,13 +288,16 @@ NR == 1 { eol = ($0 ~ /\r$/) ? "\r" : "" }
     if (in_snapshots) { out($0); next }
     if (line ~ /^\[/) {
         if (MODE == "add" && !emitted_any) { out(entry(DEFAULT_DIR) eol); emitted_any = 1 }
-        flush_blanks(); in_snapshots = 1; out($0); next
+        flush_blanks(); out($0)
+        if (line ~ /^\[pve:pending\][ \t]*$/) in_pending = 1; else in_snapshots = 1
+        next
     }
     if (line ~ /^[ \t]*$/) { blanks = blanks $0 "\n"; next }
     flush_blanks()
     dir = container_dir(line)
     if (dir == "") { out($0); next }
-    if (MODE == "remove") next
+    if (MODE == "report" && in_pending) { print "[pve:pending] " line " -> (removed)"; next }
+    if (MODE == "remove" || in_pending) next
     if (MODE == "report") { if (line != entry(dir)) print line " -> " entry(dir); next }
     if (!(dir in emitted)) { out(entry(dir) eol); emitted[dir] = 1; emitted_any = 1 }
 }
@@ -625,7 +637,7 @@ LimitNOFILE=4096
 
 RuntimeDirectory=pulse-sensor-proxy
 RuntimeDirectoryMode=0775
-RuntimeDirectoryPreserve=no
+RuntimeDirectoryPreserve=yes
 StateDirectory=pulse-sensor-proxy
 StateDirectoryMode=0750
 CacheDirectory=pulse-sensor-proxy
@@ -928,6 +940,24 @@ push_keys() {
 
 ct_running() { pct status "$1" 2>/dev/null | grep -q 'status: running'; }
 
+# with_ct_lock ID COMMAND...: run COMMAND holding the lock pct holds while it edits the
+# container's config (pve-container's config_file_lock, taken by PVE::AbstractConfig's
+# lock_config as an exclusive flock, waiting up to 10 s), so no pct set lands in between.
+with_ct_lock() {
+    local id=$1 fd status=0
+    shift
+    if [ "$DRY_RUN" -eq 1 ]; then "$@"; return; fi
+    mkdir -p "$PVE_LOCK_DIR"
+    exec {fd}>"$PVE_LOCK_DIR/pve-config-$id.lock"
+    if ! flock -w 10 "$fd"; then
+        exec {fd}>&-
+        err "container $id: its config is locked by another Proxmox task; run this again when it ends"
+    fi
+    "$@" || status=$?
+    exec {fd}>&-
+    return "$status"
+}
+
 # ct_rewrite_conf ID: put our mount entry into the container's config; 0 when it changed.
 ct_rewrite_conf() {
     local id=$1 conf=$PVE_DIR/lxc/$1.conf legacy
@@ -1020,7 +1050,7 @@ check_container() {
 
 connect_container() {
     local id=$1 changed=0
-    if ct_rewrite_conf "$id"; then changed=1; fi
+    if with_ct_lock "$id" ct_rewrite_conf "$id"; then changed=1; fi
     report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures"
     migrate_legacy_keys "$id"
     if [ "$changed" -eq 1 ] && ct_running "$id"; then
@@ -1317,15 +1347,22 @@ revoke_proxy_keys() {
     done
 }
 
+# ct_unmount_conf CONF: take every line mounting the proxy's directory out of one config.
+ct_unmount_conf() {
+    local conf=$1
+    conf_without_mount "$conf" >"$WORK/conf"
+    cmp -s "$WORK/conf" "$conf" && return 0
+    report_changed "mount entry removed from $conf (the container keeps the socket until it restarts)"
+    run cp "$WORK/conf" "$conf.tmp"
+    run mv -f "$conf.tmp" "$conf"
+}
+
 unmount_from_containers() {
-    local conf
+    local conf id
     for conf in "$PVE_DIR"/lxc/*.conf; do
         [ -f "$conf" ] || continue
-        conf_without_mount "$conf" >"$WORK/conf"
-        cmp -s "$WORK/conf" "$conf" && continue
-        report_changed "mount entry removed from $conf (the container keeps the socket until it restarts)"
-        run cp "$WORK/conf" "$conf.tmp"
-        run mv -f "$conf.tmp" "$conf"
+        id=${conf##*/}; id=${id%.conf}
+        with_ct_lock "$id" ct_unmount_conf "$conf"
     done
 }
 
@@ -1339,6 +1376,12 @@ do_uninstall() {
             run systemctl disable --now --quiet "$unit"
         fi
     done
+    # Kept across stops (RuntimeDirectoryPreserve=yes, for the containers' bind mounts): gone
+    # only with the service.
+    if [ -d "$ROOT$RUN_DIR" ]; then
+        report_changed "$RUN_DIR removed"
+        run rm -rf "$ROOT$RUN_DIR"
+    fi
     revoke_proxy_keys
     [ "$IS_PVE" -eq 1 ] && unmount_from_containers
     for unit in "${UNITS[@]}"; do

@@ -3,6 +3,7 @@ its command line, and a --dry-run that must leave a whole host tree untouched.
 
 The real install, under a booted systemd, is tests/system/test_install_systemd.py.
 """
+import fcntl
 import os
 import pty
 import shutil
@@ -19,7 +20,9 @@ UNITS = REPO / "units"
 PVE_FIXTURES = REPO / "tests/fixtures/pve"
 PVE_BIN = PVE_FIXTURES / "bin"
 ENTRY = "lxc.mount.entry: /run/pulse-sensor-proxy {} none bind,create=dir,optional 0 0"
-DEFAULT_ENTRY = ENTRY.format("run/pulse-sensor-proxy")
+DEFAULT_ENTRY = ENTRY.format("mnt/pulse-proxy")
+OLD_ENTRY = ENTRY.format("run/pulse-sensor-proxy")  # hidden by the container's own /run tmpfs
+PENDING_FIXTURE = REPO / "tests/fixtures/pve/lxc/105-pending-snapshot.conf"
 
 
 def without_traceback(result):
@@ -107,6 +110,42 @@ class TestMountEntry:
             "arch: amd64\n" + DEFAULT_ENTRY + "\nunprivileged: 1\n"
         old = "lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir 0 0\n"
         assert edit(tmp_path, "add", old + PLAIN) == DEFAULT_ENTRY + "\n" + PLAIN
+
+    def test_container_paths_under_run_move_to_mnt(self, tmp_path):
+        """systemd in the container mounts a tmpfs on /run after LXC's mounts: nothing there survives."""
+        for target in ("run/pulse-sensor-proxy", "/run/pulse-sensor-proxy/", "var/run/pulse-sensor-proxy", "run"):
+            old = OLD_ENTRY.replace("run/pulse-sensor-proxy none", f"{target} none")
+            assert edit(tmp_path, "add", PLAIN + old + "\n") == PLAIN + DEFAULT_ENTRY + "\n", target
+        text = PLAIN + "mp0: /run/pulse-sensor-proxy,mp=/run/pulse-sensor-proxy\n"
+        assert edit(tmp_path, "add", text) == PLAIN + DEFAULT_ENTRY + "\n"
+
+    def test_old_and_new_entry_collapse_to_the_new_one(self, tmp_path):
+        text = PLAIN + OLD_ENTRY + "\n" + DEFAULT_ENTRY + "\n"
+        assert edit(tmp_path, "add", text) == PLAIN + DEFAULT_ENTRY + "\n"
+
+    def test_pending_section_loses_our_lines_and_keeps_the_rest(self, tmp_path):
+        text = PENDING_FIXTURE.read_text()
+        main, pending, snapshot = text.split("\n\n")
+        result = edit(tmp_path, "add", text)
+        assert result == "\n\n".join([
+            main.replace(OLD_ENTRY, DEFAULT_ENTRY),
+            "[pve:pending]\ndelete: swap\nmemory: 2048",
+            snapshot])
+        assert edit(tmp_path, "add", result) == result
+
+    def test_uninstall_cleans_the_pending_section_too(self, tmp_path):
+        text = PENDING_FIXTURE.read_text()
+        main, _, snapshot = text.split("\n\n")
+        assert edit(tmp_path, "remove", text) == "\n\n".join([
+            main.replace(OLD_ENTRY + "\n", ""),
+            "[pve:pending]\ndelete: swap\nmemory: 2048",
+            snapshot])
+
+    def test_report_names_pending_lines_it_drops(self, tmp_path):
+        report = lib("conf_legacy_lines", PENDING_FIXTURE).stdout.decode()
+        assert report == (OLD_ENTRY + " -> " + DEFAULT_ENTRY + "\n" +
+                          "[pve:pending] mp1: /run/pulse-sensor-proxy/pulse-sensor-proxy.sock,"
+                          "mp=/mnt/pulse-proxy/pulse-sensor-proxy.sock,ro=1 -> (removed)\n")
 
     def test_mount_point_becomes_mount_entry_keeping_its_container_path(self, tmp_path):
         text = PLAIN.replace("hostname: pulse\n", "hostname: pulse\nmp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy\n")
@@ -407,3 +446,33 @@ def test_http_mode_dry_run_changes_nothing_and_registers_nowhere(tmp_path):
     assert "+http_enabled: true\n" in result.stdout
     assert f"+http_auth_token_file: {conf}/http-token\n" in result.stdout
     assert "+http_listen_addr: 0.0.0.0:8443\n" in result.stdout
+
+
+class TestContainerConfigLock:
+    """Config edits hold pct's own lock: /run/lock/lxc/pve-config-<CTID>.lock, an exclusive
+    flock (pve-container src/PVE/LXC/Config.pm config_file_lock, PVE::AbstractConfig lock_config)."""
+
+    def lock_path(self, root):
+        return root / "run/lock/lxc/pve-config-105.lock"
+
+    def call(self, root, *command):
+        return subprocess.run(
+            ["bash", "-c", f'. "{SCRIPT}"; WORK=$(mktemp -d); with_ct_lock 105 "$@"', "lib", *command],
+            env={**os.environ, "PULSE_INSTALLER_LIB": "1", "PULSE_INSTALL_ROOT": str(root)},
+            capture_output=True, text=True)
+
+    def test_the_edit_runs_holding_the_lock(self, tmp_path):
+        lock = self.lock_path(tmp_path)
+        result = self.call(tmp_path, "flock", "--nonblock", "--conflict-exit-code", "7", str(lock), "true")
+        assert result.returncode == 7, result.stderr
+
+    def test_a_held_lock_stops_the_edit_with_a_clear_error(self, tmp_path):
+        lock = self.lock_path(tmp_path)
+        lock.parent.mkdir(parents=True)
+        marker = tmp_path / "edited"
+        with open(lock, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            result = self.call(tmp_path, "touch", str(marker))
+        assert result.returncode == 1
+        assert "container 105: its config is locked by another Proxmox task" in result.stderr
+        assert not marker.exists()

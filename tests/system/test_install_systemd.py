@@ -18,9 +18,11 @@ from rootfs import cached_rootfs, fresh_copy
 
 ACCOUNT = "pulse-sensor-proxy"
 SOCKET = "/run/pulse-sensor-proxy/pulse-sensor-proxy.sock"
+# Inside a container: outside /run, which the container's own systemd covers with a tmpfs.
+CT_SOCKET = "/mnt/pulse-proxy/pulse-sensor-proxy.sock"
 GUEST_PYZ = "/root/pulse-sensor-proxy.pyz"
 INSTALL = f"bash /root/install-sensor-proxy.sh --pyz {GUEST_PYZ}"
-CT_CALL = "env SHIV_ROOT=/tmp/shiv pulse-sensor-proxy call"
+CT_CALL = f"env SHIV_ROOT=/tmp/shiv PULSE_SENSOR_PROXY_SOCKET={CT_SOCKET} pulse-sensor-proxy call"
 LEGACY_KEY = "/root/.ssh/id_ed25519"
 CONFIG = "/etc/pulse-sensor-proxy/config.yaml"
 CURRENT_PUB = "/var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub"
@@ -205,7 +207,7 @@ def test_every_node_holds_the_line_the_daemon_reports(guest, first_install):
 
 def test_container_configs(guest, first_install):
     conf105 = guest.path("/etc/pve/lxc/105.conf").read_text()
-    assert conf105 == CT105 + ("lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy "
+    assert conf105 == CT105 + ("lxc.mount.entry: /run/pulse-sensor-proxy mnt/pulse-proxy "
                                "none bind,create=dir,optional 0 0\n")
     conf106 = guest.path("/etc/pve/lxc/106.conf").read_text()
     assert conf106 == CT106.replace(
@@ -216,10 +218,10 @@ def test_container_configs(guest, first_install):
 
 def test_documented_socket_paths_exist_in_the_containers(guest, first_install):
     docs = (REPO / "README.md").read_text()
-    assert "lxc.mount.entry: /run/pulse-sensor-proxy run/pulse-sensor-proxy none bind,create=dir,optional 0 0" in docs
-    assert SOCKET in docs
-    guest.run(f"pct exec 105 -- test -S {SOCKET}")
-    guest.run("pct exec 106 -- test -S /mnt/pulse-proxy/pulse-sensor-proxy.sock")
+    assert "lxc.mount.entry: /run/pulse-sensor-proxy mnt/pulse-proxy none bind,create=dir,optional 0 0" in docs
+    assert CT_SOCKET in docs
+    guest.run(f"pct exec 105 -- test -S {CT_SOCKET}")
+    guest.run(f"pct exec 106 -- test -S {CT_SOCKET}")
 
 
 def test_legacy_key_moved_out_of_the_container_and_revoked(guest, first_install):
@@ -243,9 +245,9 @@ def test_container_uid_gets_status(guest, first_install):
 
 
 def test_container_uid_reads_every_node(guest, first_install):
-    for ctid, socket in ((105, SOCKET), (106, "/mnt/pulse-proxy/pulse-sensor-proxy.sock")):
+    for ctid in (105, 106):
         for node in NODES:
-            guest.run(f"pct exec {ctid} -- {CT_CALL} get_temperature --node {node} --socket {socket}")
+            guest.run(f"pct exec {ctid} -- {CT_CALL} get_temperature --node {node}")
     reply = guest.out(f"pct exec 105 -- {CT_CALL} get_temperature --node pve1 --raw")
     assert "coretemp" in reply
     # the nodes' keys came from the cluster's nodes/<node>/ssh_known_hosts: nothing was pinned
@@ -283,7 +285,9 @@ def test_second_install_changes_nothing(guest, first_install):
 
 
 def test_container_starts_with_the_proxy_stopped(guest, first_install):
-    guest.run("systemctl stop pulse-sensor-proxy && test ! -e /run/pulse-sensor-proxy")
+    # The runtime directory outlives a stop (RuntimeDirectoryPreserve=yes); a node the proxy
+    # was never installed on has none.
+    guest.run("systemctl stop pulse-sensor-proxy && rm -r /run/pulse-sensor-proxy")
     try:
         guest.run("pct stop 105 && pct start 105 && pct stop 106 && pct start 106")
     finally:
@@ -309,7 +313,7 @@ import json, os, socket, sys, time
 def ask(node):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(30)
-        sock.connect("/run/pulse-sensor-proxy/pulse-sensor-proxy.sock")
+        sock.connect("/mnt/pulse-proxy/pulse-sensor-proxy.sock")
         sock.sendall(json.dumps({"correlation_id": "poll", "method": "get_temperature",
                                  "params": {"node": node}}).encode() + b"\n")
         data = b""
