@@ -49,7 +49,7 @@ def test_node_joining_is_served_with_the_clusters_host_key(daemon_factory, ssh_n
     daemon.start()
     node.authorize((daemon.ssh_dir / "id_ed25519.pub").read_text().strip())
     pid = daemon.proc.pid
-    assert temperature(daemon, "n1")["error"] == "unknown node"
+    assert temperature(daemon, "n1")["error"] == 'node "n1" not in allowlist (known: pve1)'
 
     pmxcfs_write(pve / "nodes" / "n1" / "ssh_known_hosts", f"n1 {node.host_public_key}", 0o640)
     pmxcfs_write(pve / ".members", members("pve1", {"pve1": "192.0.2.11", "n1": node.host}), 0o440)

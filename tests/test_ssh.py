@@ -143,7 +143,7 @@ def test_cluster_per_node_host_keys_are_trusted_before_tofu(cluster, base_dir):
     daemon, (node, _) = cluster(2, host_key_policy="strict", pve_dir=str(pve))
     (pve / "nodes" / "n1" / "ssh_known_hosts").write_text(f"n1 {node.host_public_key}")
     assert temperature(daemon, "n1")["success"]
-    assert temperature(daemon, "n2")["error"] == "unknown host key for n2 (host_key_policy: strict)"
+    assert temperature(daemon, "n2")["error"] == 'node "n2": ssh: unknown host key for n2 (host_key_policy: strict)'
     assert not (daemon.base / "state" / "known_hosts").exists(), "nothing pinned"
 
 
@@ -166,7 +166,7 @@ def test_pin_that_disagrees_with_the_cluster_is_the_changed_key_alarm(cluster, b
     assert temperature(daemon, "n1")["success"], "pinned on first use"
     node.rotate_host_key()
     (pve / "nodes" / "n1" / "ssh_known_hosts").write_text(f"n1 {node.host_public_key}")
-    assert temperature(daemon, "n1")["error"] == "host key changed for n1"
+    assert temperature(daemon, "n1")["error"] == 'node "n1": ssh: host key changed for n1'
     assert node.exec_count() == 1
 
 
