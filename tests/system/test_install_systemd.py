@@ -40,7 +40,10 @@ CT107 = "arch: amd64\nhostname: old\nrootfs: local-lvm:vm-107-disk-0,size=8G\n"
 
 # Written by the test before the install: the merge must keep all of it. The admin identity is
 # the default (root's ~/.ssh/id_*); the rotation test's poller asks more than 20 times a minute.
-FIXTURE_CONFIG = ("log_level: debug\nrate_limit: {per_minute: 6000, burst: 100}\nnodes:\n"
+# Every poll reaches its node (no answers from the per-node interval's last reading), so that
+# the rotation test sees the daemon pick up the new key on a real connection.
+FIXTURE_CONFIG = ("log_level: debug\nrate_limit: {per_minute: 6000, burst: 100}\n"
+                  "node_min_interval_seconds: 0\nnodes:\n"
                   f"  {LOCAL_NODE}: {{host: {ADDRESS}}}\n" +
                   "".join(f"  {name}: {{host: {ADDRESS}, port: {port}, user: {name}}}\n"
                           for name, port in REMOTE_NODES.items()))
