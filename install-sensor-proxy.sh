@@ -611,6 +611,48 @@ ensure_config() {
 
 # ---------------------------------------------------------------- 6 units
 
+# root_oneshot_hardening: the sandbox both root oneshots (key rotation, cleanup) run in; they
+# log in to the nodes with root's identity and write only the state dir and root's ~/.ssh.
+root_oneshot_hardening() {
+    cat <<'UNIT'
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=/var/lib/pulse-sensor-proxy
+# Of the homes only root's ~/.ssh: the admin identity, and this node's authorized_keys, which
+# on Proxmox links into /etc/pve/priv.
+ProtectHome=tmpfs
+BindPaths=-/root/.ssh
+ReadWritePaths=-/root/.ssh -/etc/pve/priv
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallFilter=@chown
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
+UNIT
+}
+
 # unit_text NAME: the unit file shipped in units/NAME (kept identical by the test suite).
 unit_text() {
     case "$1" in
@@ -697,42 +739,8 @@ CacheDirectory=pulse-sensor-proxy-rotation
 CacheDirectoryMode=0700
 UMask=0077
 
-CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
-NoNewPrivileges=yes
-ProtectSystem=strict
-ReadWritePaths=/var/lib/pulse-sensor-proxy
-# Of the homes only root's ~/.ssh: the admin identity, and this node's authorized_keys, which
-# on Proxmox links into /etc/pve/priv.
-ProtectHome=tmpfs
-BindPaths=-/root/.ssh
-ReadWritePaths=-/root/.ssh -/etc/pve/priv
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectHostname=yes
-ProtectClock=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectProc=invisible
-ProcSubset=pid
-RestrictAddressFamilies=AF_INET AF_INET6
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-KeyringMode=private
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallFilter=@chown
-SystemCallErrorNumber=EPERM
-DevicePolicy=closed
 UNIT
+            root_oneshot_hardening
         ;;
         pulse-sensor-proxy-key-rotation.timer) cat <<'UNIT'
 [Unit]
@@ -764,42 +772,8 @@ CacheDirectory=pulse-sensor-proxy-cleanup
 CacheDirectoryMode=0700
 UMask=0077
 
-CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
-NoNewPrivileges=yes
-ProtectSystem=strict
-ReadWritePaths=/var/lib/pulse-sensor-proxy
-# Of the homes only root's ~/.ssh: the admin identity, and this node's authorized_keys, which
-# on Proxmox links into /etc/pve/priv.
-ProtectHome=tmpfs
-BindPaths=-/root/.ssh
-ReadWritePaths=-/root/.ssh -/etc/pve/priv
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectHostname=yes
-ProtectClock=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectProc=invisible
-ProcSubset=pid
-RestrictAddressFamilies=AF_INET AF_INET6
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-KeyringMode=private
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallFilter=@chown
-SystemCallErrorNumber=EPERM
-DevicePolicy=closed
 UNIT
+            root_oneshot_hardening
         ;;
         pulse-sensor-proxy-cleanup.path) cat <<'UNIT'
 [Unit]
