@@ -3920,13 +3920,18 @@ def fail(message):
     return 1
 
 
+def config_failure(exc, prefix=""):
+    """Every problem of a ConfigError on stderr, one a line; the command's exit status."""
+    for problem in exc.problems:
+        print(prefix + problem, file=sys.stderr)
+    return 1
+
+
 def cmd_serve(args):
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: {problem}", file=sys.stderr)
-        return 1
+        return config_failure(exc, prefix=f"{PROG}: ")
     log = AuditLog(config["log_level"])
     for note in config["config_notes"]:
         log.log("warning", "Config key of the original proxy; run `config migrate --write`",
@@ -3934,9 +3939,7 @@ def cmd_serve(args):
     try:
         return asyncio.run(run_daemon(config, log))
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: {problem}", file=sys.stderr)
-        return 1
+        return config_failure(exc, prefix=f"{PROG}: ")
     except (RuntimeError, OSError) as exc:
         return fail(str(exc))
 
@@ -4097,9 +4100,7 @@ def cmd_tls_init(args):
         for address in args.address:
             ipaddress.ip_address(address)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
+        return config_failure(exc)
     except ValueError as exc:
         print(f"{PROG}: error: --address: {exc}", file=sys.stderr)
         return 2
@@ -4195,9 +4196,7 @@ def cmd_config_merge(args):
                               parse_settings(args.set), parse_settings(args.set_default))
         validate_config(merged, source=path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
+        return config_failure(exc)
     except ValueError as exc:
         return fail(str(exc))
     text = render_config_yaml(merged)
@@ -4232,9 +4231,7 @@ def cmd_config_migrate(args):
         raw, notes = read_translated_config(path)
         validate_config(raw, source=path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
+        return config_failure(exc)
     for note in notes:
         print(f"{path}: {note}", file=sys.stderr)
     text = render_config_yaml(raw)
@@ -4265,9 +4262,7 @@ def run_key_command(args, action, dry_run=False):
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
+        return config_failure(exc)
     admin = KeyAdmin(config, dry_run=dry_run)
     try:
         return 0 if asyncio.run(action(admin)) else 1
