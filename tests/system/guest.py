@@ -9,13 +9,17 @@ different sample per account. /etc/pve holds the cluster's files, and pct/pvecm 
 stand-ins from tests/fixtures/pve/bin. The guest has its own network namespace: loopback and
 vmbr0 (one end of a veth pair) with ADDRESS, the host's address the nodes see.
 """
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+
+from rootfs import cached_rootfs, fresh_copy
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests/fixtures"
@@ -28,8 +32,49 @@ REMOTE_NODES = {name: port for name, (_, port) in NODES.items() if port}
 # The file holding each node's root authorized_keys.
 NODE_KEY_FILES = {"pve1": "/etc/pve/priv/authorized_keys",
                   **{name: f"/home/{name}/.ssh/authorized_keys" for name in REMOTE_NODES}}
+GUEST_PYZ = "/root/pulse-sensor-proxy.pyz"
+GUEST_INSTALLER = "/root/install-sensor-proxy.sh"
+GUEST_PACKAGES = ("procps", "iproute2")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_SECONDS = 120
+
+
+def artefact():
+    """The binary under test: the pyz that ./build_zipapp.sh builds."""
+    pyz = REPO / "dist/pulse-sensor-proxy-x86_64.pyz"
+    subprocess.run([str(REPO / "build_zipapp.sh"), "--arch", "x86_64"], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    return pyz
+
+
+@contextlib.contextmanager
+def booted_guest(setup=None):
+    """A fresh guest, prepared and booted, with the installer and the pyz under test in /root.
+
+    SETUP(guest), if given, adds what one test module needs before the boot (configs,
+    containers). The guest is powered off and its tree removed on exit.
+    """
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is missing: ./dev.sh setup installs it")
+    binary = artefact()
+    workdir = Path(tempfile.mkdtemp(prefix="pulse-guest-", dir="/var/tmp"))
+    root = workdir / "root"
+    root.mkdir()
+    fresh_copy(cached_rootfs(GUEST_PACKAGES), root)
+    with open(workdir / "console.log", "w") as log:
+        machine = Guest(root, log)
+        try:
+            machine.prepare()
+            shutil.copy(REPO / "install-sensor-proxy.sh", machine.path(GUEST_INSTALLER))
+            shutil.copy(binary, machine.path(GUEST_PYZ))
+            if setup is not None:
+                setup(machine)
+            machine.boot()
+            yield machine
+        finally:
+            machine.poweroff()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Guest:

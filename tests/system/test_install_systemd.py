@@ -6,22 +6,19 @@ The tests run in file order against one guest: install, check, reinstall, rotate
 import json
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import wait_for
-from guest import ADDRESS, LOCAL_NODE, NODE_KEY_FILES, NODES, REMOTE_NODES, REPO, Guest
-from rootfs import cached_rootfs, fresh_copy
+from guest import (ADDRESS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_KEY_FILES, NODES,
+                   REMOTE_NODES, REPO, booted_guest)
 
 ACCOUNT = "pulse-sensor-proxy"
 SOCKET = "/run/pulse-sensor-proxy/pulse-sensor-proxy.sock"
 # Inside a container: outside /run, which the container's own systemd covers with a tmpfs.
 CT_SOCKET = "/mnt/pulse-proxy/pulse-sensor-proxy.sock"
-GUEST_PYZ = "/root/pulse-sensor-proxy.pyz"
-INSTALL = f"bash /root/install-sensor-proxy.sh --pyz {GUEST_PYZ}"
+INSTALL = f"bash {GUEST_INSTALLER} --pyz {GUEST_PYZ}"
 CT_CALL = f"env SHIV_ROOT=/tmp/shiv PULSE_SENSOR_PROXY_SOCKET={CT_SOCKET} pulse-sensor-proxy call"
 LEGACY_KEY = "/root/.ssh/id_ed25519"
 CONFIG = "/etc/pulse-sensor-proxy/config.yaml"
@@ -49,46 +46,17 @@ FIXTURE_CONFIG = ("log_level: debug\nrate_limit: {per_minute: 6000, burst: 100}\
                           for name, port in REMOTE_NODES.items()))
 
 
-def artefact():
-    """The binary under test: the pyz that ./build_zipapp.sh builds, once that script exists;
-    until then the module itself, with its dependencies from Debian's packages in the guest."""
-    if (REPO / "build_zipapp.sh").exists():
-        pyz = REPO / "dist/pulse-sensor-proxy-x86_64.pyz"
-        subprocess.run([str(REPO / "build_zipapp.sh"), "--arch", "x86_64"], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL)
-        return pyz, ()
-    return REPO / "pulse_sensor_proxy.py", ("python3-asyncssh", "python3-cffi-backend", "python3-yaml")
-
-
-GUEST_PACKAGES = ("procps", "iproute2")
-
-
 @pytest.fixture(scope="module")
 def guest():
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: ./dev.sh setup installs it")
-    binary, packages = artefact()
-    workdir = Path(tempfile.mkdtemp(prefix="pulse-guest-", dir="/var/tmp"))
-    root = workdir / "root"
-    root.mkdir()
-    fresh_copy(cached_rootfs(GUEST_PACKAGES + packages), root)
-    with open(workdir / "console.log", "w") as log:
-        machine = Guest(root, log)
-        try:
-            machine.prepare()
-            shutil.copy(REPO / "install-sensor-proxy.sh", machine.path("/root/install-sensor-proxy.sh"))
-            shutil.copy(binary, machine.path(GUEST_PYZ))
-            machine.write(CONFIG, FIXTURE_CONFIG, 0o640)
-            legacy = machine.add_container(105, CT105) / LEGACY_KEY.lstrip("/")
-            machine.add_container(106, CT106)
-            machine.add_container(107, CT107)
-            machine.legacy_private = plant_legacy_key(machine, legacy)
-            machine.boot()
-            yield machine
-        finally:
-            machine.poweroff()
-            shutil.rmtree(workdir, ignore_errors=True)
+    def setup(machine):
+        machine.write(CONFIG, FIXTURE_CONFIG, 0o640)
+        legacy = machine.add_container(105, CT105) / LEGACY_KEY.lstrip("/")
+        machine.add_container(106, CT106)
+        machine.add_container(107, CT107)
+        machine.legacy_private = plant_legacy_key(machine, legacy)
+
+    with booted_guest(setup) as machine:
+        yield machine
 
 
 def plant_legacy_key(machine, key):
