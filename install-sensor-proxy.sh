@@ -68,7 +68,8 @@ STEPS (each idempotent, each reported in one line: "ok" already in place, "chang
   6 systemd units installed, service enabled and started, socket checked
   7 the proxy's SSH key pushed to every cluster node (forced command `sensors -j`)
   8 each container: mount entry, read access for its uid range, legacy SSH keys moved out of it
-    (revoked on every node, kept in a root-only backup on the host), restart if needed, check
+    (revoked on every node, kept in a root-only backup on the host), restart if needed, the
+    files below pushed into it, check
   9 summary
   A second run changes nothing and says so.
 
@@ -80,6 +81,13 @@ CONTAINER CONFIG LINE (in /etc/pve/lxc/<CTID>.conf, main section; edited under p
   `mpN: /run/pulse-sensor-proxy...` mount point left by an older installer is replaced by this
   line, keeping its container path unless that is under /run; such lines in [pve:pending] are
   dropped; snapshot sections are left as they are.
+
+INSIDE A RUNNING CONTAINER (written with pct push; listed in the summary; --uninstall removes them)
+  /etc/tmpfiles.d/pulse-sensor-proxy.conf   links /run/pulse-sensor-proxy to /mnt/pulse-proxy
+                                            at every boot (for Pulse releases before v4.26)
+  /etc/systemd/system/pulse.service.d/10-pulse-sensor-proxy.conf   (or pulse-backend.service.d)
+                                            PULSE_SENSOR_PROXY_SOCKET for Pulse's service
+  A path that is a link, or a file this script did not write, is left as it is (a warning).
 
 EXIT STATUS
   0 done (or nothing to do), 1 a step failed, 2 bad usage
@@ -101,6 +109,13 @@ readonly MOUNT_OPTIONS=bind,create=dir,optional
 readonly DEFAULT_UID_RANGE=100000-165535
 readonly LEGACY_KEY_DIRS="/root/.ssh /home/pulse/.ssh /opt/pulse/.ssh /etc/pulse/.ssh"
 readonly SOCKET_WAIT_SECONDS=30
+# Written into a running container (each starting with CT_FILE_MARK; --uninstall removes them):
+# a link from /run at every boot, and the socket's path for Pulse's service (pulse.service from
+# Pulse's installer, pulse-backend.service from the Proxmox VE helper scripts).
+readonly CT_TMPFILES=/etc/tmpfiles.d/pulse-sensor-proxy.conf
+readonly CT_DROPIN=10-pulse-sensor-proxy.conf
+readonly PULSE_UNITS="pulse.service pulse-backend.service"
+readonly CT_FILE_MARK="# Written by install-sensor-proxy.sh (pulse-sensor-proxy); its --uninstall removes this file."
 readonly HTTP_DEFAULT_ADDR=0.0.0.0:8443
 
 # Every path on the host hangs off ROOT, which is empty outside the installer's own tests.
@@ -148,6 +163,7 @@ UNITS_CHANGED=0
 CONFIG_CHANGED=0
 CHANGES=0
 declare -A CT_UID_RANGES=()
+CT_FILES=()
 NOTES=()
 
 say() { [ "$QUIET" -eq 1 ] || printf '%s\n' "$*"; }
@@ -990,6 +1006,150 @@ migrate_legacy_keys() {
     done <<<"$found"
 }
 
+# ---------------------------------------------------------------- 8 files inside containers
+# Pulse's client takes $PULSE_SENSOR_PROXY_SOCKET, else /run/pulse-sensor-proxy/..., else (from
+# v4.26) /mnt/pulse-proxy/... (internal/tempproxy/client.go NewClient). The mount is outside
+# /run, so a tmpfiles.d entry links /run/pulse-sensor-proxy to it at every boot for the
+# releases that look only there, and Pulse's service gets the variable in a drop-in.
+#
+# The container is not trusted. Files go in with pct push, which creates them inside the
+# container's namespaces with its root's rights, so no link in there can lead outside it; and
+# only where nothing but a regular file of ours is in the way.
+
+# ct_dir ID: the proxy's directory inside the container, from our mount entry.
+ct_dir() { local sock; sock=$(ct_socket_paths "$1" | head -n 1); printf '%s\n' "${sock%/*}"; }
+
+ct_tmpfiles_text() {
+    printf '%s\n' "$CT_FILE_MARK" \
+        "# The proxy's socket is mounted at $1, outside the tmpfs the container's systemd puts" \
+        "# on /run; Pulse releases that look for it only under /run find it through this link." \
+        "L $RUN_DIR - - - - $1"
+}
+
+ct_dropin_text() { printf '%s\n' "$CT_FILE_MARK" "[Service]" "Environment=PULSE_SENSOR_PROXY_SOCKET=$1"; }
+
+# Run in the container as sh -c PROBE sh PATH MARK: prints "absent", "foreign" (a link, or
+# something other than a regular file starting with MARK), or "ours" and then the file.
+# shellcheck disable=SC2016 # expanded inside the container
+readonly CT_FILE_PROBE='f=$1
+if [ -L "${f%/*}" ] || [ -L "$f" ]; then echo foreign
+elif [ ! -e "$f" ]; then echo absent
+elif [ -f "$f" ] && [ "$(head -n 1 "$f")" = "$2" ]; then echo ours; cat "$f"
+else echo foreign; fi'
+
+ct_file_probe() {
+    pct exec "$1" -- sh -c "$CT_FILE_PROBE" sh "$2" "$CT_FILE_MARK" 2>/dev/null | head -c 65536 || true
+}
+
+ct_has_systemd() { pct exec "$1" -- test -d /run/systemd/system 2>/dev/null; }
+
+# shellcheck disable=SC2016 # expanded inside the container
+readonly CT_UNIT_PROBE='for u; do for d in /etc/systemd/system /usr/lib/systemd/system /lib/systemd/system; do
+    if [ -f "$d/$u" ]; then echo "$u"; break; fi; done; done'
+
+# ct_pulse_units ID: Pulse's service units installed in the container, one a line.
+ct_pulse_units() {
+    local unit found
+    # shellcheck disable=SC2086 # the list of names
+    found=$(pct exec "$1" -- sh -c "$CT_UNIT_PROBE" sh $PULSE_UNITS 2>/dev/null || true)
+    for unit in $PULSE_UNITS; do
+        if grep -qxF "$unit" <<<"$found"; then printf '%s\n' "$unit"; fi
+    done
+}
+
+# ct_put_file ID PATH WHAT < CONTENT: 0 written now, 1 already in place, 2 refused (in the way).
+ct_put_file() {
+    local id=$1 path=$2 what="container $1: $3 $2" new probe
+    new=$(mktemp "$WORK/ct.XXXXXX")
+    cat >"$new"
+    probe=$(mktemp "$WORK/probe.XXXXXX")
+    ct_file_probe "$id" "$path" >"$probe"
+    case "$(head -n 1 "$probe")" in
+        ours)
+            if tail -n +2 "$probe" | cmp -s - "$new"; then
+                CT_FILES+=("$id:$path")
+                report_ok "$what"
+                return 1
+            fi ;;
+        absent) ;;
+        "")
+            warn "container $id: could not look at $path inside it (pct exec failed); left as it is"
+            return 2 ;;
+        *)
+            warn "container $id: $path is in the way (a link, or not a file this script wrote); left as it is"
+            note "container $id: move $path out of the way inside it, then run this again"
+            return 2 ;;
+    esac
+    if ! run pct exec "$id" -- mkdir -p "${path%/*}" \
+            || ! run pct push "$id" "$new" "$path" --perms 0644 --user 0 --group 0; then
+        warn "container $id: could not write $path inside it"
+        return 2
+    fi
+    CT_FILES+=("$id:$path")
+    report_changed "$what"
+}
+
+# ensure_ct_files ID: the link from /run and Pulse's drop-ins, in a running container.
+ensure_ct_files() {
+    local id=$1 dir unit status restart=()
+    if ! ct_running "$id"; then
+        note "container $id is stopped: $CT_TMPFILES and Pulse's drop-in go into it at the next run of this script once it runs"
+        return 0
+    fi
+    dir=$(ct_dir "$id")
+    status=0
+    ct_put_file "$id" "$CT_TMPFILES" "link $RUN_DIR -> $dir at boot:" < <(ct_tmpfiles_text "$dir") || status=$?
+    if [ "$status" -eq 0 ] && ct_has_systemd "$id"; then
+        run pct exec "$id" -- systemd-tmpfiles --create "$CT_TMPFILES" \
+            || warn "container $id: systemd-tmpfiles did not make the link $RUN_DIR now; it is made at the next boot"
+    fi
+    for unit in $(ct_pulse_units "$id"); do
+        status=0
+        ct_put_file "$id" "/etc/systemd/system/$unit.d/$CT_DROPIN" "PULSE_SENSOR_PROXY_SOCKET for $unit:" \
+            < <(ct_dropin_text "$dir/$SOCKET_NAME") || status=$?
+        if [ "$status" -eq 0 ]; then restart+=("$unit"); fi
+    done
+    if [ "${#restart[@]}" -eq 0 ] || ! ct_has_systemd "$id"; then return 0; fi
+    run pct exec "$id" -- systemctl daemon-reload || warn "container $id: systemctl daemon-reload failed"
+    for unit in "${restart[@]}"; do
+        pct exec "$id" -- systemctl is-active --quiet "$unit" 2>/dev/null || continue
+        if [ "$NO_RESTART" -eq 1 ]; then
+            note "container $id: restart Pulse to take the socket's path: pct exec $id -- systemctl restart $unit"
+        else
+            report_changed "container $id: $unit restarted to take PULSE_SENSOR_PROXY_SOCKET"
+            run pct exec "$id" -- systemctl restart "$unit" || warn "container $id: $unit did not restart"
+        fi
+    done
+}
+
+# remove_ct_files ID DIR: take this script's files (as it wrote them) out of the container.
+remove_ct_files() {
+    local id=$1 dir=$2 unit path reload=0 paths=("$CT_TMPFILES")
+    for unit in $PULSE_UNITS; do paths+=("/etc/systemd/system/$unit.d/$CT_DROPIN"); done
+    if ! ct_running "$id"; then
+        warn "container $id is stopped: once it runs, remove what this script wrote into it: pct exec $id -- rm -f ${paths[*]}"
+        return 0
+    fi
+    for path in "${paths[@]}"; do
+        [ "$(ct_file_probe "$id" "$path" | head -n 1)" = ours ] || continue
+        report_changed "container $id: $path removed"
+        run pct exec "$id" -- rm -f "$path"
+        if [[ $path == *.service.d/* ]]; then
+            reload=1
+            run pct exec "$id" -- rmdir "${path%/*}" 2>/dev/null || true
+        fi
+    done
+    # shellcheck disable=SC2016 # expanded inside the container
+    if pct exec "$id" -- sh -c '[ -L "$1" ] && [ "$(readlink "$1")" = "$2" ]' sh "$RUN_DIR" "$dir" 2>/dev/null; then
+        report_changed "container $id: link $RUN_DIR removed"
+        run pct exec "$id" -- rm -f "$RUN_DIR"
+    fi
+    if [ "$reload" -eq 1 ] && ct_has_systemd "$id"; then
+        run pct exec "$id" -- systemctl daemon-reload || warn "container $id: systemctl daemon-reload failed"
+    fi
+    return 0
+}
+
 readonly RPC_CHECK='import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
@@ -1035,6 +1195,7 @@ connect_container() {
             run pct reboot "$id"
         fi
     fi
+    ensure_ct_files "$id"
     [ "$DRY_RUN" -eq 1 ] || check_container "$id"
 }
 
@@ -1074,6 +1235,9 @@ summary() {
         say "Dry run: $CHANGES change(s) would be made; nothing was changed."
     else
         say "Done: $CHANGES change(s)."
+    fi
+    if [ "${#CT_FILES[@]}" -gt 0 ]; then
+        say "files inside containers (--uninstall removes them): ${CT_FILES[*]}"
     fi
     [ "$DRY_RUN" -eq 1 ] && return 0
     [ "$ACTION" = install ] || return 0
@@ -1332,10 +1496,12 @@ ct_unmount_conf() {
 }
 
 unmount_from_containers() {
-    local conf id
+    local conf id dir
     for conf in "$PVE_DIR"/lxc/*.conf; do
         [ -f "$conf" ] || continue
         id=${conf##*/}; id=${id%.conf}
+        dir=$(ct_dir "$id")
+        [ "$dir" = "" ] || remove_ct_files "$id" "$dir"
         with_ct_lock "$id" ct_unmount_conf "$conf"
     done
 }

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pct_container import make_container
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "install-sensor-proxy.sh"
 UNITS = REPO / "units"
@@ -38,6 +40,14 @@ def lib(function, *args, stdin=None, env=None):
         ["bash", "-c", f'. "{SCRIPT}"; "$@"', "lib", function, *map(str, args)],
         env={**os.environ, "PULSE_INSTALLER_LIB": "1", **(env or {})}, input=stdin,
         capture_output=True))
+
+
+def sourced(script, *args, env=None):
+    """Run SCRIPT (bash) with the installer's functions defined and a WORK dir, as its steps
+    run; returns the CompletedProcess (text)."""
+    return without_traceback(subprocess.run(
+        ["bash", "-c", f'. "{SCRIPT}"; WORK=$(mktemp -d); trap cleanup EXIT; {script}', "lib", *args],
+        env={**os.environ, "PULSE_INSTALLER_LIB": "1", **(env or {})}, capture_output=True, text=True))
 
 
 def edit(tmp_path, mode, text):
@@ -456,10 +466,7 @@ class TestContainerConfigLock:
         return root / "run/lock/lxc/pve-config-105.lock"
 
     def call(self, root, *command):
-        return subprocess.run(
-            ["bash", "-c", f'. "{SCRIPT}"; WORK=$(mktemp -d); with_ct_lock 105 "$@"', "lib", *command],
-            env={**os.environ, "PULSE_INSTALLER_LIB": "1", "PULSE_INSTALL_ROOT": str(root)},
-            capture_output=True, text=True)
+        return sourced('with_ct_lock 105 "$@"', *command, env={"PULSE_INSTALL_ROOT": str(root)})
 
     def test_the_edit_runs_holding_the_lock(self, tmp_path):
         lock = self.lock_path(tmp_path)
@@ -476,3 +483,172 @@ class TestContainerConfigLock:
         assert result.returncode == 1
         assert "container 105: its config is locked by another Proxmox task" in result.stderr
         assert not marker.exists()
+
+
+CT_TMPFILES = "/etc/tmpfiles.d/pulse-sensor-proxy.conf"
+CT_DROPIN = "/etc/systemd/system/pulse.service.d/10-pulse-sensor-proxy.conf"
+MARK = "# Written by install-sensor-proxy.sh (pulse-sensor-proxy); its --uninstall removes this file.\n"
+TMPFILES_TEXT = (MARK + "# The proxy's socket is mounted at /mnt/pulse-proxy, outside the tmpfs the container's systemd puts\n"
+                 "# on /run; Pulse releases that look for it only under /run find it through this link.\n"
+                 "L /run/pulse-sensor-proxy - - - - /mnt/pulse-proxy\n")
+DROPIN_TEXT = MARK + "[Service]\nEnvironment=PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/pulse-sensor-proxy.sock\n"
+# The unit Pulse's install.sh writes (v5.0.17, create_systemd_service), shortened.
+PULSE_UNIT = """[Unit]
+Description=Pulse Monitoring Server
+After=network.target
+
+[Service]
+Type=simple
+User=pulse
+ExecStart=/opt/pulse/bin/pulse
+Environment="PULSE_DATA_DIR=/etc/pulse"
+EnvironmentFile=-/etc/pulse/.env
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class TestFilesInsideTheContainer:
+    """A running container (108, the pct stand-in's chroot as host uid 100000) gets the link from
+    /run at boot and, where Pulse's service is installed, its socket path, through pct push."""
+
+    @pytest.fixture
+    def ct(self, tmp_path):
+        root, env = host_tree(tmp_path)
+        env["PCT_SHIM_LOCK_DIR"] = str(root / "run/lock/lxc")
+        rootfs = make_container(root / "etc/pve/lxc/108.conf", tmp_path / "pct/108", PLAIN + DEFAULT_ENTRY + "\n")
+        unit = rootfs / "etc/systemd/system/pulse.service"
+        unit.parent.mkdir(parents=True)
+        unit.write_text(PULSE_UNIT)
+        for path in (unit.parent.parent, unit.parent, unit):
+            os.lchown(path, 100000, 100000)
+        return rootfs, env, tmp_path / "pct/pct.log"
+
+    def ensure(self, env, dry_run=0):
+        return sourced(f'DRY_RUN={dry_run}; ensure_ct_files 108; summary; printf "note: %s\\n" "${{NOTES[@]}}"',
+                       env=env)
+
+    def test_written_as_the_containers_root_and_listed(self, ct):
+        rootfs, env, log = ct
+        result = self.ensure(env)
+        assert result.returncode == 0, result.stderr
+        for path, text in ((CT_TMPFILES, TMPFILES_TEXT), (CT_DROPIN, DROPIN_TEXT)):
+            file = rootfs / path.lstrip("/")
+            assert file.read_text() == text
+            assert (file.stat().st_uid, file.stat().st_mode & 0o7777) == (100000, 0o644)
+            assert f"push 108 {path}" in log.read_text()
+        assert (f"changed  container 108: link /run/pulse-sensor-proxy -> /mnt/pulse-proxy at boot: "
+                f"{CT_TMPFILES}\n") in result.stdout
+        assert f"changed  container 108: PULSE_SENSOR_PROXY_SOCKET for pulse.service: {CT_DROPIN}\n" in result.stdout
+        assert (f"files inside containers (--uninstall removes them): 108:{CT_TMPFILES} 108:{CT_DROPIN}\n"
+                in result.stdout)
+
+    def test_second_run_changes_nothing(self, ct):
+        rootfs, env, log = ct
+        self.ensure(env)
+        pushed = log.read_text()
+        result = self.ensure(env)
+        assert "changed" not in result.stdout
+        assert f"ok       container 108: PULSE_SENSOR_PROXY_SOCKET for pulse.service: {CT_DROPIN}\n" in result.stdout
+        assert f"files inside containers (--uninstall removes them): 108:{CT_TMPFILES} 108:{CT_DROPIN}\n" in result.stdout
+        assert log.read_text() == pushed
+
+    def test_an_edited_file_of_ours_is_put_back(self, ct):
+        rootfs, env, log = ct
+        self.ensure(env)
+        (rootfs / CT_TMPFILES.lstrip("/")).write_text(MARK + "L /run/pulse-sensor-proxy - - - - /elsewhere\n")
+        result = self.ensure(env)
+        assert f"changed  container 108: link /run/pulse-sensor-proxy -> /mnt/pulse-proxy at boot:" in result.stdout
+        assert (rootfs / CT_TMPFILES.lstrip("/")).read_text() == TMPFILES_TEXT
+
+    def test_no_pulse_service_no_drop_in(self, ct):
+        rootfs, env, _ = ct
+        (rootfs / "etc/systemd/system/pulse.service").unlink()
+        result = self.ensure(env)
+        assert (rootfs / CT_TMPFILES.lstrip("/")).exists()
+        assert not (rootfs / "etc/systemd/system/pulse.service.d").exists()
+        assert "PULSE_SENSOR_PROXY_SOCKET" not in result.stdout
+
+    def test_dry_run_prints_and_changes_nothing(self, ct):
+        rootfs, env, log = ct
+        before = snapshot_tree(rootfs)
+        result = self.ensure(env, dry_run=1)
+        assert result.returncode == 0, result.stderr
+        assert snapshot_tree(rootfs) == before
+        assert not log.exists()
+        assert f"would    container 108: link /run/pulse-sensor-proxy -> /mnt/pulse-proxy at boot: {CT_TMPFILES}" in result.stdout
+        assert "would run: pct push 108 " in result.stdout
+
+    @pytest.mark.parametrize("hostile", ["link to the target", "link to its directory", "foreign file", "directory"])
+    def test_what_is_in_the_way_is_left_alone(self, ct, hostile):
+        """The container's root may plant anything: nothing of it is followed, replaced or removed."""
+        rootfs, env, _ = ct
+        target = rootfs / CT_DROPIN.lstrip("/")
+        victim = rootfs / "etc/passwd"
+        victim_text = victim.read_text()
+        if hostile == "link to the target":
+            target.parent.mkdir(parents=True)
+            target.symlink_to("/etc/passwd")
+        elif hostile == "link to its directory":
+            target.parent.symlink_to("/etc")
+            target = rootfs / "etc" / target.name
+        elif hostile == "foreign file":
+            target.parent.mkdir(parents=True)
+            target.write_text("[Service]\nEnvironment=PULSE_SENSOR_PROXY_SOCKET=/run/x.sock\n")
+        else:
+            target.mkdir(parents=True)
+        before = snapshot_tree(rootfs / "etc/systemd")
+        result = self.ensure(env)
+        assert result.returncode == 0, result.stderr
+        assert f"warning: container 108: {CT_DROPIN} is in the way" in result.stderr
+        assert snapshot_tree(rootfs / "etc/systemd") == before
+        assert victim.read_text() == victim_text
+        assert not (rootfs / "etc/10-pulse-sensor-proxy.conf").exists()
+        assert f"108:{CT_DROPIN}" not in result.stdout
+        assert (rootfs / CT_TMPFILES.lstrip("/")).read_text() == TMPFILES_TEXT
+
+    def test_a_stopped_container_is_left_for_the_next_run(self, ct):
+        rootfs, env, log = ct
+        (rootfs.parent / "running").unlink()
+        result = self.ensure(env)
+        assert result.returncode == 0, result.stderr
+        assert not (rootfs / "etc/tmpfiles.d").exists()
+        assert f"note: container 108 is stopped: {CT_TMPFILES} and Pulse's drop-in go into it" in result.stdout
+        # as pct itself answers (pve-container src/PVE/CLI/pct.pm: exec, push)
+        source = rootfs.parent / "file"
+        source.write_text("x")
+        for command, message in ((["exec", "108", "--", "true"], "container '108' not running!"),
+                                 (["push", "108", str(source), "/x"], "can only push files to a running CT")):
+            refused = subprocess.run([str(PVE_BIN / "pct"), *command], env={**os.environ, **env},
+                                     capture_output=True, text=True)
+            assert (refused.returncode, refused.stderr) == (1, message + "\n")
+
+    def test_uninstall_removes_only_ours(self, ct):
+        rootfs, env, _ = ct
+        self.ensure(env)
+        other = rootfs / "etc/systemd/system/pulse.service.d/20-admin.conf"
+        other.write_text("[Service]\nNice=5\n")
+        link = rootfs / "run/pulse-sensor-proxy"
+        link.symlink_to("/mnt/pulse-proxy")  # as systemd-tmpfiles makes it at boot
+        result = sourced("remove_ct_files 108 /mnt/pulse-proxy", env=env)
+        assert result.returncode == 0, result.stderr
+        assert not (rootfs / CT_TMPFILES.lstrip("/")).exists()
+        assert not (rootfs / CT_DROPIN.lstrip("/")).exists()
+        assert not link.is_symlink()
+        assert other.read_text() == "[Service]\nNice=5\n"
+        assert f"changed  container 108: {CT_DROPIN} removed" in result.stdout
+        assert "changed  container 108: link /run/pulse-sensor-proxy removed" in result.stdout
+        again = sourced("remove_ct_files 108 /mnt/pulse-proxy", env=env)
+        assert "changed" not in again.stdout
+
+    def test_uninstall_keeps_what_is_not_ours(self, ct):
+        rootfs, env, _ = ct
+        foreign = rootfs / CT_TMPFILES.lstrip("/")
+        foreign.parent.mkdir(parents=True)
+        foreign.write_text("L /run/pulse-sensor-proxy - - - - /mnt/pulse-proxy\n")
+        link = rootfs / "run/pulse-sensor-proxy"
+        link.symlink_to("/srv/elsewhere")
+        result = sourced("remove_ct_files 108 /mnt/pulse-proxy", env=env)
+        assert result.returncode == 0 and "changed" not in result.stdout
+        assert foreign.exists() and link.is_symlink()

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pct_container import make_container
 from rootfs import cached_rootfs, fresh_copy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,19 +190,8 @@ class Guest:
     def add_container(self, ctid, conf_text, running=True):
         """An LXC container for the pct stand-in: its config plus a skeleton rootfs whose files
         belong to the container's root (host uid 100000 unless its idmap says otherwise)."""
-        self.write(f"/etc/pve/lxc/{ctid}.conf", conf_text)
-        base = self.path(f"/var/lib/pct-shim/{ctid}")
-        rootfs = base / "rootfs"
-        for directory in ("usr", "dev", "proc", "root", "run", "tmp", "etc"):
-            (rootfs / directory).mkdir(parents=True, exist_ok=True)
-        for link in ("bin", "lib", "lib64", "sbin"):
-            os.symlink(f"usr/{link}", rootfs / link)
-        (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        (rootfs / "etc/group").write_text("root:x:0:\n")
-        (rootfs / "tmp").chmod(0o1777)
-        if running:
-            (base / "running").touch()
-        return rootfs
+        return make_container(self.path(f"/etc/pve/lxc/{ctid}.conf"),
+                              self.path(f"/var/lib/pct-shim/{ctid}"), conf_text, running)
 
     # ---------------------------------------------------------------- boot and power off
     def boot(self):
