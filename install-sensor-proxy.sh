@@ -1150,36 +1150,146 @@ remove_ct_files() {
     return 0
 }
 
+# ---------------------------------------------------------------- 8 what Pulse sees inside
+
+readonly GET_STATUS_REQUEST='{"correlation_id": "installer", "method": "get_status", "params": {}}'
 readonly RPC_CHECK='import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
 s.connect(sys.argv[1])
-s.sendall(json.dumps({"correlation_id": "installer", "method": "get_status", "params": {}}).encode() + b"\n")
+s.sendall(sys.argv[2].encode() + b"\n")
 data = b""
 while not data.endswith(b"\n"):
     chunk = s.recv(65536)
     if not chunk:
         break
     data += chunk
-sys.exit(0 if json.loads(data).get("success") else 1)'
+sys.exit(0 if json.loads(data).get("success") is True else 1)'
 
+# Run in the container as sh -c PROBE sh AWK UNIT...: "UNIT VALUE" for each of Pulse's units it
+# has, VALUE the PULSE_SENSOR_PROXY_SOCKET systemd starts it with (empty when none).
+# shellcheck disable=SC2016 # expanded inside the container
+readonly CT_PULSE_ENV_PROBE='prog=$1; shift
+for u; do
+    unit=
+    for d in /etc/systemd/system /usr/lib/systemd/system /lib/systemd/system; do
+        if [ -f "$d/$u" ]; then unit=$d/$u; break; fi
+    done
+    [ -n "$unit" ] || continue
+    value=$({ echo "$unit"
+              for f in /etc/systemd/system/"$u".d/*.conf /usr/lib/systemd/system/"$u".d/*.conf; do
+                  [ -f "$f" ] && echo "${f##*/} $f"
+              done | sort -s -k1,1 | awk "!seen[\$1]++ { print \$2 }"; } | awk "$prog")
+    echo "$u $value"
+done'
+# Reads the unit's file names on stdin, the unit first, then its drop-ins in systemd's order (by
+# name; /etc hiding /usr/lib): Environment= lines, the later winning, an empty one clearing;
+# then the EnvironmentFile= files, whose variables override Environment= (systemd.exec(5)).
+# shellcheck disable=SC2016 # awk program
+readonly PULSE_ENV_AWK='
+function take(s,   n, w, i) {
+    gsub(/"/, "", s)
+    if (s ~ /^[ \t]*$/) { v = ""; return }
+    n = split(s, w, /[ \t]+/)
+    for (i = 1; i <= n; i++) if (w[i] ~ /^PULSE_SENSOR_PROXY_SOCKET=/) v = substr(w[i], 27)
+}
+{
+    file = $0
+    while ((getline line < file) > 0) {
+        if (line ~ /^[ \t]*Environment[ \t]*=/) { sub(/^[^=]*=[ \t]*/, "", line); take(line) }
+        else if (line ~ /^[ \t]*EnvironmentFile[ \t]*=/) {
+            sub(/^[^=]*=[ \t]*-?/, "", line)
+            if (line == "") files = 0; else env_file[++files] = line
+        }
+    }
+    close(file)
+}
+END {
+    for (i = 1; i <= files; i++) {
+        while ((getline line < env_file[i]) > 0)
+            if (line ~ /^[ \t]*PULSE_SENSOR_PROXY_SOCKET[ \t]*=/) {
+                sub(/^[^=]*=[ \t]*/, "", line); gsub(/^["\047]|["\047][ \t]*$/, "", line); v = line
+            }
+        close(env_file[i])
+    }
+    print v
+}'
+
+# ct_pulse_socket_env ID: "UNIT PATH" for each of Pulse's units in the container, PATH the
+# socket its service is told to use ("-" when none, "?" when not a plain absolute path).
+ct_pulse_socket_env() {
+    local unit value
+    # shellcheck disable=SC2086 # the list of names
+    while read -r unit value; do
+        grep -qxF "$unit" < <(tr ' ' '\n' <<<"$PULSE_UNITS") || continue
+        if [ -z "$value" ]; then value=-
+        elif ! [[ $value =~ ^/[A-Za-z0-9._/+-]{1,200}$ ]]; then value='?'; fi
+        printf '%s %s\n' "$unit" "$value"
+    done < <(pct exec "$1" -- sh -c "$CT_PULSE_ENV_PROBE" sh "$PULSE_ENV_AWK" $PULSE_UNITS 2>/dev/null | head -c 4096 || true)
+}
+
+# ct_ask_socket ID PATH: how the socket at PATH answers inside the container, in words; fails
+# when there is none or it does not answer. Asked with what the container has.
+ct_ask_socket() {
+    local id=$1 sock=$2 answer
+    pct exec "$id" -- test -S "$sock" 2>/dev/null || { echo "no socket"; return 1; }
+    if pct exec "$id" -- sh -c 'command -v python3' >/dev/null 2>&1; then
+        if pct exec "$id" -- python3 -c "$RPC_CHECK" "$sock" "$GET_STATUS_REQUEST" >/dev/null 2>&1; then
+            echo "answers get_status (asked with python3)"; return 0
+        fi
+        echo "does not answer get_status (asked with python3)"; return 1
+    fi
+    if pct exec "$id" -- sh -c 'command -v socat' >/dev/null 2>&1; then
+        answer=$(printf '%s\n' "$GET_STATUS_REQUEST" \
+                     | pct exec "$id" -- socat -t 10 - "UNIX-CONNECT:$sock" 2>/dev/null | head -c 65536 || true)
+        if grep -q '"success": *true' <<<"$answer"; then echo "answers get_status (asked with socat)"; return 0; fi
+        echo "does not answer get_status (asked with socat)"; return 1
+    fi
+    echo "is a socket (not asked: the container has neither python3 nor socat)"
+}
+
+# check_container ID: at each path Pulse's client tries, in its order (NewClient: the variable
+# if set, else the first of /run/... and /mnt/... that exists, else /run/...), whether the
+# socket answers from inside; and which one Pulse will use.
 check_container() {
-    local id=$1 sock
-    ct_running "$id" || return 0
-    while read -r sock; do
-        if ! pct exec "$id" -- test -S "$sock"; then
-            warn "container $id: no socket at $sock yet"
-            note "container $id does not see the socket yet; restart it: pct reboot $id"
-            continue
-        fi
-        if pct exec "$id" -- sh -c 'command -v python3' >/dev/null 2>&1; then
-            pct exec "$id" -- python3 -c "$RPC_CHECK" "$sock" \
-                || { warn "container $id: the proxy did not answer get_status at $sock"; continue; }
-            report_ok "container $id: get_status answers at $sock"
+    local id=$1 unit value path answer chosen='' why='' run_path=$RUN_DIR/$SOCKET_NAME
+    local mnt_path=/$DEFAULT_CONTAINER_DIR/$SOCKET_NAME
+    if ! ct_running "$id"; then
+        note "container $id is stopped: what Pulse will see inside it is checked at its next run; start it and run this again"
+        return 0
+    fi
+    while read -r unit value; do
+        case "$value" in
+            -) say "         container $id: PULSE_SENSOR_PROXY_SOCKET not set for $unit" ;;
+            '?') warn "container $id: PULSE_SENSOR_PROXY_SOCKET of $unit is not a plain absolute path; Pulse will not reach the proxy through it"
+                 [ -n "$chosen" ] || { chosen='?'; why="$unit's PULSE_SENSOR_PROXY_SOCKET"; } ;;
+            *) if answer=$(ct_ask_socket "$id" "$value"); then
+                   report_ok "container $id: \$PULSE_SENSOR_PROXY_SOCKET of $unit, $value: $answer"
+               else
+                   warn "container $id: \$PULSE_SENSOR_PROXY_SOCKET of $unit, $value: $answer"
+               fi
+               [ -n "$chosen" ] || { chosen=$value; why="$unit's PULSE_SENSOR_PROXY_SOCKET"; } ;;
+        esac
+    done < <(ct_pulse_socket_env "$id")
+    for path in "$run_path" "$mnt_path"; do
+        if answer=$(ct_ask_socket "$id" "$path"); then
+            report_ok "container $id: $path: $answer"
         else
-            report_ok "container $id: socket present at $sock"
+            say "         container $id: $path: $answer"
         fi
-    done < <(ct_socket_paths "$id")
+        if [ -z "$chosen" ] && pct exec "$id" -- test -e "$path" 2>/dev/null; then
+            chosen=$path; why="the first of Pulse's paths there"
+        fi
+    done
+    if [ -z "$chosen" ]; then chosen=$run_path; why="its default; none of its paths is there"; fi
+    if [ "$chosen" = '?' ]; then
+        answer="not a path"
+    elif answer=$(ct_ask_socket "$id" "$chosen"); then
+        report_ok "container $id: Pulse will use $chosen ($why)"
+        return 0
+    fi
+    warn "container $id: Pulse will use $chosen ($why): $answer"
+    note "container $id: Pulse does not reach the proxy; restart the container (pct reboot $id) and run this again"
 }
 
 connect_container() {

@@ -22,6 +22,12 @@ def make_container(conf_path, ct_dir, conf_text, running=True):
         (rootfs / directory).mkdir(parents=True, exist_ok=True)
     for link in ("bin", "lib", "lib64", "sbin"):
         os.symlink(f"usr/{link}", rootfs / link)
+    # The host's /usr comes with links through /etc/alternatives (awk among them), as a Debian
+    # container has them.
+    (rootfs / "etc/alternatives").mkdir()
+    for link in Path("/etc/alternatives").iterdir():
+        if link.is_symlink():
+            os.symlink(os.readlink(link), rootfs / "etc/alternatives" / link.name)
     (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (rootfs / "etc/group").write_text("root:x:0:\n")
     (rootfs / "tmp").chmod(0o1777)

@@ -652,3 +652,92 @@ class TestFilesInsideTheContainer:
         result = sourced("remove_ct_files 108 /mnt/pulse-proxy", env=env)
         assert result.returncode == 0 and "changed" not in result.stdout
         assert foreign.exists() and link.is_symlink()
+
+
+class TestWhatPulseSeesInside:
+    """After wiring, the installer asks the socket from inside the container (108, as its root)
+    at each path Pulse's client tries, in its order, and says which one Pulse will use: the
+    real daemon behind a bind mount at /mnt/pulse-proxy, as the container's mount entry makes it."""
+
+    @pytest.fixture
+    def ct(self, tmp_path, daemon_factory):
+        daemon = daemon_factory({"allowed_peers": [{"uids": "100000-165535"}]})
+        root, env = host_tree(tmp_path)
+        entry = f"lxc.mount.entry: {daemon.socket.parent} mnt/pulse-proxy none bind,create=dir,optional 0 0\n"
+        rootfs = make_container(root / "etc/pve/lxc/108.conf", tmp_path / "pct/108", PLAIN + entry)
+        (rootfs / "mnt").mkdir()
+        os.lchown(rootfs / "mnt", 100000, 100000)
+        return rootfs, env, daemon
+
+    def check(self, env):
+        result = sourced('check_container 108; printf "note: %s\\n" "${NOTES[@]}"', env=env)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def add_pulse_service(self, rootfs, env_file_line=None):
+        for directory in ("etc/systemd", "etc/systemd/system", "etc/pulse"):
+            (rootfs / directory).mkdir(exist_ok=True)
+            os.lchown(rootfs / directory, 100000, 100000)
+        (rootfs / "etc/systemd/system/pulse.service").write_text(PULSE_UNIT)
+        (rootfs / "etc/systemd/system/pulse.service.d").mkdir()
+        (rootfs / CT_DROPIN.lstrip("/")).write_text(DROPIN_TEXT)  # as TestFilesInsideTheContainer shows
+        if env_file_line:
+            (rootfs / "etc/pulse/.env").write_text(f"PULSE_DATA_DIR=/etc/pulse\n{env_file_line}\n")
+
+    def test_the_mount_outside_run_is_what_pulse_finds(self, ct):
+        rootfs, env, _ = ct
+        result = self.check(env)
+        assert "container 108: /run/pulse-sensor-proxy/pulse-sensor-proxy.sock: no socket\n" in result.stdout
+        assert ("ok       container 108: /mnt/pulse-proxy/pulse-sensor-proxy.sock: answers get_status "
+                "(asked with python3)\n") in result.stdout
+        assert ("ok       container 108: Pulse will use /mnt/pulse-proxy/pulse-sensor-proxy.sock "
+                "(the first of Pulse's paths there)\n") in result.stdout
+        assert result.stderr == ""
+
+    def test_the_link_from_run_comes_first(self, ct):
+        rootfs, env, _ = ct
+        (rootfs / "run/pulse-sensor-proxy").symlink_to("/mnt/pulse-proxy")  # what tmpfiles.d makes
+        result = self.check(env)
+        assert ("ok       container 108: /run/pulse-sensor-proxy/pulse-sensor-proxy.sock: answers get_status "
+                "(asked with python3)\n") in result.stdout
+        assert ("ok       container 108: Pulse will use /run/pulse-sensor-proxy/pulse-sensor-proxy.sock "
+                "(the first of Pulse's paths there)\n") in result.stdout
+
+    def test_the_variable_of_pulses_service_comes_before_both(self, ct):
+        rootfs, env, _ = ct
+        self.add_pulse_service(rootfs)
+        result = self.check(env)
+        assert ("ok       container 108: $PULSE_SENSOR_PROXY_SOCKET of pulse.service, "
+                "/mnt/pulse-proxy/pulse-sensor-proxy.sock: answers get_status (asked with python3)\n") in result.stdout
+        assert ("ok       container 108: Pulse will use /mnt/pulse-proxy/pulse-sensor-proxy.sock "
+                "(pulse.service's PULSE_SENSOR_PROXY_SOCKET)\n") in result.stdout
+
+    def test_pulses_env_file_overrides_the_drop_in(self, ct):
+        """systemd.exec(5): variables read from EnvironmentFile= override Environment=."""
+        rootfs, env, _ = ct
+        self.add_pulse_service(rootfs, "PULSE_SENSOR_PROXY_SOCKET=/var/lib/old/proxy.sock")
+        result = self.check(env)
+        assert ("warning: container 108: Pulse will use /var/lib/old/proxy.sock "
+                "(pulse.service's PULSE_SENSOR_PROXY_SOCKET): no socket\n") in result.stderr
+        assert "note: container 108: Pulse does not reach the proxy" in result.stdout
+
+    def test_a_value_that_is_not_a_plain_path_is_not_used(self, ct):
+        rootfs, env, _ = ct
+        self.add_pulse_service(rootfs, 'PULSE_SENSOR_PROXY_SOCKET="/mnt/$(reboot)"')
+        result = self.check(env)
+        assert "PULSE_SENSOR_PROXY_SOCKET of pulse.service is not a plain absolute path" in result.stderr
+        assert "Pulse will use ? (pulse.service's PULSE_SENSOR_PROXY_SOCKET): not a path" in result.stderr
+
+    def test_no_socket_anywhere_is_reported(self, ct):
+        rootfs, env, daemon = ct
+        daemon.stop()
+        daemon.socket.unlink(missing_ok=True)
+        result = self.check(env)
+        assert ("warning: container 108: Pulse will use /run/pulse-sensor-proxy/pulse-sensor-proxy.sock "
+                "(its default; none of its paths is there): no socket\n") in result.stderr
+
+    def test_a_stopped_container_is_checked_at_its_next_run(self, ct):
+        rootfs, env, _ = ct
+        (rootfs.parent / "running").unlink()
+        result = self.check(env)
+        assert "note: container 108 is stopped: what Pulse will see inside it is checked at its next run" in result.stdout
