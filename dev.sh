@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV="$ROOT/.venv"
 APT_PACKAGES=(python3 python3-venv openssh-server openssh-client socat curl shellcheck
               prometheus debootstrap systemd-container util-linux iproute2 iptables lm-sensors
-              qemu-user-static binfmt-support)
+              qemu-user-static binfmt-support lxc)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 err() { say "error: $*"; exit 1; }
