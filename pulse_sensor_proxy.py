@@ -650,9 +650,12 @@ def load_config(path=None, environ=None):
     return config
 
 
-def merge_config(raw, add_subnets=(), add_peer_ranges=(), set_keys=(), default_keys=()):
+def merge_config(raw, add_subnets=(), add_peer_ranges=(), set_keys=(), default_keys=(),
+                 cleanup_ranges=()):
     """Return `raw` with subnets and read-only peer uid ranges added (each only once), the
-    (key, value) pairs of `set_keys` set and those of `default_keys` set where absent.
+    `cleanup` capability given to the peers of `cleanup_ranges` (their entry added when
+    missing), the (key, value) pairs of `set_keys` set and those of `default_keys` set where
+    absent.
 
     Everything else in the document stays as it is; used by the installer so re-running it
     adds what a new container needs without touching the admin's own edits.
@@ -671,21 +674,35 @@ def merge_config(raw, add_subnets=(), add_peer_ranges=(), set_keys=(), default_k
     if subnets:
         merged["allowed_source_subnets"] = subnets
     peers = list(merged.get("allowed_peers") or [])
-    present = set()
-    for entry in peers:
-        if isinstance(entry, dict):
-            try:
-                present.add(parse_uid_range(entry.get("uids", entry.get("uid"))))
-            except ValueError:
-                continue
+    present = {_peer_entry_range(entry) for entry in peers} - {None}
     for item in add_peer_ranges:
         low, high = parse_uid_range(item)
         if (low, high) not in present:
             peers.append({"uids": f"{low}-{high}", "capabilities": [CAP_READ]})
             present.add((low, high))
+    for item in cleanup_ranges:
+        low, high = parse_uid_range(item)
+        index = next((i for i, entry in enumerate(peers)
+                      if _peer_entry_range(entry) == (low, high)), None)
+        if index is None:
+            peers.append({"uids": f"{low}-{high}", "capabilities": [CAP_READ, CAP_CLEANUP]})
+            continue
+        caps = list(peers[index].get("capabilities") or [CAP_READ])
+        if CAP_CLEANUP not in caps:       # a new dict: `raw` is compared with the result
+            peers[index] = dict(peers[index], capabilities=caps + [CAP_CLEANUP])
     if peers:
         merged["allowed_peers"] = peers
     return merged
+
+
+def _peer_entry_range(entry):
+    """The (low, high) uids of one raw allowed_peers entry; None when it names none."""
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return parse_uid_range(entry.get("uids", entry.get("uid")))
+    except ValueError:
+        return None
 
 
 def parse_subuid(text, user="root", uid=0):
@@ -4193,7 +4210,8 @@ def cmd_config_merge(args):
         raw = read_config_file(path)
         validate_config(raw, source=path)
         merged = merge_config(raw, args.add_subnet, args.add_peer_uids,
-                              parse_settings(args.set), parse_settings(args.set_default))
+                              parse_settings(args.set), parse_settings(args.set_default),
+                              args.allow_cleanup_uids)
         validate_config(merged, source=path)
     except ConfigError as exc:
         return config_failure(exc)
@@ -4402,6 +4420,8 @@ def build_parser():
     merge.add_argument("--config", help="config file to merge into")
     merge.add_argument("--add-subnet", action="append", default=[], metavar="CIDR")
     merge.add_argument("--add-peer-uids", action="append", default=[], metavar="LOW-HIGH")
+    merge.add_argument("--allow-cleanup-uids", action="append", default=[], metavar="LOW-HIGH",
+                       help="give these uids the cleanup capability (request_cleanup)")
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="set a key (VALUE is YAML; repeatable)")
     merge.add_argument("--set-default", action="append", default=[], metavar="KEY=VALUE",

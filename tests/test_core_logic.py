@@ -152,6 +152,21 @@ def test_merge_adds_once_and_keeps_everything_else():
     assert raw["allowed_source_subnets"] == ["10.0.0.0/8"], "the input must not be modified"
 
 
+def test_merge_gives_cleanup_to_a_range_once():
+    raw = {"allowed_peers": [{"uid": 1001}, {"uids": "100000-165535", "capabilities": ["read"]}]}
+    merged = psp.merge_config(raw, (), ["100000-165535"], cleanup_ranges=["100000-165535", "1001"])
+    assert merged["allowed_peers"] == [{"uid": 1001, "capabilities": ["read", "cleanup"]},
+                                       {"uids": "100000-165535", "capabilities": ["read", "cleanup"]}]
+    assert psp.merge_config(merged, (), ["100000-165535"], cleanup_ranges=["100000-165535"]) == merged
+    assert raw["allowed_peers"][1] == {"uids": "100000-165535", "capabilities": ["read"]}, \
+        "the input must not be modified"
+    fresh = psp.merge_config({}, (), ["200000-265535"], cleanup_ranges=["200000-265535"])
+    assert fresh["allowed_peers"] == [{"uids": "200000-265535", "capabilities": ["read", "cleanup"]}]
+    config = psp.validate_config(fresh)
+    assert psp.peer_capabilities(200001, 200001, 999, config["allowed_peers"], []) == \
+        frozenset({"read", "cleanup"})
+
+
 def test_subuid_parsing():
     text = "root:100000:65536\nalice:165536:65536\nroot:200000:10\n# comment\nroot:x:1\n"
     assert psp.parse_subuid(text) == [(100000, 165535), (200000, 200009)]
