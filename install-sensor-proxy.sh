@@ -47,6 +47,12 @@ OPTIONS
   --allowed-subnets CIDR,...  subnets the nodes accept the proxy's SSH key from (from="...");
                               without it (and none in the config) this host's own addresses
   --enable-rotation-timer     also enable the quarterly key rotation timer
+  --allow-cleanup        with --ctid: the containers' uids may also call request_cleanup (what
+                         Pulse calls when a node is removed from it), which has a root unit
+                         remove the proxy's key from the node it names. WARNING: a container
+                         allowed this can switch any node's temperatures off. Without the flag
+                         only root on this host may; a later run without it takes nothing away
+                         (remove `cleanup` from the entry in config.yaml for that).
   --no-restart           never restart a container; print what to do instead
   --uninstall            stop and remove the service, units and binary, revoke the proxy's key
                          on every node, remove only this script's lines from container configs,
@@ -64,7 +70,9 @@ STEPS (each idempotent, each reported in one line: "ok" already in place, "chang
   4 binary /usr/local/bin/pulse-sensor-proxy, swapped atomically; if the new version does not
     start, the previous binary is put back
   5 /etc/pulse-sensor-proxy/config.yaml created or merged (your edits are kept), validated first;
-    allowed_source_subnets always explicit (the daemon's sandbox cannot see this host's addresses)
+    allowed_source_subnets always explicit (the daemon's sandbox cannot see this host's addresses);
+    a config of the original proxy is first rewritten in this one's vocabulary (config migrate,
+    the original kept as config.yaml.bak)
   6 systemd units installed, service enabled and started, socket checked
   7 the proxy's SSH key pushed to every cluster node (forced command `sensors -j`)
   8 each container: mount entry, read access for its uid range, legacy SSH keys moved out of it
@@ -140,6 +148,7 @@ VERSION=
 URL=
 SUBNETS=()
 ROTATION=0
+ALLOW_CLEANUP=0
 NO_RESTART=0
 PURGE=0
 DRY_RUN=0
@@ -161,6 +170,8 @@ PREVIOUS_BIN=
 BINARY_CHANGED=0
 UNITS_CHANGED=0
 CONFIG_CHANGED=0
+CONFIG_MIGRATED=0
+CONFIG_SOURCE=$CONFIG
 CHANGES=0
 declare -A CT_UID_RANGES=()
 CT_FILES=()
@@ -221,6 +232,7 @@ parse_args() {
             --url) need_value "$@"; URL=${2%/}; shift ;;
             --allowed-subnets) need_value "$@"; add_subnets "$2"; shift ;;
             --enable-rotation-timer) ROTATION=1 ;;
+            --allow-cleanup) ALLOW_CLEANUP=1 ;;
             --no-restart) NO_RESTART=1 ;;
             --uninstall) ACTION=uninstall ;;
             --purge) PURGE=1 ;;
@@ -239,6 +251,8 @@ parse_args() {
         ACTION=install
     fi
     [ "${#CTIDS[@]}" -gt 0 ] && [ "$STANDALONE" -eq 1 ] && usage_err "--standalone and --ctid exclude each other"
+    [ "$ALLOW_CLEANUP" -eq 1 ] && [ "${#CTIDS[@]}" -eq 0 ] \
+        && usage_err "--allow-cleanup goes with --ctid (root on this host may request clean-ups anyway)"
     check_http_args
     [ "$PURGE" -eq 1 ] && [ "$ACTION" != uninstall ] && usage_err "--purge goes with --uninstall"
     [ -n "$PYZ" ] && [ -n "$VERSION$URL" ] && usage_err "--pyz and --version/--url exclude each other"
@@ -597,16 +611,43 @@ choose_source_subnets() {
     say "allowed_source_subnets: this host's addresses ${SUBNETS[*]} (--allowed-subnets sets others)"
 }
 
+# A host the original proxy's installer set up has a config in that proxy's vocabulary, which
+# `config merge` refuses: `config migrate --write` rewrites it in ours first (keeping
+# CONFIG.bak). Under --dry-run the rewritten text goes to CONFIG_SOURCE, a copy in WORK, which
+# the merges then read.
+ensure_config_vocabulary() {
+    CONFIG_SOURCE=$CONFIG
+    [ -f "$CONFIG" ] || return 0
+    proxy config migrate --config "$CONFIG" >"$WORK/config.translated" 2>"$WORK/config.notes" \
+        || err "$CONFIG is not valid, left as it is: $(cat "$WORK/config.notes")"
+    [ -s "$WORK/config.notes" ] || return 0
+    report_changed "config $CONFIG rewritten from the original proxy's vocabulary (the original kept as $CONFIG.bak)"
+    [ "$QUIET" -eq 1 ] || sed "s|^$CONFIG: |         |" "$WORK/config.notes"
+    note "$CONFIG was in the original proxy's vocabulary: rewritten in this one's, the original kept as $CONFIG.bak"
+    if [ "$DRY_RUN" -eq 1 ]; then
+        CONFIG_SOURCE=$WORK/config.yaml
+        cp "$WORK/config.translated" "$CONFIG_SOURCE"
+        return 0
+    fi
+    proxy config migrate --config "$CONFIG" --write >"$WORK/config.migrate" 2>&1 \
+        || err "could not rewrite $CONFIG: $(cat "$WORK/config.migrate")"
+    CONFIG_MIGRATED=1
+}
+
 ensure_config() {
     local args=() cidr id range result
+    ensure_config_vocabulary
     # Both sides rendered by the same merge, so only a change of content counts (not comments).
-    proxy config merge --config "$CONFIG" >"$WORK/config.current" || err "could not read $CONFIG"
+    proxy config merge --config "$CONFIG_SOURCE" >"$WORK/config.current" || err "could not read $CONFIG"
     choose_source_subnets "$WORK/config.current"
     for cidr in "${SUBNETS[@]}"; do args+=(--add-subnet "$cidr"); done
     for id in "${CTIDS[@]}"; do
-        while read -r range; do args+=(--add-peer-uids "$range"); done <<<"${CT_UID_RANGES[$id]}"
+        while read -r range; do
+            args+=(--add-peer-uids "$range")
+            [ "$ALLOW_CLEANUP" -eq 0 ] || args+=(--allow-cleanup-uids "$range")
+        done <<<"${CT_UID_RANGES[$id]}"
     done
-    proxy config merge --config "$CONFIG" "${args[@]}" >"$WORK/config.merged" \
+    proxy config merge --config "$CONFIG_SOURCE" "${args[@]}" >"$WORK/config.merged" \
         || err "could not merge $CONFIG"
     proxy config validate --config "$WORK/config.merged" >"$WORK/config.check" 2>&1 \
         || err "the merged config is not valid, $CONFIG left as it is: $(cat "$WORK/config.check")"
@@ -826,11 +867,13 @@ wait_for_socket() {
     done
 }
 
-# After a failed step, put back the binary this run replaced and start it again.
+# After a failed step, put back the binary this run replaced (and the config it read, when this
+# run rewrote it from the original proxy's vocabulary) and start it again.
 roll_back_binary() {
     [ -n "$PREVIOUS_BIN" ] && [ -f "$PREVIOUS_BIN" ] || return 0
     mv -f "$PREVIOUS_BIN" "$BIN"
     PREVIOUS_BIN=
+    if [ "$CONFIG_MIGRATED" -eq 1 ]; then cp -p "$CONFIG.bak" "$CONFIG"; fi
     printf 'error: the new version was rolled back; the previous binary is running again\n' >&2
     if systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
         systemctl restart "$SERVICE" && wait_for_socket \
@@ -1295,7 +1338,12 @@ check_container() {
 connect_container() {
     local id=$1 changed=0
     if with_ct_lock "$id" ct_rewrite_conf "$id"; then changed=1; fi
-    report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures"
+    if [ "$ALLOW_CLEANUP" -eq 1 ]; then
+        report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures and request clean-ups"
+        note "container $id may call request_cleanup (--allow-cleanup): it can have the proxy's key removed from any node, switching that node's temperatures off"
+    else
+        report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures"
+    fi
     migrate_legacy_keys "$id"
     if [ "$changed" -eq 1 ] && ct_running "$id"; then
         if [ "$NO_RESTART" -eq 1 ]; then
@@ -1510,8 +1558,8 @@ ensure_https_config() {
         clients=$(printf '%s,' "${HTTP_CLIENTS[@]}")
         args+=(--set "http_allowed_clients=[${clients%,}]")
     fi
-    proxy config merge --config "$CONFIG" >"$WORK/https.current" || err "could not read $CONFIG"
-    proxy config merge --config "$CONFIG" "${args[@]}" >"$WORK/https.merged" \
+    proxy config merge --config "$CONFIG_SOURCE" >"$WORK/https.current" || err "could not read $CONFIG"
+    proxy config merge --config "$CONFIG_SOURCE" "${args[@]}" >"$WORK/https.merged" \
         || err "could not merge the http_* keys into $CONFIG"
     if cmp -s "$WORK/https.current" "$WORK/https.merged"; then
         report_ok "config $CONFIG http_* keys"

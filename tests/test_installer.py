@@ -256,6 +256,8 @@ class TestCommandLine:
         (["--http-mode", "--pulse-server", "pulse:7655"], "--pulse-server needs http(s)://"),
         (["--http-mode", "--http-allowed-clients", "10.0.0.0/8,bad net"], "needs CIDRs"),
         (["--uninstall", "--http-mode"], "--uninstall takes no --http-mode"),
+        (["--standalone", "--allow-cleanup"], "--allow-cleanup goes with --ctid"),
+        (["--uninstall", "--allow-cleanup"], "--allow-cleanup goes with --ctid"),
         ([], "nothing to do"),
     ])
     def test_usage_errors_exit_2(self, args, message):
@@ -269,8 +271,11 @@ class TestCommandLine:
         for flag in ("--ctid", "--standalone", "--pyz", "--version", "--url", "--allowed-subnets",
                      "--enable-rotation-timer", "--no-restart", "--uninstall", "--purge",
                      "--dry-run", "--quiet", "--help", "--http-mode", "--http-addr",
-                     "--pulse-server", "--proxy-url", "--http-allowed-clients", "Firewall"):
+                     "--pulse-server", "--proxy-url", "--http-allowed-clients", "Firewall",
+                     "--allow-cleanup"):
             assert flag in result.stdout
+        assert "a container allowed this can switch any node's temperatures off" in \
+            " ".join(result.stdout.split())
         assert DEFAULT_ENTRY in result.stdout
 
     def test_comma_and_repeated_ctids(self):
@@ -741,3 +746,144 @@ class TestWhatPulseSeesInside:
         (rootfs.parent / "running").unlink()
         result = self.check(env)
         assert "note: container 108 is stopped: what Pulse will see inside it is checked at its next run" in result.stdout
+
+ORIGINAL_EXAMPLE = REPO / "tests/fixtures/original/config.example.yaml"
+CT_RANGE = "100000-165535"
+
+
+def original_config(root, nodes_file_text="allowed_nodes:\n  - pve1\n  - pve2\n"):
+    """The original proxy's example config as that proxy's installer leaves it on a host, its
+    allowed_nodes_file inside ROOT; returns the config's path."""
+    conf_dir = root / "etc/pulse-sensor-proxy"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "allowed_nodes.yaml").write_text(nodes_file_text)
+    config = conf_dir / "config.yaml"
+    config.write_text(ORIGINAL_EXAMPLE.read_text().replace(
+        "/etc/pulse-sensor-proxy/allowed_nodes.yaml", str(conf_dir / "allowed_nodes.yaml")))
+    return config
+
+
+def config_step(root, *, allow_cleanup=False, dry_run=False):
+    """Step 5 of the installer alone (ensure_config) for container 105 (uids 100000-165535),
+    with the proxy under test; returns the CompletedProcess, whose stdout ends with the step's
+    change count and its notes for the summary."""
+    proxy = stub(root.parent / "bin", "proxy-under-test",
+                 f'exec "{sys.executable}" "{REPO / "pulse_sensor_proxy.py"}" "$@"') / "proxy-under-test"
+    script = (f'. "{SCRIPT}"; ensure_file_mode() {{ :; }}; WORK=$(mktemp -d); PROXY="{proxy}"; '
+              f'CTIDS=(105); CT_UID_RANGES[105]={CT_RANGE}; SUBNETS=(10.99.0.1/32); '
+              f'ALLOW_CLEANUP={int(allow_cleanup)}; DRY_RUN={int(dry_run)}; ensure_config; '
+              'echo "changes: $CHANGES"; for n in "${NOTES[@]}"; do echo "note: $n"; done; '
+              'rm -rf "$WORK"')
+    return without_traceback(subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True,
+        env={**os.environ, "PULSE_INSTALLER_LIB": "1", "PULSE_INSTALL_ROOT": str(root)}))
+
+
+def peers_of(config):
+    import yaml
+    return yaml.safe_load(config.read_text())["allowed_peers"]
+
+
+class TestAllowCleanup:
+    """--allow-cleanup gives the container's uid range the cleanup capability (request_cleanup)
+    and nothing else; without it the range may only read."""
+
+    def config(self, tmp_path, text="log_level: debug\n"):
+        root = tmp_path / "root"
+        (root / "etc/pulse-sensor-proxy").mkdir(parents=True)
+        config = root / "etc/pulse-sensor-proxy/config.yaml"
+        config.write_text(text)
+        return root, config
+
+    def test_without_the_flag_the_range_only_reads(self, tmp_path):
+        root, config = self.config(tmp_path)
+        result = config_step(root)
+        assert result.returncode == 0, result.stderr
+        assert peers_of(config) == [{"uids": CT_RANGE, "capabilities": ["read"]}]
+
+    def test_granted_once_and_a_second_run_changes_nothing(self, tmp_path):
+        root, config = self.config(tmp_path)
+        first = config_step(root, allow_cleanup=True)
+        assert first.returncode == 0, first.stderr
+        assert f"changed  config {config}" in first.stdout and "changes: 1" in first.stdout
+        assert peers_of(config) == [{"uids": CT_RANGE, "capabilities": ["read", "cleanup"]}]
+        text = config.read_text()
+        again = config_step(root, allow_cleanup=True)
+        assert f"ok       config {config}" in again.stdout and "changes: 0" in again.stdout
+        assert config.read_text() == text
+
+    def test_added_to_the_entry_an_earlier_install_wrote(self, tmp_path):
+        root, config = self.config(tmp_path, f'allowed_peers:\n- uids: "{CT_RANGE}"\n  capabilities: [read]\n')
+        assert config_step(root, allow_cleanup=True).returncode == 0
+        assert peers_of(config) == [{"uids": CT_RANGE, "capabilities": ["read", "cleanup"]}]
+
+    def test_dry_run_shows_the_grant_and_changes_nothing(self, tmp_path):
+        root, config = self.config(tmp_path, f'allowed_peers:\n- uids: "{CT_RANGE}"\n  capabilities: [read]\n')
+        before = snapshot_tree(root)
+        result = config_step(root, allow_cleanup=True, dry_run=True)
+        assert result.returncode == 0, result.stderr
+        assert f"would    config {config}" in result.stdout
+        assert "+  - cleanup\n" in result.stdout
+        assert snapshot_tree(root) == before
+
+
+class TestOriginalConfig:
+    """A host the original proxy's installer set up: its config is rewritten in this proxy's
+    vocabulary (config migrate --write, keeping .bak) before anything is merged into it."""
+
+    def test_translated_then_merged_keeping_a_backup(self, tmp_path):
+        root = tmp_path / "root"
+        config = original_config(root)
+        original = config.read_bytes()
+        result = config_step(root, allow_cleanup=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (f"changed  config {config} rewritten from the original proxy's vocabulary "
+                f"(the original kept as {config}.bak)") in result.stdout
+        assert "         pulse_control_plane: ignored" in result.stdout
+        assert f"note: {config} was in the original proxy's vocabulary" in result.stdout
+        assert Path(f"{config}.bak").read_bytes() == original
+        check = subprocess.run([sys.executable, str(REPO / "pulse_sensor_proxy.py"), "config",
+                                "validate", "--config", str(config)], capture_output=True, text=True)
+        assert check.stdout == "OK\n", "translated: no note of the original's vocabulary is left"
+        import yaml
+        merged = yaml.safe_load(config.read_text())
+        assert merged["allowed_peers"] == [
+            {"uid": 0, "capabilities": ["read", "admin"]}, {"uid": 100999, "capabilities": ["read"]},
+            {"uids": CT_RANGE, "capabilities": ["read", "cleanup"]}]
+        assert list(merged["nodes"]) == ["pve1", "pve2"], "allowed_nodes_file read into nodes:"
+        assert merged["allowed_source_subnets"] == ["127.0.0.1/32", "192.168.0.0/24", "10.99.0.1/32"], \
+            "the original's kept, --allowed-subnets added"
+        assert merged["rate_limit"] == {"per_minute": 60, "burst": 5}
+
+    def test_second_run_finds_it_translated(self, tmp_path):
+        root = tmp_path / "root"
+        config = original_config(root)
+        assert config_step(root).returncode == 0
+        backup, text = Path(f"{config}.bak").read_bytes(), config.read_text()
+        again = config_step(root)
+        assert "rewritten" not in again.stdout and "changes: 0" in again.stdout, again.stdout
+        assert config.read_text() == text and Path(f"{config}.bak").read_bytes() == backup
+
+    def test_not_valid_in_either_vocabulary_stops_and_changes_nothing(self, tmp_path):
+        root = tmp_path / "root"
+        config = original_config(root)
+        config.write_text(config.read_text() + "alowed_nodes: []\n")
+        before = snapshot_tree(root)
+        result = config_step(root)
+        assert result.returncode == 1
+        assert f"error: {config} is not valid, left as it is:" in result.stderr
+        assert "unknown key 'alowed_nodes'" in result.stderr
+        assert snapshot_tree(root) == before
+
+    def test_whole_installer_dry_run_translates_in_memory_only(self, tmp_path):
+        root, env = host_tree(tmp_path)
+        config = original_config(root)
+        pyz = tmp_path / "pulse-sensor-proxy.pyz"
+        shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+        before = snapshot_tree(root)
+        result = installer("--dry-run", "--ctid", "105", "--allow-cleanup", "--pyz", str(pyz), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert snapshot_tree(root) == before
+        assert f"would    config {config} rewritten from the original proxy's vocabulary" in result.stdout
+        assert f'+- uids: {CT_RANGE}\n+  capabilities:\n+  - read\n+  - cleanup\n' in result.stdout
+        assert "would    config " + str(config) + "\n" in result.stdout
