@@ -747,6 +747,7 @@ class TestWhatPulseSeesInside:
         result = self.check(env)
         assert "note: container 108 is stopped: what Pulse will see inside it is checked at its next run" in result.stdout
 
+
 ORIGINAL_EXAMPLE = REPO / "tests/fixtures/original/config.example.yaml"
 CT_RANGE = "100000-165535"
 
