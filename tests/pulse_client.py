@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 
+import gojson  # Pulse decodes replies with Go's encoding/json
+
 NODE, RATE, AUTH, SSH, SENSOR, OTHER = 1, 2, 3, 4, 5, 6
 RETRIED = {SSH, OTHER}
 TRANSPORT = {RATE, OTHER}          # what counts towards switching the proxy off for every node
@@ -60,7 +62,7 @@ def call_once(socket_path, method, params, timeout=30.0):
             if not chunk:
                 break
             data += chunk
-    return json.loads(data)
+    return gojson.check_reply(data)
 
 
 class Outcome:

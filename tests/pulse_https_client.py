@@ -12,10 +12,11 @@ Written from the described behaviour, not from Pulse's code:
 * `GET {url}/health` with the same headers: 200 means healthy.
 """
 import http.client
-import json
 import ssl
 import time
 import urllib.parse
+
+import gojson  # Pulse decodes answers with Go's encoding/json
 
 
 class ProxyError(Exception):
@@ -68,8 +69,8 @@ class PulseHttpClient:
         for attempt in range(self.ATTEMPTS):
             status, body = self.get(path)
             if status == 200:
-                data = json.loads(body)
-                return json.loads(data["temperature"])
+                data = gojson.decode(body.decode())
+                return gojson.decode(data["temperature"])
             if status == 401:
                 raise ProxyError(status, "invalid token", retryable=False)
             if status == 403:

@@ -102,7 +102,7 @@ def start_poll_lab(ssh_nodes, base_dir, settings):
     public_key = (base_dir / "state" / "ssh" / "id_ed25519.pub").read_text().strip()
     for node in sshds:
         node.authorize(public_key)
-    pulse = subprocess.Popen(as_uid(CONTAINER_ROOT) + ["/usr/bin/python3", "-I", str(CLIENT),
+    pulse = subprocess.Popen(as_uid(CONTAINER_ROOT) + ["/usr/bin/python3", "-E", "-s", str(CLIENT),
                                                        config["socket_path"]],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return daemon, clock, pulse, names, sshds

@@ -3,7 +3,8 @@ NewClient: $PULSE_SENSOR_PROXY_SOCKET when set, else /run/pulse-sensor-proxy/pul
 if it exists (stat, so a link is followed), else /mnt/pulse-proxy/pulse-sensor-proxy.sock if it
 exists, else the /run path. Pulse v4.24.0-rc.1's client knows only the first two.
 
-Run inside a container next to tests/pulse_client.py (its requests), standard library only:
+Run inside a container next to tests/pulse_client.py (its requests) and tests/gojson.py (how
+Pulse decodes the replies), standard library only:
 `python3 pulse_socket_lookup.py NODE [PATH]` asks get_status and get_temperature for NODE
 through PATH, or through the path the lookup picks, and prints one JSON line:
 {"path": ..., "get_status": reply, "get_temperature": reply} or {"path": ..., "error": ...}.

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import yaml
 
+import gojson
 from conftest import wait_for
 from guest import (ADDRESS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_KEY_FILES, NODES,
                    REMOTE_NODES, REPO, booted_guest)
@@ -416,8 +417,9 @@ def test_a_client_on_the_host_reads_temperatures_over_https(guest, first_install
     out = guest.out(f"pulse-sensor-proxy call get_temperature --node pve2 --url https://{ADDRESS}:8443 "
                     f"--token-file {TOKEN_FILE} --fingerprint {guest.test_fingerprint} --raw")
     sample = json.loads((REPO / "tests/fixtures/sensors" / NODES["pve2"][0]).read_text())
-    assert json.loads(json.loads(out)["temperature"]) == sample
-    shutil.copy(REPO / "tests/pulse_https_client.py", guest.path("/root/pulse_https_client.py"))
+    assert gojson.decode(gojson.decode(out)["temperature"]) == sample
+    for helper in ("pulse_https_client.py", "gojson.py"):
+        shutil.copy(REPO / "tests" / helper, guest.path(f"/root/{helper}"))
     script = ("import json, sys; sys.path.insert(0, '/root'); from pulse_https_client import PulseHttpClient; "
               f"c = PulseHttpClient('https://{ADDRESS}:8443', open('{TOKEN_FILE}').read().strip()); "
               "print(json.dumps([c.temperature(n) for n in ('pve1', 'pve2', 'pve3')]))")

@@ -125,6 +125,7 @@ class Lxc:
         shift_owners(self.rootfs, ROOT_UID)
         for path, text in {**files, "/etc/systemd/system/pulse.service": PULSE_UNIT,
                            f"{CLIENT_DIR}/pulse_client.py": (REPO / "tests/pulse_client.py").read_text(),
+                           f"{CLIENT_DIR}/gojson.py": (REPO / "tests/gojson.py").read_text(),
                            f"{CLIENT_DIR}/pulse_socket_lookup.py":
                                (REPO / "tests/system/pulse_socket_lookup.py").read_text()}.items():
             put(self.rootfs, path, text)
