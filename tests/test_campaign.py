@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
-from conftest import MODULE, PYTHON, fd_count, rpc, run_cli, send_raw, wait_for
+from conftest import MODULE, PYTHON, READER_UID, fd_count, rpc, run_cli, send_raw, wait_for
 
 OPEN_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
@@ -637,7 +637,7 @@ def test_config_validate_cli_on_generated_files(base_dir, scale):
 
 
 def test_sighup_with_bad_files_keeps_the_running_config(daemon_factory, scale):
-    daemon = daemon_factory({"allowed_peers": [{"uid": 1001}]})
+    daemon = daemon_factory({"allowed_peers": [{"uid": READER_UID}]})
     good = daemon.config_path.read_bytes()
     refused = []
 
@@ -661,7 +661,7 @@ def test_sighup_with_bad_files_keeps_the_running_config(daemon_factory, scale):
     reload_with()
     print(f"SIGHUP: {len(refused)} bad files refused")
     assert len(refused) >= scale(12, 200) // 2
-    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["success"], "old config kept"
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=READER_UID)["success"], "old config kept"
     daemon.config_path.write_bytes(good)
     assert_no_tracebacks(daemon)
 

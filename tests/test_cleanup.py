@@ -3,8 +3,7 @@ import json
 
 import pulse_client as pulse
 import pulse_sensor_proxy as psp
-
-READER, CLEANER = 1001, 1002
+from conftest import CLEANER_UID as CLEANER, READER_UID as READER
 
 
 def request_file(daemon):

@@ -10,7 +10,7 @@ import pytest
 
 import pulse_sensor_proxy as psp
 import pulse_client as pulse
-from conftest import ROOT, rpc, send_raw, temperature
+from conftest import READER_UID, ROOT, rpc, send_raw, temperature
 
 PER_NODE = pulse.NODE
 
@@ -82,7 +82,7 @@ def wire_errors(daemon):
     errors = {"not JSON": rpc(daemon.socket, "{nope")["error"],
               "empty line": send_raw(daemon.socket, b"\n", shutdown=True),
               "unknown method": daemon.rpc("frobnicate")["error"],
-              "read-only peer, admin method": daemon.rpc("ensure_cluster_keys", uid=1001)["error"],
+              "read-only peer, admin method": daemon.rpc("ensure_cluster_keys", uid=READER_UID)["error"],
               "no capability": daemon.rpc("get_status", uid=4242)["error"]}
     errors["empty line"] = psp.E_EMPTY if psp.E_EMPTY.encode() in errors["empty line"] else "?"
     return errors
@@ -107,12 +107,12 @@ def test_every_error_lands_in_the_class_readme_promises(cluster):
 
 
 def test_peer_errors_on_the_socket_are_as_documented(cluster):
-    daemon, _ = cluster(1, allowed_peers=[{"uid": 1001}])
+    daemon, _ = cluster(1, allowed_peers=[{"uid": READER_UID}])
     table = readme_error_table()
     for what, error in wire_errors(daemon).items():
         assert error in psp.ERROR_RESULTS, (what, error)
         assert pulse.classify(error) == promised_class(error, table), (what, error)
-    assert pulse.classify(daemon.rpc("ensure_cluster_keys", uid=1001)["error"]) == pulse.AUTH
+    assert pulse.classify(daemon.rpc("ensure_cluster_keys", uid=READER_UID)["error"]) == pulse.AUTH
     assert pulse.classify(daemon.rpc("get_status", uid=4242)["error"]) == pulse.AUTH
 
 
