@@ -1086,19 +1086,8 @@ ct_file_probe() {
 
 ct_has_systemd() { pct exec "$1" -- test -d /run/systemd/system 2>/dev/null; }
 
-# shellcheck disable=SC2016 # expanded inside the container
-readonly CT_UNIT_PROBE='for u; do for d in /etc/systemd/system /usr/lib/systemd/system /lib/systemd/system; do
-    if [ -f "$d/$u" ]; then echo "$u"; break; fi; done; done'
-
 # ct_pulse_units ID: Pulse's service units installed in the container, one a line.
-ct_pulse_units() {
-    local unit found
-    # shellcheck disable=SC2086 # the list of names
-    found=$(pct exec "$1" -- sh -c "$CT_UNIT_PROBE" sh $PULSE_UNITS 2>/dev/null || true)
-    for unit in $PULSE_UNITS; do
-        if grep -qxF "$unit" <<<"$found"; then printf '%s\n' "$unit"; fi
-    done
-}
+ct_pulse_units() { ct_pulse_socket_env "$1" | cut -d' ' -f1; }
 
 # ct_put_file ID PATH WHAT < CONTENT: 0 written now, 1 already in place, 2 refused (in the way).
 ct_put_file() {
@@ -1336,14 +1325,13 @@ check_container() {
 }
 
 connect_container() {
-    local id=$1 changed=0
+    local id=$1 changed=0 may="may read temperatures"
     if with_ct_lock "$id" ct_rewrite_conf "$id"; then changed=1; fi
     if [ "$ALLOW_CLEANUP" -eq 1 ]; then
-        report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures and request clean-ups"
+        may+=" and request clean-ups"
         note "container $id may call request_cleanup (--allow-cleanup): it can have the proxy's key removed from any node, switching that node's temperatures off"
-    else
-        report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")may read temperatures"
     fi
+    report_ok "container $id: uids $(tr '\n' ' ' <<<"${CT_UID_RANGES[$id]}")$may"
     migrate_legacy_keys "$id"
     if [ "$changed" -eq 1 ] && ct_running "$id"; then
         if [ "$NO_RESTART" -eq 1 ]; then
