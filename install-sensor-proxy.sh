@@ -838,7 +838,9 @@ Description=Watch for pulse-sensor-proxy clean-up requests (Pulse's request_clea
 
 [Path]
 # The daemon writes the request (atomically, by rename); the root service acts on it.
-PathChanged=/var/lib/pulse-sensor-proxy/cleanup-request.json
+# PathExists, not PathChanged: a request queued while this unit was stopped (an upgrade,
+# a reboot) is acted on when it starts; the service removes the file, so it fires once.
+PathExists=/var/lib/pulse-sensor-proxy/cleanup-request.json
 Unit=pulse-sensor-proxy-cleanup.service
 
 [Install]

@@ -3,7 +3,8 @@
 nodes/<node>/ssh_known_hosts (RSA, no final newline), pvecm refusing anyone but root. Every
 remote node is reached as `.members` alone allows: root on port 22 of the address listed there.
 
-The tests run in file order against one guest: install, serve the members, a node joins.
+The tests run in file order against one guest: install, serve the members, a node joins, a
+clean-up request takes the key off one node.
 """
 import json
 
@@ -127,3 +128,49 @@ def test_a_node_that_joins_is_served_without_a_restart(guest, installed):
     assert [n["name"] for n in call(guest, "register_nodes")["data"]["nodes"]] == [*NODES, JOINING]
     assert service_pid(guest) == guest.main_pid, "the daemon was restarted"
     assert_nothing_pinned(guest)
+
+
+def test_request_cleanup_revokes_the_key_on_that_node_only(guest, installed):
+    # Pulse's request_cleanup from root: the daemon only writes the request; the .path unit
+    # starts the root oneshot, which takes the proxy's line off pve2's authorized_keys.
+    key = guest.out("cat /var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub").split()[1]
+    files = {**{node: guest.path(ROOT_KEY_FILES[node]) for node in NODES},
+             JOINING: guest.path(f"{node_root_home(JOINING)}/.ssh/authorized_keys")}
+    before = {node: path.read_bytes() for node, path in files.items()}
+    assert key.encode() in before["pve2"]
+    guest.run("systemctl is-active --quiet pulse-sensor-proxy-cleanup.path")
+    reply = gojson.check_reply(guest.out(
+        "pulse-sensor-proxy call request_cleanup --param host=pve2 --param reason=test --raw"))
+    assert reply["success"] and reply["data"] == {"queued": True}, reply
+    request = guest.path("/var/lib/pulse-sensor-proxy/cleanup-request.json")
+
+    def revoked():
+        return not request.exists() and key.encode() not in files["pve2"].read_bytes()
+
+    wait_for(revoked, timeout=60, what="the cleanup unit removing the key from pve2")
+    kept = b"".join(line for line in before["pve2"].splitlines(keepends=True)
+                    if key.encode() not in line)
+    assert files["pve2"].read_bytes() == kept
+    assert kept.startswith(b"ssh-ed25519 ") and b"root@pve1" in kept  # root's own line stays
+    for node in files.keys() - {"pve2"}:
+        assert files[node].read_bytes() == before[node], node
+    assert not guest.path("/var/lib/pulse-sensor-proxy/cleanup-request.json.processing").exists()
+    journal = guest.out("journalctl -u pulse-sensor-proxy-cleanup.service -o cat")
+    assert "pve2" in journal, journal
+    assert guest.out("systemctl show -p Result --value pulse-sensor-proxy-cleanup.service") == \
+        "success\n"
+
+
+def test_a_request_queued_while_the_path_unit_was_stopped_is_acted_on_at_its_start(guest, installed):
+    key = guest.out("cat /var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub").split()[1]
+    pve3 = guest.path(ROOT_KEY_FILES["pve3"])
+    assert key in pve3.read_text()
+    guest.run("systemctl stop pulse-sensor-proxy-cleanup.path")
+    reply = gojson.check_reply(guest.out(
+        "pulse-sensor-proxy call request_cleanup --param host=pve3 --raw"))
+    assert reply["success"], reply
+    request = guest.path("/var/lib/pulse-sensor-proxy/cleanup-request.json")
+    assert request.exists() and key in pve3.read_text()   # nothing watches it: nothing acted
+    guest.run("systemctl start pulse-sensor-proxy-cleanup.path")   # as at the next boot
+    wait_for(lambda: not request.exists() and key not in pve3.read_text(), timeout=60,
+             what="the request acted on once the path unit started")
