@@ -56,6 +56,7 @@ import hmac
 import importlib
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -1409,7 +1410,8 @@ def interpret_sensors_output(stdout, stderr, status):
     lm-sensors on a machine without sensors prints `{}` (with a blank line), `No sensors
     found!` on stderr and exits 1: that is a node with no temperatures, not a failure. The
     text handed on is strict JSON that any decoder reads alike: 3.6.2 prints `NaN` (and could
-    print `inf`) for unreadable values, which become `null`; a label printed twice keeps its
+    print `inf`) for unreadable values, which become `null`, as does a number no float64 holds;
+    a label printed twice keeps its
     last value, as Go's encoding/json would.
     """
     text = stdout.decode("utf-8", "replace").strip()
@@ -1435,8 +1437,19 @@ def interpret_sensors_output(stdout, stderr, status):
     def null_constant(name):
         rewrites.append("non_finite")
 
+    def float64(literal):
+        # Go's encoding/json refuses a number beyond float64 (Python reads it as inf): null too.
+        value = float(literal)
+        if math.isinf(value):
+            return null_constant(literal)
+        return value
+
+    def float64_int(literal):
+        return float64(literal) if len(literal) > 300 else int(literal)
+
     try:
-        parsed = json.loads(text, object_pairs_hook=last_value_wins, parse_constant=null_constant)
+        parsed = json.loads(text, object_pairs_hook=last_value_wins, parse_constant=null_constant,
+                            parse_float=float64, parse_int=float64_int)
     except (ValueError, RecursionError):
         raise OutputError(E_SENSORS_OUTPUT) from None
     if not isinstance(parsed, dict):

@@ -404,6 +404,20 @@ def test_sensors_output_of_each_lm_sensors_version(fixture, repairs):
         assert decoded["nvme-pci-0100"] == {"Adapter": "PCI adapter"}
 
 
+def test_a_repaired_output_is_served_and_counted_per_node_and_repair(cluster):
+    daemon, (node, healthy) = cluster(2)
+    node.set_mode("fixture", LM_SENSORS / "3.6.0-empty-chip.txt")
+    for _ in range(2):
+        reply = temperature(daemon, "n1")
+        assert reply["success"], reply
+        assert gojson.decode(reply["data"]["temperature"])["nvme-pci-0100"] == \
+            {"Adapter": "PCI adapter"}
+    assert temperature(daemon, "n2")["success"]
+    counted = {labels: value for (name, labels), value in metric_samples(daemon).items()
+               if name == "pulse_proxy_sensors_repairs_total"}
+    assert counted == {(("node", "n1"), ("repair", "empty_chip")): 2}
+
+
 @pytest.mark.parametrize("raw", [
     (LM_SENSORS / "3.6.0-other-damage.txt").read_bytes(),
     b'{"a":{"Adapter": "x",\n   "b": 1,}}',
@@ -421,8 +435,18 @@ def test_sensors_output_repeated_label_keeps_the_last_value():
     assert made == ["duplicate_key"] and gojson.decode(text) == {"c": {"Core 0": {"t": 2.0}}}
 
 
+def test_sensors_output_numbers_beyond_float64_become_null():
+    huge = "1" + "0" * 400
+    raw = f'{{"c":{{"f":{{"temp1_input": 1e400, "temp1_max": -{huge}, "temp1_crit": 1e308}}}}}}'
+    text, made = psp.interpret_sensors_output(raw.encode(), b"", 0)
+    assert made == ["non_finite"]
+    assert gojson.decode(text) == {"c": {"f": {"temp1_input": None, "temp1_max": None,
+                                               "temp1_crit": 1e308}}}
+
+
 def test_go_decoder_helper_is_strict():
-    for text in ('{"a": NaN}', '{"a": Infinity}', '{"a": 1,}', '{"a": 1, "a": 2}', "[1,]"):
+    for text in ('{"a": NaN}', '{"a": Infinity}', '{"a": 1,}', '{"a": 1, "a": 2}', "[1,]",
+                 '{"a": 1e400}', '{"a": -1e309}', '{"a": 1' + "0" * 400 + "}"):
         with pytest.raises(gojson.GoDecodeError):
             gojson.decode(text)
     assert gojson.decode('{"a": [1, null]}') == {"a": [1, None]}
