@@ -19,6 +19,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+import gojson
 import pulse_sensor_proxy as psp
 from conftest import MODULE, PYTHON, READER_UID, fd_count, rpc, run_cli, send_raw, wait_for
 
@@ -216,7 +217,7 @@ def check_stream_reply(payload, data):
         status = int(head.split(b" ")[1])
         length = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
         assert int(length[0].split(b":")[1]) == len(body), data[:300]
-        reply = json.loads(body)
+        reply = gojson.check_reply(body.decode())
         if status != 200 or not reply["success"]:
             assert_specific(reply)
         assert status == psp.status_for_error(reply.get("error")) if not reply["success"] else 200
@@ -225,7 +226,7 @@ def check_stream_reply(payload, data):
     replies = data.split(b"\n")[:-1]
     assert len(replies) <= payload.count(b"\n") + 1
     for raw in replies:
-        reply = json.loads(raw)
+        reply = gojson.check_reply(raw.decode())
         if not reply["success"]:
             assert_specific(reply)
 
@@ -262,7 +263,7 @@ class KeepAlive:
             self.buffer += chunk
         reply, _, self.buffer = self.buffer.partition(b"\n")
         self.used = time.monotonic()
-        return json.loads(reply)
+        return gojson.check_reply(reply.decode())
 
     def close(self):
         self.sock.close()

@@ -282,6 +282,8 @@ def test_failed_upgrade_rolls_back(guest, first_install):
 # answer printed as one JSON line with the phase the test wrote into /tmp/poll.phase.
 POLLER = r"""
 import json, os, socket, sys, time
+sys.path.insert(0, "/tmp")
+import gojson   # the answer decoded as Pulse's Go client does
 def ask(node):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(30)
@@ -294,7 +296,7 @@ def ask(node):
             if not chunk:
                 break
             data += chunk
-    reply = json.loads(data)
+    reply = gojson.check_reply(data.decode())
     return reply.get("success") is True, reply.get("error")
 while not os.path.exists("/tmp/poll.stop"):
     with open("/tmp/poll.phase") as handle:
@@ -325,6 +327,7 @@ def test_rotation_service_rotates_while_temperatures_keep_flowing(guest, first_i
     reconnects = guest.out("journalctl -u pulse-sensor-proxy -o cat").count("SSH key changed on disk")
     ct_tmp = guest.path("/var/lib/pct-shim/105/rootfs/tmp")
     (ct_tmp / "poll.py").write_text(POLLER)
+    shutil.copy(REPO / "tests/gojson.py", ct_tmp / "gojson.py")
     (ct_tmp / "poll.phase").write_text("before")
     guest.run(f"pct exec 105 -- python3 /tmp/poll.py {' '.join(NODES)} >/root/poll.out 2>&1 & "
               "echo $! >/root/poll.pid")
