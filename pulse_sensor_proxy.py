@@ -50,7 +50,9 @@ validation, metrics), then I/O (keys on disk, the servers), and the command line
 """
 import argparse
 import base64
+import contextlib
 import difflib
+import errno
 import hashlib
 import hmac
 import importlib
@@ -121,13 +123,15 @@ HANDLER_TIMEOUT = 30.0             # for a method to answer
 MAX_CONNECTIONS = 256              # simultaneous socket connections
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
 RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
+WRITE_TIMEOUT = 10.0               # for a reply to be read by its peer: drain_within
+REFUSAL_SUMMARY_INTERVAL = 10.0    # refusals of one peer are logged once per interval
+MAX_AUDIT_BUFFER = 1024 * 1024     # audit bytes waiting for the log pipe: AuditLog
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_METRICS_CONNECTIONS = 32
 DEFAULT_TLS_DIR = "/etc/pulse-sensor-proxy/tls"
 MAX_HTTPS_CONNECTIONS = 256        # simultaneous HTTPS connections, handshakes included
 MAX_HTTP_HEAD_BYTES = 8192         # request line and headers of one HTTPS request
 HTTPS_IDLE_TIMEOUT = 120.0         # a keep-alive connection between requests (Pulse: 90 s)
-HTTPS_WRITE_TIMEOUT = 10.0         # for an answer to be taken by the client
 MIN_TOKEN_LENGTH = 32
 CERT_DAYS = 825
 SOCKET_DIR_MODE = 0o775            # container uids must traverse it; SO_PEERCRED decides access
@@ -161,6 +165,11 @@ ERROR_RESULTS = {
     E_FORBIDDEN: ("forbidden", 403), E_FORBIDDEN_CLEANUP: ("forbidden", 403),
     E_RATE_LIMITED: ("rate_limited", 429),
 }
+# Requests refused before any work: each costs its peer a limiter token all the same.
+CHARGED_REFUSALS = {E_INVALID, E_EMPTY, E_UNKNOWN_METHOD, E_FORBIDDEN, E_FORBIDDEN_CLEANUP,
+                    E_UNAUTHORIZED}
+# Refusals that RefusalSummary folds into one log line per peer and interval.
+REFUSALS = CHARGED_REFUSALS | {E_TOO_LARGE, E_READ_TIMEOUT, E_BUSY, E_RATE_LIMITED}
 
 DEFAULT_CONFIG = {
     "allowed_source_subnets": [],
@@ -1007,8 +1016,8 @@ class RateLimiter:
             per_minute, burst, self.max_concurrent = peer_allowance(self.limits, nodes)
             self.rate, self.burst = per_minute / 60.0, float(burst)
 
-    def acquire(self, key):
-        """Take a token and an in-flight slot; False when the peer is over either limit."""
+    def _refilled(self, key):
+        """The peer's entry, its tokens brought up to now (a new peer starts with a full burst)."""
         self.fit()
         now = self.clock()
         if now >= self._next_sweep or len(self.entries) >= self.MAX_ENTRIES:
@@ -1018,10 +1027,24 @@ class RateLimiter:
             entry = self.entries[key] = [self.burst, now, 0]
         else:
             entry[0], entry[1] = self._tokens(entry, now), now
+        return entry
+
+    def acquire(self, key):
+        """Take a token and an in-flight slot; False when the peer is over either limit."""
+        entry = self._refilled(key)
         if entry[0] < 1.0 or entry[2] >= self.max_concurrent:
             return False
         entry[0] -= 1.0
         entry[2] += 1
+        return True
+
+    def charge(self, key):
+        """Take a token for a request that is refused anyway (invalid, unknown, forbidden,
+        unauthorized): it cost the loop as much as a valid one. False when none was left."""
+        entry = self._refilled(key)
+        if entry[0] < 1.0:
+            return False
+        entry[0] -= 1.0
         return True
 
     def exhausted(self, key):
@@ -1517,6 +1540,21 @@ def _fingerprint_or_none(key):
         return None
 
 
+def journal_problem(entry, fingerprints):
+    """Why a rotation journal cannot be acted on, or None: it must name a known operation and
+    step, and its old and new keys must be among `fingerprints` (the keys in the slots)."""
+    if not isinstance(entry, dict) or entry.get("op") not in ("rotate", "rollback"):
+        return "not a rotation journal"
+    if entry.get("step") not in ("pushing", "swapping", "removing"):
+        return f"unknown step {_describe(entry.get('step'))}"
+    for field in ("old", "new"):
+        line = entry.get(field)
+        fields = line.split() if isinstance(line, str) else []
+        if len(fields) < 2 or _fingerprint_or_none(fields[1]) not in fingerprints:
+            return f"its {field} key is not one of the key slots"
+    return None
+
+
 def edit_authorized_keys(data, add_line=None, remove_keys=()):
     """authorized_keys bytes with `add_line` present once and lines of `remove_keys` (base64
     keys or SHA256 fingerprints) gone.
@@ -1648,6 +1686,13 @@ def new_metrics():
     metrics.declare("histogram", "pulse_proxy_ssh_latency_seconds", "sensors -j fetch time", ("node",))
     metrics.declare("gauge", "pulse_proxy_queue_depth", "RPC requests being handled now")
     metrics.declare("counter", "pulse_proxy_rate_limit_hits_total", "Requests refused by rate limits")
+    metrics.declare("counter", "pulse_proxy_refused_requests_total", "Invalid, unknown, "
+                    "forbidden and unauthorized requests (each costs its peer a token)",
+                    ("result",))
+    metrics.declare("counter", "pulse_proxy_write_timeouts_total", "Connections closed because "
+                    "the peer did not read its reply in time", ("listener",))
+    metrics.declare("counter", "pulse_proxy_audit_dropped_total", "Audit records the log pipe "
+                    "could not take (reported in the log once it drains)")
     metrics.declare("gauge", "pulse_proxy_connections", "Open socket connections")
     metrics.declare("gauge", "pulse_proxy_node_up", "1 when the last sensors -j read worked",
                     ("node",))
@@ -1667,6 +1712,7 @@ def new_metrics():
     metrics.set("pulse_proxy_connections", 0)
     metrics.set("pulse_proxy_http_connections", 0)
     metrics.inc("pulse_proxy_rate_limit_hits_total", amount=0)
+    metrics.inc("pulse_proxy_audit_dropped_total", amount=0)
     metrics.set("pulse_proxy_build_info", 1, (__version__,))
     return metrics
 
@@ -1677,11 +1723,21 @@ def new_metrics():
 
 
 class AuditLog:
-    """JSON lines on a stream (stdout; journald keeps them). Never given key material."""
+    """JSON lines on a stream (stdout; journald keeps them). Never given key material.
+
+    Writes are synchronous until `write_from_loop` hands the stream to the event loop: then a
+    slow log pipe never blocks the loop. Up to MAX_AUDIT_BUFFER bytes wait for the pipe; a
+    record that does not fit is counted, and the count is logged once the pipe takes records
+    again, so none is lost without a trace.
+    """
 
     def __init__(self, level="info", stream=None):
         self.level = LOG_LEVELS[level]
         self.stream = stream or sys.stdout
+        self.fd = self.loop = None
+        self.pending = bytearray()
+        self.dropped = 0            # since the last report
+        self.dropped_total = 0
 
     def log(self, level, msg, **fields):
         if LOG_LEVELS[level] < self.level:
@@ -1689,11 +1745,69 @@ class AuditLog:
         record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": level,
                   "msg": msg}
         record.update((k, v) for k, v in fields.items() if v is not None)
+        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        if self.fd is not None:
+            self.emit(line.encode())
+            return
         try:
-            self.stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+            self.stream.write(line)
             self.stream.flush()
         except (OSError, ValueError):
             pass    # a closed or full log pipe must not take requests down with it
+
+    def write_from_loop(self, loop):
+        """From now on write without blocking, the rest waiting in a bounded buffer."""
+        try:
+            self.stream.flush()
+            fd = self.stream.fileno()
+            os.set_blocking(fd, False)
+        except (OSError, ValueError, AttributeError):
+            return      # not a file (a test's StringIO): keep writing synchronously
+        self.fd, self.loop = fd, loop
+
+    def emit(self, data):
+        if len(self.pending) + len(data) > MAX_AUDIT_BUFFER:
+            self.dropped += 1
+            self.dropped_total += 1
+            return
+        self.pending += data
+        self.flush()
+
+    def flush(self):
+        while self.pending:
+            try:
+                written = os.write(self.fd, self.pending)
+            except BlockingIOError:
+                if self.loop.is_closed():
+                    return
+                self.loop.remove_writer(self.fd)
+                self.loop.add_writer(self.fd, self.flush)
+                return
+            except OSError:
+                self.pending.clear()        # the pipe is gone: nothing will take them
+                return
+            del self.pending[:written]
+        with contextlib.suppress(ValueError, RuntimeError):
+            self.loop.remove_writer(self.fd)
+        self.report_dropped()
+
+    def write_synchronously(self):
+        """Back to blocking writes (the loop is ending): what waits is written now."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(ValueError, RuntimeError):
+            self.loop.remove_writer(self.fd)
+        os.set_blocking(self.fd, True)
+        fd, self.fd = self.fd, None
+        with contextlib.suppress(OSError):
+            os.write(fd, self.pending)
+        self.pending.clear()
+        self.report_dropped()
+
+    def report_dropped(self):
+        if self.dropped:
+            count, self.dropped = self.dropped, 0
+            self.log("warning", "Audit records dropped: the log pipe was full", count=count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1817,15 +1931,19 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def atomic_write(path, data, mode=0o600, overwrite=True, owner=None):
+def atomic_write(path, data, mode=0o600, overwrite=True, owner=None, dir_fd=None):
     """Write `data` to `path` via a temp file in the same directory, fsync, rename, fsync dir.
 
     With overwrite=False an existing file is never replaced (FileExistsError instead);
-    `owner` (uid, gid) is set before the file appears under its name.
+    `owner` (uid, gid) is set before the file appears under its name. With `dir_fd` the file
+    goes into that open directory under `path`'s base name (`path` then only names it).
     """
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    name = os.path.basename(path) if dir_fd is not None else path
+    tmp_name = f".{os.path.basename(path)}.{os.getpid()}.tmp"
+    tmp = tmp_name if dir_fd is not None else os.path.join(directory, tmp_name)
+    at = {"src_dir_fd": dir_fd, "dst_dir_fd": dir_fd}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
         if owner is not None:
             os.fchown(fd, *owner)
@@ -1837,22 +1955,25 @@ def atomic_write(path, data, mode=0o600, overwrite=True, owner=None):
         os.close(fd)
         fd = -1
         if overwrite:
-            os.rename(tmp, path)
+            os.rename(tmp, name, **at)
         else:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            os.link(tmp, name, follow_symlinks=False, **at)
+            os.unlink(tmp, dir_fd=dir_fd)
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass            # never created, or a read-only file system refuses even this
         if isinstance(exc, OSError) and exc.errno and exc.filename != path:
             # os.write and fsync name no file, os.open names the temp file: name the target
             raise OSError(exc.errno, exc.strerror, path) from None
         raise
-    fsync_dir(directory)
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+    else:
+        fsync_dir(directory)
 
 
 def generate_keypair(comment=KEY_COMMENT):
@@ -1873,7 +1994,7 @@ def state_owner(state_dir):
     if os.geteuid() != 0:
         return None
     try:
-        info = os.stat(state_dir)
+        info = os.lstat(state_dir)
     except FileNotFoundError:
         return None
     return info.st_uid, info.st_gid
@@ -1888,15 +2009,68 @@ def public_key_of(private_pem):
     return public + b" " + KEY_COMMENT.encode() + b"\n"
 
 
+class UnsafePathError(FetchError):
+    """A path in the state directory is not what root may read or write (a symlink, a FIFO,
+    another owner's file, a group-writable directory ...)."""
+
+
+def _file_kind(mode):
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "a regular file"
+
+
+def check_state_entry(info, path, directory, owner_uid, forbidden_bits):
+    """Raise UnsafePathError unless `info` (an fstat/lstat) is a directory or a single-link
+    regular file owned by `owner_uid` with none of `forbidden_bits` set."""
+    want = stat.S_ISDIR if directory else stat.S_ISREG
+    if not want(info.st_mode):
+        raise UnsafePathError(f"{path} is {_file_kind(info.st_mode)}, not "
+                              f"{'a directory' if directory else 'a regular file'}; refusing it")
+    if info.st_uid != owner_uid:
+        raise UnsafePathError(f"{path} is owned by uid {info.st_uid}, not by uid {owner_uid} "
+                              "(the state directory's owner); refusing it")
+    if stat.S_IMODE(info.st_mode) & forbidden_bits:
+        raise UnsafePathError(f"{path} has mode {stat.S_IMODE(info.st_mode):04o}; refusing it "
+                              f"(none of {forbidden_bits:04o} may be set)")
+    if not directory and info.st_nlink != 1:
+        raise UnsafePathError(f"{path} has {info.st_nlink} hard links; refusing it")
+
+
+def _open_no_follow(name, flags, path, dir_fd):
+    """os.open that never follows a symlink and never blocks on a FIFO; a symlink is refused."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                kind = _file_kind(os.lstat(name, dir_fd=dir_fd).st_mode)
+            except OSError:
+                raise exc from None
+            raise UnsafePathError(f"{path} is {kind}, not "
+                                  f"{'a directory' if flags & os.O_DIRECTORY else 'a regular file'}"
+                                  "; refusing to follow it") from None
+        raise
+
+
 class KeyStore:
     """The key slots on disk and the rotation journal:
 
     ssh/ (current, 0700), ssh.d/next/ (staging), ssh.d/prev/ (rollback), ssh.d/rotation.json.
     Private keys 0600, public keys 0640. Run as root, new files and directories get the
     owner of the state directory (the service account), so the daemon can read them.
+
+    That account could plant symlinks, FIFOs or hard links here, so every access walks down
+    from the state directory with directory descriptors, never follows a link, and accepts
+    only directories and regular files the state directory's owner owns.
     """
 
     DIR_MODES = {"current": 0o700, "next": 0o750, "prev": 0o750}
+    FORBIDDEN = {"dir": 0o022, "private": 0o077, "public": 0o022}
+    READ_LIMIT = 65536
 
     def __init__(self, ssh_dir):
         self.ssh_dir = ssh_dir
@@ -1905,48 +2079,111 @@ class KeyStore:
         self.staging = staging
         self.dirs = {"current": ssh_dir, "next": os.path.join(staging, "next"),
                      "prev": os.path.join(staging, "prev")}
+        self.parts = {"current": [(os.path.basename(ssh_dir), 0o700)],
+                      "next": [("ssh.d", 0o750), ("next", 0o750)],
+                      "prev": [("ssh.d", 0o750), ("prev", 0o750)], "staging": [("ssh.d", 0o750)]}
         self.journal_path = os.path.join(staging, "rotation.json")
         self.owner = state_owner(self.state_dir)
+        self.owner_uid = self.owner[0] if self.owner else os.geteuid()
 
     def private_path(self, slot):
         return os.path.join(self.dirs[slot], KEY_NAME)
 
-    def _mkdir(self, path, mode):
-        os.makedirs(path, mode=mode, exist_ok=True)
-        os.chmod(path, mode)
-        if self.owner:
-            os.chown(path, *self.owner)
+    @contextlib.contextmanager
+    def _dir(self, where, create=False):
+        """A descriptor of a slot's directory ("staging" for ssh.d), reached without following
+        links; with create=True missing directories are made (and modes reset)."""
+        if create:
+            os.makedirs(self.state_dir, exist_ok=True)
+        try:
+            fd = _open_no_follow(self.state_dir, os.O_RDONLY | os.O_DIRECTORY, self.state_dir, None)
+        except FileNotFoundError:
+            yield None
+            return
+        path = self.state_dir
+        try:
+            check_state_entry(os.fstat(fd), path, True, self.owner_uid, self.FORBIDDEN["dir"])
+            for name, mode in self.parts[where]:
+                path = os.path.join(path, name)
+                if create:
+                    try:
+                        os.mkdir(name, mode, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    child = _open_no_follow(name, os.O_RDONLY | os.O_DIRECTORY, path, fd)
+                except FileNotFoundError:
+                    yield None
+                    return
+                os.close(fd)
+                fd = child
+                if create and self.owner:
+                    os.fchown(fd, *self.owner)     # root made it; the service account reads it
+                check_state_entry(os.fstat(fd), path, True, self.owner_uid, self.FORBIDDEN["dir"])
+                if create:
+                    os.fchmod(fd, mode)
+            yield fd
+        finally:
+            os.close(fd)
 
     def ensure_layout(self, slots=("current",)):
         for slot in slots:
-            if slot != "current":
-                self._mkdir(self.staging, 0o750)
-            self._mkdir(self.dirs[slot], self.DIR_MODES[slot])
+            with self._dir(slot, create=True):
+                pass
+
+    def _read_at(self, dir_fd, name, path, kind):
+        """A regular file's bytes (at most READ_LIMIT), or None when it does not exist."""
+        if dir_fd is None:
+            return None
+        try:
+            fd = _open_no_follow(name, os.O_RDONLY, path, dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            check_state_entry(os.fstat(fd), path, False, self.owner_uid, self.FORBIDDEN[kind])
+            data = handle.read(self.READ_LIMIT + 1)
+        if len(data) > self.READ_LIMIT:
+            raise UnsafePathError(f"{path} is larger than {self.READ_LIMIT} bytes; refusing it")
+        return data
 
     def read(self, slot):
         """(private PEM, public line) of a slot, or None when it holds no key."""
+        path = self.private_path(slot)
+        with self._dir(slot) as fd:
+            private = self._read_at(fd, KEY_NAME, path, "private")
+            if private is None:
+                return None
+            public = self._read_at(fd, KEY_NAME + ".pub", path + ".pub", "public")
+        return private, public or b""
+
+    def private_key(self, slot):
+        """The slot's key as asyncssh loads it (read through the checks above)."""
+        import asyncssh
+        keys = self.read(slot)
+        if keys is None:
+            raise FetchError(f"no SSH key at {self.private_path(slot)}")
         try:
-            with open(self.private_path(slot), "rb") as handle:
-                private = handle.read(65536)
-        except FileNotFoundError:
-            return None
-        try:
-            with open(self.private_path(slot) + ".pub", "rb") as handle:
-                public = handle.read(4096)
-        except FileNotFoundError:
-            public = b""
-        return private, public
+            return asyncssh.import_private_key(keys[0])
+        except asyncssh.KeyImportError as exc:
+            raise FetchError(f"cannot load the SSH key {self.private_path(slot)}: {exc}") from None
 
     def public_line(self, slot):
         keys = self.read(slot)
-        return public_key_of(keys[0]).decode().strip() if keys else None
+        if not keys:
+            return None
+        try:
+            return public_key_of(keys[0]).decode().strip()
+        except ValueError as exc:
+            raise UnsafePathError(f"{self.private_path(slot)} is not an OpenSSH private key "
+                                  f"({exc})") from None
 
     def write(self, slot, private, public, overwrite=True):
-        self.ensure_layout((slot,))
         path = self.private_path(slot)
-        atomic_write(path, private, mode=0o600, overwrite=overwrite, owner=self.owner)
-        crash_point(f"{slot} private key written")
-        atomic_write(path + ".pub", public, mode=0o640, owner=self.owner)
+        with self._dir(slot, create=True) as fd:
+            atomic_write(path, private, mode=0o600, overwrite=overwrite, owner=self.owner,
+                         dir_fd=fd)
+            crash_point(f"{slot} private key written")
+            atomic_write(path + ".pub", public, mode=0o640, owner=self.owner, dir_fd=fd)
 
     def generate(self, slot, overwrite=True):
         private, public = generate_keypair()
@@ -1958,11 +2195,12 @@ class KeyStore:
         self.write(target, private, public_key_of(private))
 
     def clear(self, slot):
-        for suffix in (".pub", ""):
-            try:
-                os.unlink(self.private_path(slot) + suffix)
-            except FileNotFoundError:
-                pass
+        with self._dir(slot) as fd:
+            for name in (KEY_NAME + ".pub", KEY_NAME) if fd is not None else ():
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
 
     def ensure_current(self, log):
         """Generate the current key if it is missing (never overwrite one); make its .pub
@@ -1970,7 +2208,6 @@ class KeyStore:
         apart)."""
         keys = self.read("current")
         if keys is None:
-            self.ensure_layout()
             try:
                 self.generate("current", overwrite=False)
             except FileExistsError:
@@ -1979,29 +2216,45 @@ class KeyStore:
             return
         public = public_key_of(keys[0])
         if keys[1].split()[:2] != public.split()[:2]:
-            atomic_write(self.private_path("current") + ".pub", public, mode=0o640, owner=self.owner)
+            with self._dir("current") as fd:
+                atomic_write(self.private_path("current") + ".pub", public, mode=0o640,
+                             owner=self.owner, dir_fd=fd)
             log.log("warning", "Rewrote id_ed25519.pub to match the private key",
                     path=self.private_path("current"))
 
     def journal(self):
-        try:
-            with open(self.journal_path) as handle:
-                return json.load(handle)
-        except FileNotFoundError:
+        """The rotation journal, checked against the slots: it may only name keys that are in
+        them (by fingerprint), so a forged journal cannot make root push or remove another key."""
+        with self._dir("staging") as fd:
+            data = self._read_at(fd, "rotation.json", self.journal_path, "public")
+        if data is None:
             return None
+        try:
+            entry = json.loads(data)
         except ValueError:
             return {"step": "unreadable"}
+        in_slots = {key_fingerprint(line) for line in map(self.public_line, self.DIR_MODES)
+                    if line}
+        problem = journal_problem(entry, in_slots)
+        if problem:
+            raise UnsafePathError(f"{self.journal_path}: {problem}; refusing it (check the key "
+                                  "slots by hand, then remove the journal)")
+        return entry
 
     def set_journal(self, **entry):
-        self.ensure_layout(("next",))
-        atomic_write(self.journal_path, json.dumps(entry).encode(), mode=0o640, owner=self.owner)
+        with self._dir("staging", create=True) as fd:
+            atomic_write(self.journal_path, json.dumps(entry).encode(), mode=0o640,
+                         owner=self.owner, dir_fd=fd)
 
     def clear_journal(self):
-        try:
-            os.unlink(self.journal_path)
-            fsync_dir(self.staging)
-        except FileNotFoundError:
-            pass
+        with self._dir("staging") as fd:
+            if fd is None:
+                return
+            try:
+                os.unlink("rotation.json", dir_fd=fd)
+                os.fsync(fd)
+            except FileNotFoundError:
+                pass
 
 
 def read_public_key(ssh_dir):
@@ -2878,7 +3131,7 @@ class KeyAdmin:
         """Does `slot`'s key run sensors -j on the node through the restricted path?"""
         if node.local:
             return None
-        key = load_private_key(self.keys.private_path(slot))
+        key = self.keys.private_key(slot)
         conn = await self.pool.connect(node, [key])
         try:
             await self.pool.run_sensors(conn, node)
@@ -3059,9 +3312,9 @@ async def _rotate_keys(admin, rollback):
     if not verified:
         admin.say("Undoing: removing the new key again; the current key stays in place.")
         await admin.for_each(nodes, lambda n: _remove_key(admin, n, new), "remove the new key")
+        keys.clear_journal()
         if not rollback:
             keys.clear("next")
-        keys.clear_journal()
         return False
     await finish_rotation(admin, dict(op=op, old=old, new=new), nodes)
     return True
@@ -3091,9 +3344,10 @@ async def finish_rotation(admin, journal, nodes):
     keys.set_journal(op=journal["op"], step="swapping", old=old, new=new)
     current = keys.public_line("current")
     if current and current.split()[1] == old.split()[1]:
-        if journal["op"] == "rotate":
-            keys.copy("current", "prev")
-            crash_point("prev saved")
+        # the old key stays in a slot until it is off the nodes: the journal may only name
+        # keys in the slots (prev after a rotation, next during a rollback)
+        keys.copy("current", "prev" if journal["op"] == "rotate" else "next")
+        crash_point("prev saved")
         keys.copy(source, "current")
     elif keys.read(source):
         keys.copy(source, "current")       # the private key was swapped; redo the .pub too
@@ -3102,8 +3356,11 @@ async def finish_rotation(admin, journal, nodes):
     admin.say(f"Now current: {key_fingerprint(new)}; removing {key_fingerprint(old)} from the nodes")
     removed = await admin.for_each(nodes, lambda n: _remove_key(admin, n, old), "remove the old key")
     if removed:
-        keys.clear(source)
+        # the journal goes first: a crash between these steps must not leave it naming a key
+        # no slot holds any more (that journal would be refused)
         keys.clear_journal()
+        keys.clear(source)
+        keys.clear("next")
     else:
         admin.say("The old key stays on the failed nodes; run rotate-keys again to remove it.")
     return removed
@@ -3121,9 +3378,9 @@ async def recover_rotation(admin, journal, nodes):
         admin.say("Undoing it: the new key had not been verified.")
         ok = await admin.for_each(nodes, lambda n: _remove_key(admin, n, new), "remove the new key")
         if ok:
+            admin.keys.clear_journal()
             if journal["op"] == "rotate":
                 admin.keys.clear("next")
-            admin.keys.clear_journal()
         return ok
     if step in ("swapping", "removing"):
         admin.say("Completing it: the new key is installed on every node.")
@@ -3211,6 +3468,76 @@ class LineReader:
         return data
 
 
+class WriteTimeout(ConnectionError):
+    """The peer did not read what was written to it within WRITE_TIMEOUT."""
+
+
+def bound_output(writer):
+    """Let at most one reply wait in `writer`'s buffer: drain() then returns only once the
+    peer took all of it, so what a connection holds is bounded by one reply."""
+    writer.transport.set_write_buffer_limits(high=0)
+
+
+async def drain_within(writer, timeout=WRITE_TIMEOUT):
+    """writer.drain() with a deadline: a peer that does not read loses the connection."""
+    try:
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()
+        raise WriteTimeout(f"reply not read within {timeout:g} s") from None
+
+
+def close_writer(writer):
+    """Close, or abort when unread output is left (a close would wait for it forever)."""
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
+
+
+class RefusalSummary:
+    """Refusals per peer: the first of an interval is logged in full, the rest are counted and
+    logged as one line (count, first and last error) when the interval is over, so a peer that
+    sends nothing but bad requests costs the log a few lines a minute, not one per request."""
+
+    MAX_PEERS = 1024
+
+    def __init__(self, log, interval=REFUSAL_SUMMARY_INTERVAL, clock=time.monotonic):
+        self.log, self.interval, self.clock = log, interval, clock
+        self.peers = {}         # limit key -> [window start, peer, count, first, last]
+
+    def record(self, peer, error):
+        """True when this refusal should be logged in full (the first of its interval)."""
+        now = self.clock()
+        entry = self.peers.get(peer.limit_key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[2] += 1
+            entry[3] = entry[3] or error
+            entry[4] = error
+            return False
+        if entry is not None:
+            self.report(entry)
+        elif len(self.peers) >= self.MAX_PEERS:
+            self.flush()
+        self.peers[peer.limit_key] = [now, peer, 0, None, None]
+        return True
+
+    def report(self, entry):
+        _, peer, count, first, last = entry
+        if count:
+            self.log.log("warning", "Requests refused", uid=peer.uid, gid=peer.gid, pid=peer.pid,
+                         count=count, first_error=first, last_error=last,
+                         interval_s=self.interval)
+
+    def flush(self, older_than=0.0):
+        now = self.clock()
+        for key, entry in list(self.peers.items()):
+            if now - entry[0] >= older_than:
+                self.report(entry)
+                del self.peers[key]
+
+
 class Daemon:
     """State shared by every connection: config, limiter, metrics, log."""
 
@@ -3227,6 +3554,7 @@ class Daemon:
         self.waiting = {}           # connection task -> (writer, peer), longest waiting first
         self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
         self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
+        self.refusals = RefusalSummary(self.log, clock=clock)
         self.apply_config(config)
 
     def apply_config(self, config):
@@ -3282,6 +3610,8 @@ class Daemon:
         self.handlers.add(task)
         try:
             await self._serve_connection(reader, writer)
+        except WriteTimeout:
+            self.metrics.inc("pulse_proxy_write_timeouts_total", ("socket",))
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:       # a bug must cost one connection, never the daemon
@@ -3291,14 +3621,15 @@ class Daemon:
             self.waiting.pop(task, None)
             self.connections -= 1
             self.metrics.set("pulse_proxy_connections", self.connections)
-            writer.close()
+            close_writer(writer)
 
     async def _serve_connection(self, reader, writer):
         peer = self.peer(writer.get_extra_info("socket"))
+        bound_output(writer)
         if self.connections > MAX_CONNECTIONS and not self.evict_waiting():
             self.audit(peer, None, None, time.monotonic(), E_BUSY)
             writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
-            await writer.drain()
+            await drain_within(writer)
             return
         lines = LineReader(reader)
         first = True
@@ -3332,13 +3663,27 @@ class Daemon:
             corr_id, error, reply = await self.handle(peer, line, started)
             if http:        # always `Connection: close`
                 writer.write(http_response(status_for_error(error) if error else 200, reply))
-                await writer.drain()
+                await self.drain(task, writer, peer)
                 return
             writer.write(reply)
-            await writer.drain()
+            await self.drain(task, writer, peer)
             if error == E_UNAUTHORIZED:
                 return
             first = False
+            # Lines a peer pipelined are already buffered: without this, one connection's
+            # backlog is answered back to back while every other connection waits.
+            await asyncio.sleep(0)
+
+    async def drain(self, task, writer, peer):
+        """Wait for the peer to take the reply; meanwhile the connection is idle, so at the
+        connection cap it gives way like one waiting for a request."""
+        if not writer.transport.get_write_buffer_size():
+            return
+        self.waiting[task] = (writer, peer)
+        try:
+            await drain_within(writer)
+        finally:
+            self.waiting.pop(task, None)
 
     async def pause_over_limit(self, task, writer, peer):
         """Wait before handling a request of a peer whose bucket is empty (it will be refused).
@@ -3364,7 +3709,7 @@ class Daemon:
         self.audit(peer, None, None, started, error)
         reply = response_line(str(uuid.uuid4()), error=error)
         writer.write(http_response(status_for_error(error), reply) if http else reply)
-        await writer.drain()
+        await drain_within(writer)
 
     @staticmethod
     async def read_http_body(lines, writer):
@@ -3406,7 +3751,8 @@ class Daemon:
         task = next(iter(self.waiting))
         writer, peer = self.waiting.pop(task)
         self.audit(peer, None, None, time.monotonic(), E_BUSY)
-        writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+        if not writer.transport.get_write_buffer_size():    # one not reading gets no more
+            writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
         task.cancel()
         return True
 
@@ -3448,6 +3794,8 @@ class Daemon:
                 self.limiter.release(key)
         except RequestError as exc:
             error = exc.args[0]
+            if error in CHARGED_REFUSALS:
+                self.charge_refusal(peer, error)
             self.audit(peer, corr_id, method, started, error, node)
             return corr_id, error, response_line(corr_id, error=error)
         except Exception:
@@ -3458,6 +3806,13 @@ class Daemon:
         self.audit(peer, corr_id, method, started, None, node)
         return corr_id, None, response_line(corr_id, data=data)
 
+    def charge_refusal(self, peer, error):
+        """A refused request costs its peer a token like a valid one, so a flood of them is
+        paused by pause_over_limit as any other flood is."""
+        self.metrics.inc("pulse_proxy_refused_requests_total", (result_for_error(error),))
+        if not self.limiter.charge(peer.limit_key):
+            self.metrics.inc("pulse_proxy_rate_limit_hits_total")
+
     def audit(self, peer, corr_id, method, started, error, node=None):
         latency = time.monotonic() - started
         label = METHOD_ALIASES.get(method, method) if method in METHODS or method in METHOD_ALIASES \
@@ -3467,6 +3822,8 @@ class Daemon:
         self.metrics.observe("pulse_proxy_rpc_latency_seconds", latency, (label,))
         # One record per request; a refusal by the limiter is the "Rate limit exceeded" line
         # operators grep for, so a flood costs one log write per request, not two.
+        if error in REFUSALS and not self.refusals.record(peer, error):
+            return      # counted in the peer's summary line
         message = "RPC request" if error is None else \
             "Rate limit exceeded" if error == E_RATE_LIMITED else "RPC request failed"
         self.log.log("info" if error is None else "warning", message,
@@ -3487,6 +3844,7 @@ class Daemon:
         task = asyncio.current_task()
         self.metrics_waiting[task] = task
         try:
+            bound_output(writer)
             lines = LineReader(reader)
             async with asyncio.timeout(READ_TIMEOUT):
                 request = (await lines.readline(8192)).rstrip(b"\r").split()
@@ -3494,14 +3852,17 @@ class Daemon:
                     pass
             self.metrics_waiting.pop(task, None)
             writer.write(self.metrics_response(request))
-            await writer.drain()
+            self.metrics_waiting[task] = task       # a scraper that does not read gives way
+            await drain_within(writer)
+        except WriteTimeout:
+            self.metrics.inc("pulse_proxy_write_timeouts_total", ("metrics",))
         except (RequestError, ConnectionClosed, TimeoutError, ConnectionError,
                 asyncio.CancelledError):
             pass
         finally:
             self.metrics_waiting.pop(task, None)
             self.metrics_connections -= 1
-            writer.close()
+            close_writer(writer)
 
     def metrics_response(self, request):
         if len(request) != 3 or not request[2].startswith(b"HTTP/1."):
@@ -3511,6 +3872,7 @@ class Daemon:
         path = request[1].split(b"?")[0]
         if path == b"/metrics":
             self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
+            self.metrics.set("pulse_proxy_audit_dropped_total", self.log.dropped_total)
             return http_response(200, self.metrics.render().encode(),
                                  "text/plain; version=0.0.4; charset=utf-8")
         if path == b"/health":
@@ -3705,7 +4067,10 @@ class HttpsFront:
             # A handshake that never finishes holds its slot for READ_TIMEOUT at most.
             async with asyncio.timeout(READ_TIMEOUT):
                 await writer.start_tls(self.context, ssl_handshake_timeout=READ_TIMEOUT)
+            bound_output(writer)
             clean = await self.serve_requests(client, LineReader(reader), writer, task)
+        except WriteTimeout:
+            self.daemon.metrics.inc("pulse_proxy_write_timeouts_total", ("https",))
         except (ConnectionError, TimeoutError, ConnectionClosed, asyncio.CancelledError, OSError):
             pass
         except Exception:       # a bug must cost one connection, never the daemon
@@ -3744,8 +4109,8 @@ class HttpsFront:
                 status, data, node, keep_alive = 408, {"error": "read timeout"}, None, False
             self.audit(client, method, path, status, data, node, started)
             writer.write(https_response(status, data, keep_alive))
-            async with asyncio.timeout(HTTPS_WRITE_TIMEOUT):
-                await writer.drain()
+            self.waiting[task] = writer     # a client that does not read gives way at the cap
+            await drain_within(writer)
             if not keep_alive:
                 return True
             idle = HTTPS_IDLE_TIMEOUT
@@ -3860,6 +4225,22 @@ async def run_daemon(config, log, ready=None):
     """Serve until SIGTERM/SIGINT. `ready(daemon)` is called once the socket accepts."""
     daemon = Daemon(config, log)
     loop = asyncio.get_running_loop()
+    log.write_from_loop(loop)
+    try:
+        return await _run_daemon(daemon, config, log, loop, ready)
+    finally:
+        daemon.refusals.flush()
+        log.write_synchronously()
+
+
+async def report_refusals(refusals):
+    """Log each peer's refusal summary once its interval is over, even if it went quiet."""
+    while True:
+        await asyncio.sleep(refusals.interval)
+        refusals.flush(older_than=refusals.interval)
+
+
+async def _run_daemon(daemon, config, log, loop, ready):
     # asyncio's own errors (e.g. accept() failing with EMFILE under a connection flood) as
     # audit records, not multi-line tracebacks on stderr.
     loop.set_exception_handler(lambda _, context: log.log(
@@ -3901,7 +4282,10 @@ async def run_daemon(config, log, ready=None):
         os.environ["LOGNAME"] = str(os.geteuid())
     keys = KeyStore(config["ssh_dir"])
     keys.ensure_current(log)
-    interrupted = keys.journal()
+    try:
+        interrupted = keys.journal()
+    except UnsafePathError as exc:
+        interrupted = {"step": str(exc)}
     if interrupted:
         log.log("warning", "A key rotation was interrupted; the current key still works. Run "
                 "`pulse-sensor-proxy rotate-keys` as root to finish or undo it", step=interrupted.get("step"))
@@ -3918,7 +4302,9 @@ async def run_daemon(config, log, ready=None):
     sd_notify("READY=1")
     if ready:
         ready(daemon)
+    reporter = asyncio.ensure_future(report_refusals(daemon.refusals))
     await stop.wait()
+    reporter.cancel()
 
     sd_notify("STOPPING=1")
     log.log("info", "Shutting down", in_flight=daemon.in_flight)
@@ -3970,7 +4356,7 @@ def cmd_serve(args):
         return asyncio.run(run_daemon(config, log))
     except ConfigError as exc:
         return config_failure(exc, prefix=f"{PROG}: ")
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, UnsafePathError) as exc:
         return fail(str(exc))
 
 

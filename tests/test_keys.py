@@ -396,3 +396,49 @@ def test_no_subnets_means_no_line_rather_than_an_empty_from(base_dir):
     admin.subnets = []
     with pytest.raises(psp.FetchError, match="allowed_source_subnets is empty"):
         admin.line(PUBLIC)
+
+
+# -- root against a state dir the service account prepared ----------------------------------------
+
+
+def as_service(lab, script):
+    """Run a shell script as the service account (the state dir's owner), as an attacker who
+    took over the daemon would."""
+    subprocess.run(as_uid(SERVICE_UID) + ["sh", "-ec", script], cwd=lab.state, check=True)
+
+
+def forged_journal(lab):
+    """A journal that names root's own key as the old one: finishing it would remove root's
+    line from every node."""
+    return json.dumps({"op": "rotate", "step": "removing", "old": lab.admin.public_line,
+                       "new": lab.current_public()})
+
+
+HOSTILE_STATES = {
+    "symlinked key": ("ln -sf {admin} ssh/id_ed25519", ["keys", "push"],
+                      "ssh/id_ed25519 is a symlink"),
+    "symlinked slot dir": ("mkdir -p ssh.d && ln -s {admin_dir} ssh.d/next", ["rotate-keys"],
+                           "ssh.d/next is a symlink"),
+    "symlinked prev slot": ("mkdir -p ssh.d && ln -s {admin_dir} ssh.d/prev",
+                            ["rotate-keys", "--rollback"], "ssh.d/prev is a symlink"),
+    "forged journal": ("mkdir -p ssh.d && cat > ssh.d/rotation.json <<'J'\n{journal}\nJ",
+                       ["rotate-keys"], "rotation.json: its old key is not one of the key slots"),
+    "FIFO as key": ("rm ssh/id_ed25519 && mkfifo -m 600 ssh/id_ed25519", ["keys", "push"],
+                    "ssh/id_ed25519 is a FIFO"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_STATES)
+def test_root_refuses_what_the_service_account_planted(lab, case):
+    lab = lab()
+    plant, command, error = HOSTILE_STATES[case]
+    admin_dir = lab.admin.private_path.parent
+    as_service(lab, plant.format(admin=lab.admin.private_path, admin_dir=admin_dir,
+                                 journal=forged_journal(lab)))
+    outside = [admin_dir] + [n.authorized_keys_path.parent for n in lab.nodes]
+    before = snapshot(*outside)
+    out = lab.cli(*command)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and error in lines[0] and "refusing" in lines[0], out.stderr
+    assert snapshot(*outside) == before, "a file outside the state dir changed"
