@@ -396,8 +396,20 @@ write_file() {
     run mv -f "$dest.new" "$dest"
 }
 
+# refuse_link PATH: the service account owns what is under the state dir and could plant a
+# symlink or a hard link there; root must never chown or chmod whatever that points at.
+refuse_link() {
+    if [ -L "$1" ]; then
+        err "$1 is a symlink; refusing to follow it (move it away, then run this again)"
+    fi
+    if [ -f "$1" ] && [ "$(stat -c %h -- "$1")" -ne 1 ]; then
+        err "$1 has $(stat -c %h -- "$1") hard links; refusing to change it (move it away, then run this again)"
+    fi
+}
+
 ensure_dir() {
     local path=$1 mode=$2 owner=$3 group=$4
+    refuse_link "$path"
     if [ -d "$path" ] && [ "$(stat -c '%a %U %G' "$path")" = "$mode $owner $group" ]; then
         report_ok "$path $mode $owner:$group"
         return 0
@@ -408,13 +420,15 @@ ensure_dir() {
 
 ensure_file_mode() {
     local path=$1 mode=$2 owner=$3 group=$4
+    refuse_link "$path"
     [ -e "$path" ] || return 0
+    [ -f "$path" ] || err "$path is not a regular file; refusing it (move it away, then run this again)"
     if [ "$(stat -c '%a %U %G' "$path")" = "$mode $owner $group" ]; then
         report_ok "$path $mode $owner:$group"
         return 0
     fi
     report_changed "$path $mode $owner:$group"
-    run chown "$owner:$group" "$path"
+    run chown -h "$owner:$group" "$path"
     run chmod "$mode" "$path"
 }
 
