@@ -2092,29 +2092,29 @@ class KeyStore:
     @contextlib.contextmanager
     def _dir(self, where, create=False):
         """A descriptor of a slot's directory ("staging" for ssh.d), reached without following
-        links; with create=True missing directories are made (and modes reset)."""
-        if create:
-            os.makedirs(self.state_dir, exist_ok=True)
+        links, or None when it does not exist; with create=True missing directories are made
+        (and modes reset)."""
+        fd = self._walk(where, create)
         try:
-            fd = _open_no_follow(self.state_dir, os.O_RDONLY | os.O_DIRECTORY, self.state_dir, None)
-        except FileNotFoundError:
-            yield None
-            return
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _walk(self, where, create):
         path = self.state_dir
+        fd = None
         try:
+            if create:
+                os.makedirs(self.state_dir, exist_ok=True)
+            fd = _open_no_follow(self.state_dir, os.O_RDONLY | os.O_DIRECTORY, path, None)
             check_state_entry(os.fstat(fd), path, True, self.owner_uid, self.FORBIDDEN["dir"])
             for name, mode in self.parts[where]:
                 path = os.path.join(path, name)
                 if create:
-                    try:
+                    with contextlib.suppress(FileExistsError):
                         os.mkdir(name, mode, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                try:
-                    child = _open_no_follow(name, os.O_RDONLY | os.O_DIRECTORY, path, fd)
-                except FileNotFoundError:
-                    yield None
-                    return
+                child = _open_no_follow(name, os.O_RDONLY | os.O_DIRECTORY, path, fd)
                 os.close(fd)
                 fd = child
                 if create and self.owner:
@@ -2122,9 +2122,16 @@ class KeyStore:
                 check_state_entry(os.fstat(fd), path, True, self.owner_uid, self.FORBIDDEN["dir"])
                 if create:
                     os.fchmod(fd, mode)
-            yield fd
-        finally:
-            os.close(fd)
+            return fd
+        except BaseException as exc:
+            if fd is not None:
+                os.close(fd)
+            if isinstance(exc, FileNotFoundError) and not create:
+                return None
+            if isinstance(exc, OSError):
+                # mkdir and open at a dir_fd name only the last part; fchmod names nothing
+                raise OSError(exc.errno, exc.strerror, path) from None
+            raise
 
     def ensure_layout(self, slots=("current",)):
         for slot in slots:

@@ -420,6 +420,13 @@ def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch)
         def write(self, data):
             self.data += data
 
+        @property
+        def transport(self):
+            return self         # nothing of a reply is left unread: get_write_buffer_size
+
+        def get_write_buffer_size(self):
+            return 0
+
     async def scenario():
         daemon = psp.Daemon(config, psp.AuditLog("error"))
         writers = [Writer() for _ in range(3)]
