@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gojson
 import pulse_sensor_proxy as psp
-from conftest import MODULE, PYTHON, READER_UID, fd_count, rpc, run_cli, send_raw, wait_for
+from conftest import (MODULE, PYTHON, READER_UID, as_uid, fd_count, metric_samples, rpc, run_cli,
+                      send_raw, wait_for)
 
 OPEN_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
@@ -345,6 +346,38 @@ HOSTILE = os.path.join(os.path.dirname(__file__), "hostile_peer.py")
 FLOOD_LIMITS = {"per_minute": 60, "burst": 20, "max_concurrent": 4}
 
 
+READER, STRANGER = 1001, 1002     # a read-only uid; one with no capability at all
+
+
+def hostile(daemon, mode, first, second, uid=None):
+    prefix = as_uid(uid) if uid is not None else []
+    return subprocess.Popen(prefix + [PYTHON, HOSTILE, mode, str(daemon.socket), str(first),
+                                      str(second)], stdout=subprocess.PIPE, text=True)
+
+
+def ask_while(attacker, banner, ask, most=15, pace=0.05):
+    """Answers to `ask()` (another peer) taken while `attacker` runs, once it printed `banner`.
+
+    At most `most` (that peer's own bucket holds about 20); `pace` seconds apart at most. Only
+    answers that came back while the attack still ran are returned.
+    """
+    assert attacker.stdout.readline() == banner + "\n"
+    during = []
+    while attacker.poll() is None and len(during) < most:
+        reply = ask()
+        if attacker.poll() is None:
+            during.append(reply)
+        try:
+            attacker.wait(timeout=pace)
+        except subprocess.TimeoutExpired:
+            pass
+    return during
+
+
+def peer_records(daemon, uid):
+    return [r for r in daemon.log_records() if r.get("uid") == uid]
+
+
 @pytest.mark.parametrize("mode", ["flood", "flood-connect"])
 def test_flood_is_limited_and_another_peer_is_served(daemon_factory, mode):
     """8 threads of one pid: on keep-alive connections, or a new connection per request."""
@@ -355,14 +388,7 @@ def test_flood_is_limited_and_another_peer_is_served(daemon_factory, mode):
     began = time.monotonic()
     flood = subprocess.Popen([PYTHON, HOSTILE, mode, str(daemon.socket), "10000", "8"],
                              stdout=subprocess.PIPE, text=True)
-    assert flood.stdout.readline() == "flooding\n"
-    during = []         # another pid (this one) asks while the flood runs; its own bucket holds 20
-    while flood.poll() is None and len(during) < 15:
-        during.append(daemon.rpc("get_status"))
-        try:
-            flood.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            pass
+    during = ask_while(flood, "flooding", lambda: daemon.rpc("get_status"))
     counts = json.loads(flood.communicate(timeout=120)[0])
     elapsed = time.monotonic() - began
     print(f"{mode}: {counts} in {elapsed:.2f} s; the other peer asked {len(during)} times during it; "
@@ -376,6 +402,82 @@ def test_flood_is_limited_and_another_peer_is_served(daemon_factory, mode):
     assert scrape(port)["pulse_proxy_rate_limit_hits_total"] == counts[psp.E_RATE_LIMITED]
     assert proc_status(pid, "VmRSS") - rss_before <= 5 * 1024, "RSS grew by more than 5 MB"
     assert daemon.rpc("get_status")["success"]
+    assert_no_tracebacks(daemon)
+
+
+def test_one_connection_pipelining_invalid_lines_is_charged_and_others_are_served(daemon_factory):
+    """A read-only uid pipelines {"method":"x"} on one keep-alive connection as fast as it can:
+    each line costs it a token like a valid request, so once its burst is gone it waits its
+    turn, and another peer is answered every time it asks meanwhile."""
+    port = free_port()
+    daemon = daemon_factory({"rate_limit": FLOOD_LIMITS, "metrics_address": f"127.0.0.1:{port}",
+                             "allowed_peers": [{"uid": READER}]})
+    began = time.monotonic()
+    flood = hostile(daemon, "pipeline", 2000, 1, uid=READER)
+    during = ask_while(flood, "flooding", lambda: daemon.rpc("get_status"))
+    counts = json.loads(flood.communicate(timeout=120)[0])
+    elapsed = time.monotonic() - began
+    print(f"pipelined invalid flood: {counts} in {elapsed:.2f} s; other peer {len(during)} answers")
+    assert flood.returncode == 0 and counts == {psp.E_UNKNOWN_METHOD: 2000}
+    assert during and all(reply["success"] for reply in during), during
+    metrics = metric_samples(daemon)
+    assert metrics[("pulse_proxy_refused_requests_total", (("result", "invalid"),))] == 2000
+    per_minute, burst, _ = psp.peer_allowance(dict(psp.DEFAULT_CONFIG["rate_limit"], **FLOOD_LIMITS), 1)
+    charged_out = metrics[("pulse_proxy_rate_limit_hits_total", ())]
+    assert charged_out >= 2000 - burst - per_minute / 60 * elapsed - 1, "the flood was not charged"
+    daemon.stop()       # writes the last summary line
+    records = peer_records(daemon, READER)
+    assert len(records) <= 2 + 2 * elapsed / psp.REFUSAL_SUMMARY_INTERVAL, records[:5]
+    assert sum(r.get("count", 1) for r in records) == 2000, "a refusal went unrecorded"
+    assert_no_tracebacks(daemon)
+
+
+def test_connections_that_never_read_are_closed_and_another_peer_is_served(daemon_factory):
+    """256 connections from one pid pipeline get_status and never read an answer: each is
+    closed once its answer waited WRITE_TIMEOUT, and gives way at the cap meanwhile."""
+    port = free_port()
+    daemon = daemon_factory({"rate_limit": OPEN_LIMITS, "metrics_address": f"127.0.0.1:{port}",
+                             "log_level": "warning"})
+    pid = daemon.proc.pid
+    rss_before = proc_status(pid, "VmRSS")
+    stall = hostile(daemon, "stall", psp.MAX_CONNECTIONS, 1000)
+    rss = [rss_before]
+
+    def ask():
+        rss.append(proc_status(pid, "VmRSS"))
+        return daemon.rpc("get_status")
+
+    served = ask_while(stall, "stalled", ask, most=1000, pace=0.5)
+    result = json.loads(stall.communicate(timeout=120)[0])
+    timeouts = metric_samples(daemon)[("pulse_proxy_write_timeouts_total",
+                                       (("listener", "socket"),))]
+    print(f"stalled connections: {result}, {timeouts:g} by the write deadline; other peer "
+          f"{sum(r['success'] for r in served)}/{len(served)}; RSS peak +{max(rss) - rss_before} KiB")
+    assert stall.returncode == 0 and result == {"closed": psp.MAX_CONNECTIONS}
+    assert len(served) >= 3 and all(reply["success"] for reply in served), served
+    assert timeouts >= psp.MAX_CONNECTIONS - len(served), "each check evicts one at most"
+    assert max(rss) - rss_before <= 64 * 1024, "RSS grew by more than 64 MB"
+    assert daemon.rpc("get_status")["success"]
+    assert_no_tracebacks(daemon)
+
+
+def test_a_refused_uids_flood_costs_the_log_summary_lines(daemon_factory):
+    """A uid with no capability floods with a new connection per request: every refusal is
+    counted, but the log gets the first in full and one summary line per interval."""
+    daemon = daemon_factory({"rate_limit": FLOOD_LIMITS})
+    began = time.monotonic()
+    flood = hostile(daemon, "flood-connect", 2000, 4, uid=STRANGER)
+    assert flood.stdout.readline() == "flooding\n"
+    counts = json.loads(flood.communicate(timeout=120)[0])
+    elapsed = time.monotonic() - began
+    assert counts == {psp.E_UNAUTHORIZED: 2000}
+    daemon.stop()
+    records = peer_records(daemon, STRANGER)
+    summaries = [r for r in records if r["msg"] == "Requests refused"]
+    print(f"refused flood: {len(records)} audit lines for 2000 refusals in {elapsed:.2f} s")
+    assert len(records) <= 2 + 2 * elapsed / psp.REFUSAL_SUMMARY_INTERVAL, records[:5]
+    assert sum(r.get("count", 1) for r in records) == 2000, "a refusal went unrecorded"
+    assert all(r["first_error"] == r["last_error"] == psp.E_UNAUTHORIZED for r in summaries)
     assert_no_tracebacks(daemon)
 
 
