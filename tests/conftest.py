@@ -279,7 +279,7 @@ def metric_samples(daemon):
 SERVICE_UID = 4300
 # Peers of the tests' configs run under these uids, far from the node accounts of sshnodes.py
 # (uids from 1001 up), which kills whatever runs as an account it hands out again.
-READER_UID, CLEANER_UID = 4401, 4402
+READER_UID, CLEANER_UID, STRANGER_UID = 4401, 4402, 4403   # read-only; cleanup; no capability
 
 
 class Lab:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gojson
 import pulse_sensor_proxy as psp
-from conftest import (MODULE, PYTHON, READER_UID, as_uid, fd_count, metric_samples, rpc, run_cli,
+from conftest import (MODULE, PYTHON, READER_UID, STRANGER_UID, as_uid, fd_count, metric_samples, rpc, run_cli,
                       send_raw, wait_for)
 
 OPEN_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
@@ -346,9 +346,6 @@ HOSTILE = os.path.join(os.path.dirname(__file__), "hostile_peer.py")
 FLOOD_LIMITS = {"per_minute": 60, "burst": 20, "max_concurrent": 4}
 
 
-READER, STRANGER = 1001, 1002     # a read-only uid; one with no capability at all
-
-
 def hostile(daemon, mode, first, second, uid=None):
     prefix = as_uid(uid) if uid is not None else []
     return subprocess.Popen(prefix + [PYTHON, HOSTILE, mode, str(daemon.socket), str(first),
@@ -411,9 +408,9 @@ def test_one_connection_pipelining_invalid_lines_is_charged_and_others_are_serve
     turn, and another peer is answered every time it asks meanwhile."""
     port = free_port()
     daemon = daemon_factory({"rate_limit": FLOOD_LIMITS, "metrics_address": f"127.0.0.1:{port}",
-                             "allowed_peers": [{"uid": READER}]})
+                             "allowed_peers": [{"uid": READER_UID}]})
     began = time.monotonic()
-    flood = hostile(daemon, "pipeline", 2000, 1, uid=READER)
+    flood = hostile(daemon, "pipeline", 2000, 1, uid=READER_UID)
     during = ask_while(flood, "flooding", lambda: daemon.rpc("get_status"))
     counts = json.loads(flood.communicate(timeout=120)[0])
     elapsed = time.monotonic() - began
@@ -426,7 +423,7 @@ def test_one_connection_pipelining_invalid_lines_is_charged_and_others_are_serve
     charged_out = metrics[("pulse_proxy_rate_limit_hits_total", ())]
     assert charged_out >= 2000 - burst - per_minute / 60 * elapsed - 1, "the flood was not charged"
     daemon.stop()       # writes the last summary line
-    records = peer_records(daemon, READER)
+    records = peer_records(daemon, READER_UID)
     assert len(records) <= 2 + 2 * elapsed / psp.REFUSAL_SUMMARY_INTERVAL, records[:5]
     assert sum(r.get("count", 1) for r in records) == 2000, "a refusal went unrecorded"
     assert_no_tracebacks(daemon)
@@ -466,13 +463,13 @@ def test_a_refused_uids_flood_costs_the_log_summary_lines(daemon_factory):
     counted, but the log gets the first in full and one summary line per interval."""
     daemon = daemon_factory({"rate_limit": FLOOD_LIMITS})
     began = time.monotonic()
-    flood = hostile(daemon, "flood-connect", 2000, 4, uid=STRANGER)
+    flood = hostile(daemon, "flood-connect", 2000, 4, uid=STRANGER_UID)
     assert flood.stdout.readline() == "flooding\n"
     counts = json.loads(flood.communicate(timeout=120)[0])
     elapsed = time.monotonic() - began
     assert counts == {psp.E_UNAUTHORIZED: 2000}
     daemon.stop()
-    records = peer_records(daemon, STRANGER)
+    records = peer_records(daemon, STRANGER_UID)
     summaries = [r for r in records if r["msg"] == "Requests refused"]
     print(f"refused flood: {len(records)} audit lines for 2000 refusals in {elapsed:.2f} s")
     assert len(records) <= 2 + 2 * elapsed / psp.REFUSAL_SUMMARY_INTERVAL, records[:5]
