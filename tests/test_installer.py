@@ -888,3 +888,21 @@ class TestOriginalConfig:
         assert f"would    config {config} rewritten from the original proxy's vocabulary" in result.stdout
         assert f'+- uids: {CT_RANGE}\n+  capabilities:\n+  - read\n+  - cleanup\n' in result.stdout
         assert "would    config " + str(config) + "\n" in result.stdout
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
+def test_state_dir_entries_the_account_planted_are_refused_not_followed(tmp_path, plant):
+    """The service account owns the state dir: a key file it replaced by a link to a file of
+    root's, or by a FIFO, stops the installer with one line naming it; the target is unchanged."""
+    target = tmp_path / "shadow"
+    target.write_text("root:*:19000:0:99999:7:::\n")
+    target.chmod(0o600)
+    key = tmp_path / "state/ssh/id_ed25519"
+    key.parent.mkdir(parents=True)
+    {"symlink": lambda: key.symlink_to(target), "hardlink": lambda: os.link(target, key),
+     "fifo": lambda: os.mkfifo(key)}[plant]()
+    before = (target.stat().st_mode, target.stat().st_uid, target.read_bytes())
+    result = sourced(f'DRY_RUN=0; CHANGES=0; ensure_file_mode "{key}" 600 nobody nogroup')
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {key} "), result.stderr
+    assert (target.stat().st_mode, target.stat().st_uid, target.read_bytes()) == before
