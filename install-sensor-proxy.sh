@@ -1032,36 +1032,97 @@ ct_socket_paths() {
         '$1 == "lxc.mount.entry:" && $2 == RUN_DIR { print "/" $3 "/" S }'
 }
 
+# The container is not trusted here either: its sh and cat answer (under pct exec), so what
+# they print is bounded in size, count and time, public keys are derived on the host from the
+# private keys copied out (never the container's .pub), and the proxy's own keys and root's
+# identities are never revoked, whatever the container claims to hold.
+readonly LEGACY_KEY_MAX_BYTES=65536 LEGACY_KEY_MAX_FILES=16
+
+# legacy_key_path PATH: true for a private key name the migration looks for, and nothing else.
+legacy_key_path() {
+    local dir
+    for dir in $LEGACY_KEY_DIRS; do
+        [[ "$1" =~ ^"$dir"/id_[A-Za-z0-9_.-]+$ && "$1" != *.pub ]] && return 0
+    done
+    return 1
+}
+
+# ct_copy_out ID PATH DEST: the container's file into DEST, within 30 s; false (and DEST
+# removed) when it is larger than LEGACY_KEY_MAX_BYTES.
+ct_copy_out() {
+    (timeout 30 pct exec "$1" -- cat -- "$2" 2>/dev/null || true) | head -c $((LEGACY_KEY_MAX_BYTES + 1)) >"$3"
+    if [ "$(stat -c %s -- "$3")" -gt "$LEGACY_KEY_MAX_BYTES" ]; then rm -f -- "$3"; return 1; fi
+}
+
+# protected_fingerprints: the proxy's keys (every slot) and root's SSH identities, one a line.
+protected_fingerprints() {
+    local key
+    for key in "$STATE_DIR"/ssh/id_ed25519 "$STATE_DIR"/ssh.d/*/id_ed25519 "$ROOT"/root/.ssh/id_*; do
+        case "$key" in *.pub) continue ;; esac
+        if [ ! -f "$key" ] || [ -L "$key" ]; then continue; fi
+        ssh-keygen -y -f "$key" 2>/dev/null | ssh-keygen -l -f - 2>/dev/null | cut -d' ' -f2 || true
+    done
+}
+
+# legacy_key_paths ID: the private key files in the container's legacy key dirs, one a line,
+# only names legacy_key_path accepts, at most LEGACY_KEY_MAX_FILES.
+legacy_key_paths() {
+    local path count=0
+    # shellcheck disable=SC2016 # expanded inside the container
+    timeout 30 pct exec "$1" -- sh -c 'for d in '"$LEGACY_KEY_DIRS"'; do for f in "$d"/id_*; do
+              case "$f" in *.pub) ;; *) [ -f "$f" ] && printf "%s\n" "$f" ;; esac; done; done' 2>/dev/null \
+        | head -c 65536 | while IFS= read -r path; do
+            legacy_key_path "$path" || continue
+            count=$((count + 1))
+            [ "$count" -le "$LEGACY_KEY_MAX_FILES" ] || break
+            printf '%s\n' "$path"
+        done || true
+}
+
 migrate_legacy_keys() {
-    local id=$1 found path safe backup
+    local id=$1 found path safe backup fingerprint protected
     if ! ct_running "$id"; then
         note "container $id is stopped: legacy SSH keys inside it were not checked; run this again once it runs"
         return 0
     fi
-    # shellcheck disable=SC2016 # expanded inside the container
-    found=$(pct exec "$id" -- sh -c 'for d in '"$LEGACY_KEY_DIRS"'; do for f in "$d"/id_*; do
-              case "$f" in *.pub) ;; *) [ -f "$f" ] && printf "%s\n" "$f" ;; esac; done; done' 2>/dev/null || true)
+    found=$(legacy_key_paths "$id")
     if [ -z "$found" ]; then
         report_ok "container $id: no SSH keys inside"
         return 0
     fi
     backup=$BACKUP_DIR/ct$id
+    protected=$(protected_fingerprints)
     while read -r path; do
         safe=${path#/}; safe=${safe//\//_}
-        report_changed "container $id: key $path moved to $backup/$safe and revoked on every node"
-        [ "$DRY_RUN" -eq 1 ] && continue
+        if [ "$DRY_RUN" -eq 1 ]; then
+            report_changed "container $id: key $path to be moved to $backup/$safe and revoked on every node"
+            continue
+        fi
         install -d -m 0700 "$BACKUP_DIR" "$backup"
-        pct exec "$id" -- cat "$path" >"$backup/$safe"
-        chmod 0600 "$backup/$safe"
-        ssh-keygen -y -f "$backup/$safe" >"$backup/$safe.pub" 2>/dev/null \
-            || pct exec "$id" -- cat "$path.pub" >"$backup/$safe.pub" 2>/dev/null || true
-        if [ -s "$backup/$safe.pub" ] && proxy keys revoke --config "$CONFIG" --public-key "$backup/$safe.pub" >"$WORK/revoke.out" 2>&1; then
-            :
-        else
+        if ! (umask 077; ct_copy_out "$id" "$path" "$backup/$safe"); then
+            warn "container $id: $path is larger than $LEGACY_KEY_MAX_BYTES bytes: not a key; skipped, left in the container"
+            note "container $id: $path skipped (larger than $LEGACY_KEY_MAX_BYTES bytes); look at it, remove it by hand"
+            continue
+        fi
+        pct exec "$id" -- rm -f -- "$path" "$path.pub" 2>/dev/null \
+            || warn "container $id: could not remove $path from the container (its copy is in $backup/$safe)"
+        if ! ssh-keygen -y -f "$backup/$safe" >"$backup/$safe.pub" 2>/dev/null; then
+            rm -f -- "$backup/$safe.pub"
+            report_changed "container $id: $path moved to $backup/$safe (not a private key this host can read: nothing revoked)"
+            note "container $id: $path is backed up in $backup/$safe but was not revoked anywhere: it is no key ssh-keygen can read"
+            continue
+        fi
+        fingerprint=$(ssh-keygen -l -f "$backup/$safe.pub" | cut -d' ' -f2)
+        if grep -qxF -- "$fingerprint" <<<"$protected"; then
+            report_changed "container $id: $path moved to $backup/$safe (it is the proxy's or root's own key $fingerprint: not revoked)"
+            note "container $id held a private key of this host ($fingerprint): consider it leaked and rotate it"
+            continue
+        fi
+        report_changed "container $id: key $path moved to $backup/$safe and revoked on every node"
+        if ! proxy keys revoke --config "$CONFIG" --public-key "$backup/$safe.pub" >"$WORK/revoke.out" 2>&1; then
             warn "could not revoke $path's public key on every node: $(tail -n 2 "$WORK/revoke.out" 2>/dev/null)"
             note "revoke the old key of container $id by hand: pulse-sensor-proxy keys revoke --public-key $backup/$safe.pub"
         fi
-        pct exec "$id" -- rm -f "$path" "$path.pub"
     done <<<"$found"
 }
 

@@ -906,3 +906,50 @@ def test_state_dir_entries_the_account_planted_are_refused_not_followed(tmp_path
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {key} "), result.stderr
     assert (target.stat().st_mode, target.stat().st_uid, target.read_bytes()) == before
+
+
+def keygen(path, comment):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True)
+    return path.with_suffix(".pub").read_text()
+
+
+def test_a_hostile_container_gets_no_key_revoked_and_fills_no_disk(tmp_path):
+    """The container serves the proxy's and root's public keys as the .pub of junk "private
+    keys", a 4 GiB file as a key, and names that are not key names. Only the one real legacy key
+    is revoked (by the public key derived on the host); the copies are bounded; the summary
+    says what was skipped."""
+    root, env = host_tree(tmp_path)
+    proxy_pub = keygen(root / "var/lib/pulse-sensor-proxy/ssh/id_ed25519", "pulse-sensor-proxy")
+    admin_pub = keygen(root / "root/.ssh/id_ed25519", "root@pve1")
+    rootfs = make_container(root / "etc/pve/lxc/106.conf", tmp_path / "pct/106", PLAIN)
+    legacy_pub = keygen(rootfs / "etc/pulse/.ssh/id_ed25519", "root@pulse")
+    planted = {"root/.ssh/id_ed25519": ("junk\n", proxy_pub), "home/pulse/.ssh/id_rsa": ("x", admin_pub),
+               "opt/pulse/.ssh/id_$(touch pwned)": ("x", admin_pub)}
+    for name, (private, public) in planted.items():
+        (rootfs / name).parent.mkdir(parents=True, exist_ok=True)
+        (rootfs / name).write_text(private)
+        (rootfs / f"{name}.pub").write_text(public)
+    with open(rootfs / "opt/pulse/.ssh/id_ecdsa", "wb") as endless:
+        endless.truncate(4 << 30)       # sparse: reads as 4 GiB of zeros
+    for top in ("etc/pulse", "root/.ssh", "home", "opt"):
+        for path in [rootfs / top, *(rootfs / top).rglob("*")]:
+            os.lchown(path, 100000, 100000)     # the container's root's, as make_container has it
+    revokes = tmp_path / "revokes"
+    result = sourced(f'DRY_RUN=0; CHANGES=0; NOTES=(); BACKUP_DIR="{tmp_path}/backups"; '
+                     f'proxy() {{ cat "${{@: -1}}" >>"{revokes}"; }}; '
+                     'migrate_legacy_keys 106; printf "%s\\n" "${NOTES[@]}"', env=env)
+    assert result.returncode == 0, result.stderr
+    assert revokes.read_text().split()[:2] == legacy_pub.split()[:2]
+    assert revokes.read_text().count("\n") == 1, "only the derived public key of the real key"
+    backups = tmp_path / "backups/ct106"
+    assert sum(path.stat().st_size for path in backups.iterdir()) < 4 * 65536
+    assert not (backups / "opt_pulse_.ssh_id_ecdsa").exists()
+    assert (rootfs / "opt/pulse/.ssh/id_ecdsa").exists(), "a file not copied is not removed"
+    assert not list(rootfs.rglob("pwned")) and (rootfs / "opt/pulse/.ssh/id_$(touch pwned)").exists()
+    out = result.stdout + result.stderr
+    assert "/opt/pulse/.ssh/id_ecdsa is larger than 65536 bytes" in out
+    assert "/root/.ssh/id_ed25519 is backed up" in out and "not revoked anywhere" in out
+    assert "container 106: /home/pulse/.ssh/id_rsa is backed up" in out
+    assert "Traceback" not in out
