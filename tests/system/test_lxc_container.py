@@ -58,6 +58,29 @@ StandardOutput=truncate:{LOOKUP_OUT}
 Environment="PULSE_DATA_DIR=/etc/pulse"
 EnvironmentFile=-/etc/pulse/.env
 """
+POLL_LOG, POLL_STOP = "/root/poll.log", "/root/poll.stop"
+# A poll loop as Pulse's runs one: a new connection per request, get_temperature of this host,
+# each outcome one line ("ok"/"error", the time) until POLL_STOP exists.
+POLLER = f"""import json, os, socket, sys, time
+log = open("{POLL_LOG}", "a", buffering=1)
+while not os.path.exists("{POLL_STOP}"):
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect("{MNT_SOCKET}")
+            sock.sendall(b'{{"method": "get_temperature", "params": {{"node": "{LOCAL_NODE}"}}}}\\n')
+            data = b""
+            while not data.endswith(b"\\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        outcome = "ok" if json.loads(data)["success"] else "error"
+    except (OSError, ValueError):
+        outcome = "error"
+    log.write(f"{{outcome}} {{time.monotonic():.3f}} {{os.getpid()}}\\n")
+    time.sleep(0.1)  # pacing within the rate limit, not synchronisation
+"""
 # What pve-container generates for an unprivileged Debian container (src/PVE/LXC.pm
 # update_lxc_config: the ostype's common config and userns.conf, then each raw lxc.* key of
 # the container's config as "KEY = VALUE"). No network; AppArmor left out, as this machine
@@ -126,6 +149,7 @@ class Lxc:
         for path, text in {**files, "/etc/systemd/system/pulse.service": PULSE_UNIT,
                            f"{CLIENT_DIR}/pulse_client.py": (REPO / "tests/pulse_client.py").read_text(),
                            f"{CLIENT_DIR}/gojson.py": (REPO / "tests/gojson.py").read_text(),
+                           f"{CLIENT_DIR}/poll.py": POLLER,
                            f"{CLIENT_DIR}/pulse_socket_lookup.py":
                                (REPO / "tests/system/pulse_socket_lookup.py").read_text()}.items():
             put(self.rootfs, path, text)
@@ -275,6 +299,37 @@ def test_the_line_before_this_issue_leaves_no_socket_inside(guest, host_run_dir,
 
 def main_pid(guest):
     return guest.out("systemctl show -p MainPID --value pulse-sensor-proxy").strip()
+
+
+def test_a_poller_inside_reads_on_across_a_restart_of_the_proxy(guest, container):
+    """One poll loop in the container, started before `systemctl restart` and running on: it
+    gets answers again through the same mount, with no restart of the container."""
+    log = container.rootfs / POLL_LOG.lstrip("/")
+
+    def outcomes():
+        return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+    def oks(rows):
+        return [row for row in rows if row[0] == "ok"]
+
+    container.attach(f"setsid python3 {CLIENT_DIR}/poll.py </dev/null >/dev/null 2>&1 &")
+    try:
+        wait_for(lambda: len(oks(outcomes())) >= 3, timeout=60, what="the poller's answers before")
+        before = main_pid(guest)
+        guest.run("systemctl restart pulse-sensor-proxy")
+        assert main_pid(guest) not in (before, "0")
+        restarted = len(outcomes())
+        wait_for(lambda: len(oks(outcomes()[restarted:])) >= 3, timeout=60,
+                 what="the poller's answers after the restart")
+    finally:
+        container.attach(f"touch {POLL_STOP}")
+    rows = outcomes()
+    assert len({row[2] for row in rows}) == 1, "one poller process throughout"
+    times = [float(row[1]) for row in oks(rows)]
+    gap = max(later - earlier for earlier, later in zip(times, times[1:]))
+    failed = len(rows) - len(oks(rows))
+    print(f"poller across systemctl restart: {len(rows)} polls, {failed} failed, longest gap "
+          f"between answers {gap * 1000:.0f} ms")
 
 
 def test_reads_on_across_a_restart_of_the_proxy(guest, container):
