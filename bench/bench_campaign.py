@@ -12,8 +12,12 @@ otherwise, so the measuring peer takes its samples from a new pid (a new bucket)
 timed. A large --burst measures something else: a peer served at full speed within its
 limits, which the daemon shares fairly with the other.
 
+With --pipelined-invalid the flooder is a read-only uid (4401) pipelining `{"method":"x"}` on
+ONE keep-alive connection as fast as the socket takes them: refusals cost tokens too.
+
     python bench/bench_campaign.py [--flood 10000] [--connections 8] [--new-connections]
-                                   [--samples 2000] [--burst N] [--per-minute N]
+                                   [--pipelined-invalid] [--samples 2000] [--burst N]
+                                   [--per-minute N]
 """
 import argparse
 import json
@@ -32,6 +36,7 @@ from pulse_sensor_proxy import DEFAULT_CONFIG  # noqa: E402
 DEFAULT_LIMITS = DEFAULT_CONFIG["rate_limit"]
 
 HOSTILE = Path(__file__).resolve().parents[1] / "tests" / "hostile_peer.py"
+READ_ONLY_UID = 4401
 
 
 def _measure(path, samples, out):
@@ -77,6 +82,8 @@ def main():
                         help="the flooder's connections (threads) at a time")
     parser.add_argument("--new-connections", action="store_true",
                         help="the flooder opens a new connection for every request")
+    parser.add_argument("--pipelined-invalid", action="store_true",
+                        help="the flooder pipelines invalid lines on one connection, as a read-only uid")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--burst", type=int, default=DEFAULT_LIMITS["burst"])
     parser.add_argument("--per-minute", type=float, default=DEFAULT_LIMITS["per_minute"])
@@ -86,7 +93,7 @@ def main():
     limits = dict(DEFAULT_LIMITS, burst=args.burst, per_minute=args.per_minute)
     base = Path(tempfile.mkdtemp(prefix="psp-bench-"))
     base.chmod(0o755)
-    daemon = Daemon(base, {"rate_limit": limits})
+    daemon = Daemon(base, {"rate_limit": limits, "allowed_peers": [{"uid": READ_ONLY_UID}]})
     daemon.start()
     path = str(daemon.socket)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; rate_limit {limits}")
@@ -96,9 +103,13 @@ def main():
         idle, idle_pids = measure_in_new_pids(path, args.samples, args.burst)
         rss_before = rss_kib(daemon.proc.pid)
         began = time.perf_counter()
-        mode = "flood-connect" if args.new_connections else "flood"
-        flood = subprocess.Popen([PYTHON, str(HOSTILE), mode, path, str(args.flood),
-                                  str(args.connections)], stdout=subprocess.PIPE, text=True)
+        if args.pipelined_invalid:
+            argv = ["setpriv", "--reuid", str(READ_ONLY_UID), "--regid", str(READ_ONLY_UID),
+                    "--clear-groups", PYTHON, str(HOSTILE), "pipeline", path, str(args.flood), "1"]
+        else:
+            argv = [PYTHON, str(HOSTILE), "flood-connect" if args.new_connections else "flood",
+                    path, str(args.flood), str(args.connections)]
+        flood = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         assert flood.stdout.readline() == "flooding\n"
         during, during_pids = measure_in_new_pids(path, args.samples, args.burst)
         still_flooding = flood.poll() is None
@@ -124,7 +135,8 @@ def main():
     report("daemon RSS before -> after the flood", f"{rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MB")
     limit_flags = "" if limits == DEFAULT_LIMITS else \
         f" --burst {args.burst} --per-minute {args.per_minute:g}"
-    new = " --new-connections" if args.new_connections else ""
+    new = " --new-connections" if args.new_connections else \
+        " --pipelined-invalid" if args.pipelined_invalid else ""
     print(f"  command: {command(f' --flood {args.flood} --connections {args.connections}')}"
           f"{new} --samples {args.samples}{limit_flags}")
 
