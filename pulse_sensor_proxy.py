@@ -2890,6 +2890,8 @@ AUTHORIZED_KEYS = ".ssh/authorized_keys"
 LOCK_NAME = ".pulse-sensor-proxy.lock"
 LOCK_WAIT = 15.0                   # seconds to wait for another editor of the same file
 LOCK_STALE = 120.0                 # a lock older than this was left by a crashed editor
+MAX_KEYS_FILE_BYTES = 1024 * 1024  # an authorized_keys larger than this is refused, not read
+SFTP_STEP_TIMEOUT = 20.0           # seconds for one SFTP request to a node: SftpFiles
 
 
 class FileInfo:
@@ -2927,7 +2929,7 @@ class LocalFiles:
 
     async def read(self, name):
         with open(self.path(name), "rb") as handle:
-            return handle.read()
+            return bounded_keys_file(name, handle.read(MAX_KEYS_FILE_BYTES + 1))
 
     async def write_new(self, name, data, info):
         fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -2951,55 +2953,81 @@ class LocalFiles:
         pass
 
 
+def bounded_keys_file(name, data):
+    """DATA, read with a limit of MAX_KEYS_FILE_BYTES + 1: what is longer is refused whole."""
+    if len(data) > MAX_KEYS_FILE_BYTES:
+        raise FetchError(f"{name} is larger than {MAX_KEYS_FILE_BYTES} bytes; refusing to edit it")
+    return data
+
+
 class SftpFiles(LocalFiles):
-    """The same operations on a node over SFTP: no remote shell is ever run."""
+    """The same operations on a node over SFTP: no remote shell is ever run. Each request is
+    bounded in time, a read in size, and a failure is the OSError or FetchError the local
+    operations give, never asyncssh's own."""
 
     def __init__(self, conn, sftp):
         self.conn, self.sftp = conn, sftp
 
-    async def info(self, name):
+    async def _request(self, what, name, operation):
         import asyncssh
         try:
-            attrs = await self.sftp.lstat(name)
+            async with asyncio.timeout(SFTP_STEP_TIMEOUT):
+                return await operation
+        except TimeoutError:
+            raise FetchError(f"sftp: no answer within {SFTP_STEP_TIMEOUT:g} s to {what} {name}") from None
         except asyncssh.SFTPNoSuchFile:
+            raise FileNotFoundError(errno.ENOENT, "No such file", name) from None
+        except asyncssh.SFTPError as exc:
+            raise FetchError(f"sftp: cannot {what} {name}: {exc.reason}") from None
+
+    async def info(self, name):
+        try:
+            attrs = await self._request("stat", name, self.sftp.lstat(name))
+        except FileNotFoundError:
             return None
         return FileInfo(stat.S_ISLNK(attrs.permissions or 0), stat.S_IMODE(attrs.permissions or 0),
                         attrs.uid, attrs.gid, attrs.mtime or 0)
 
     async def readlink(self, name):
-        return await self.sftp.readlink(name)
+        return await self._request("read the link", name, self.sftp.readlink(name))
 
     async def mkdir(self, name, mode):
         import asyncssh
         try:
-            await self.sftp.mkdir(name, asyncssh.SFTPAttrs(permissions=mode))
-        except asyncssh.SFTPFailure:
+            await self._request("create", name, self.sftp.mkdir(name, asyncssh.SFTPAttrs(permissions=mode)))
+        except FetchError:
             if await self.info(name):
-                raise FileExistsError(name) from None
+                raise FileExistsError(errno.EEXIST, "File exists", name) from None
             raise
 
     async def rmdir(self, name):
-        await self.sftp.rmdir(name)
+        await self._request("remove", name, self.sftp.rmdir(name))
 
     async def read(self, name):
-        async with self.sftp.open(name, "rb") as handle:
-            return await handle.read()
+        async def read_bounded():
+            # a size, not read(): asyncssh would take it from the node's own stat and allocate it
+            async with self.sftp.open(name, "rb") as handle:
+                return await handle.read(MAX_KEYS_FILE_BYTES + 1)
+        return bounded_keys_file(name, await self._request("read", name, read_bounded()))
 
     async def write_new(self, name, data, info):
         import asyncssh
-        attrs = asyncssh.SFTPAttrs(permissions=info.mode if info else 0o600)
-        async with self.sftp.open(name, "xb", attrs) as handle:
-            await handle.write(data)
-            if info:
-                await handle.chown(info.uid, info.gid)
-                await handle.chmod(info.mode)
-            await handle.fsync()
+
+        async def write():
+            attrs = asyncssh.SFTPAttrs(permissions=info.mode if info else 0o600)
+            async with self.sftp.open(name, "xb", attrs) as handle:
+                await handle.write(data)
+                if info:
+                    await handle.chown(info.uid, info.gid)
+                    await handle.chmod(info.mode)
+                await handle.fsync()
+        await self._request("write", name, write())
 
     async def rename(self, source, target):
-        await self.sftp.posix_rename(source, target)
+        await self._request("rename", source, self.sftp.posix_rename(source, target))
 
     async def remove(self, name):
-        await self.sftp.remove(name)
+        await self._request("remove", name, self.sftp.remove(name))
 
     async def close(self):
         self.sftp.exit()

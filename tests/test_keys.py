@@ -229,6 +229,40 @@ def test_unwritable_directory_fails_at_once_with_the_reason(base_dir):
     assert "cannot create .ssh/.pulse-sensor-proxy.lock: Permission denied" in result.stderr
 
 
+def test_an_oversized_authorized_keys_on_a_node_is_refused_unread(lab):
+    """A node's file beyond MAX_KEYS_FILE_BYTES is not read whole (its size is the node's word)
+    nor edited: one line names it, the file is unchanged, the other node is served."""
+    lab = lab(count=2, push=False)
+    big, small = lab.nodes
+    original = (lab.admin_line() + "# padding\n" * (psp.MAX_KEYS_FILE_BYTES // 10 + 1)).encode()
+    big.write_authorized_keys(original.decode())
+    out = lab.cli("keys", "push")
+    assert out.returncode != 0
+    assert f"  n1: FAILED to install the key: .ssh/authorized_keys is larger than " \
+        f"{psp.MAX_KEYS_FILE_BYTES} bytes; refusing to edit it\n" in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert big.authorized_keys_path.read_bytes() == original
+    assert lab.current_public().split()[1] in small.authorized_keys_path.read_text()
+
+
+def test_an_sftp_refusal_is_one_line_not_a_traceback(lab):
+    """The node's ~/.ssh is not writable by its account: the lock cannot be made."""
+    lab = lab(count=1, push=False)
+    node = lab.nodes[0]
+    before = node.authorized_keys_path.read_bytes()
+    ssh_dir = node.authorized_keys_path.parent
+    ssh_dir.chmod(0o555)
+    try:
+        out = lab.cli("keys", "push")
+    finally:
+        ssh_dir.chmod(0o700)
+    assert out.returncode != 0
+    assert "  n1: FAILED to install the key: sftp: cannot create .ssh/.pulse-sensor-proxy.lock: " \
+        "Permission denied\n" in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert node.authorized_keys_path.read_bytes() == before
+
+
 def test_push_with_nothing_to_change_writes_nothing(lab):
     """Not even the lock directory: on Proxmox it would be a cluster-wide write."""
     lab = lab(count=1)
