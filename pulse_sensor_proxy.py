@@ -1350,10 +1350,12 @@ def parse_pvecm_nodes(text):
     return local, nodes
 
 
-def resolve_node(requested, inventory, local_names, strict):
+def resolve_node(requested, inventory, local_names, strict, local_name="localhost"):
     """The Node a request means: an inventory member by name, by address, by the first label
     of an FQDN (`pve1.example.lan` is pve1), then this host. (Pulse sends the host part of a
     node's API URL.) `requested` is already validated; unknown names are refused when `strict`.
+    Every spelling of one node is one Node name (names are case-blind, as DNS is; every name
+    of this host is `local_name`), so it has one single flight, breaker and metric series.
     """
     key = requested.lower()
     for node in inventory:
@@ -1368,10 +1370,10 @@ def resolve_node(requested, inventory, local_names, strict):
             if node.name.lower() == label:
                 return node
     if key in local_names:
-        return next((n for n in inventory if n.local), Node(requested, local=True))
+        return next((n for n in inventory if n.local), Node(local_name, local=True))
     if strict:
         raise unknown_node_error(requested, inventory)
-    return Node(requested)
+    return Node(key)
 
 
 def is_address(text):
@@ -2401,7 +2403,7 @@ class Inventory:
         nodes = self.current()
         names = self.names if self.config["local_sensors"] else set()
         node = resolve_node(requested_node(requested), nodes, names,
-                            self.config["strict_node_validation"])
+                            self.config["strict_node_validation"], self.hostname.split(".")[0])
         if node.port is None:       # a name no source knew (strict_node_validation: false)
             node.port, node.user = self.config["ssh"]["port"], self.config["ssh"]["user"]
         return node

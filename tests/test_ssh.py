@@ -361,8 +361,21 @@ def test_resolve_node_order():
     assert psp.resolve_node("10.0.0.2", nodes, set(), True).name == "pve2"
     assert psp.resolve_node("localhost", nodes, {"localhost"}, True).name == "pve2"
     assert psp.resolve_node("other", nodes, set(), False).host == "other"
+    assert psp.resolve_node("OTHER", nodes, set(), False).name == "other"
     with pytest.raises(psp.RequestError, match='node "other" not in allowlist \\(known: pve1, pve2\\)'):
         psp.resolve_node("other", nodes, set(), True)
+
+
+def test_every_name_of_this_host_is_one_node():
+    remote = [psp.Node("pve1", "10.0.0.1")]
+    names = {"localhost", "127.0.0.1", "pve9"}
+    spellings = ["localhost", "LOCALHOST", "LocalHost", "127.0.0.1", "PVE9", "pve9"]
+    resolved = {psp.resolve_node(psp.requested_node(s), remote, names, True, "pve9").name
+                for s in spellings}
+    assert resolved == {"pve9"}
+    for dotted in ("localhost.", "LOCALHOST.", "pve9."):
+        with pytest.raises(psp.RequestError, match="rejected by validator"):
+            psp.requested_node(dotted)
 
 
 @pytest.mark.parametrize("value, expected", [
