@@ -61,21 +61,14 @@ EnvironmentFile=-/etc/pulse/.env
 POLL_LOG, POLL_STOP = "/root/poll.log", "/root/poll.stop"
 # A poll loop as Pulse's runs one: a new connection per request, get_temperature of this host,
 # each outcome one line ("ok"/"error", the time) until POLL_STOP exists.
-POLLER = f"""import json, os, socket, sys, time
+POLLER = f"""import os, sys, time
+sys.path.insert(0, "{CLIENT_DIR}")
+from pulse_client import call_once   # Pulse's request, decoded as its Go client does
 log = open("{POLL_LOG}", "a", buffering=1)
 while not os.path.exists("{POLL_STOP}"):
     try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect("{MNT_SOCKET}")
-            sock.sendall(b'{{"method": "get_temperature", "params": {{"node": "{LOCAL_NODE}"}}}}\\n')
-            data = b""
-            while not data.endswith(b"\\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        outcome = "ok" if json.loads(data)["success"] else "error"
+        reply = call_once("{MNT_SOCKET}", "get_temperature", {{"node": "{LOCAL_NODE}"}}, timeout=10)
+        outcome = "ok" if reply["success"] else "error"
     except (OSError, ValueError):
         outcome = "error"
     log.write(f"{{outcome}} {{time.monotonic():.3f}} {{os.getpid()}}\\n")
