@@ -499,3 +499,43 @@ def test_demo_serves_without_root_paths(base_dir):
     assert proc.returncode == 0
     assert "call get_status --socket" in err and "curl -s --unix-socket" in err
     shutil.rmtree(demo_dir)
+
+
+def test_a_full_log_pipe_never_blocks_the_loop_and_every_drop_is_reported():
+    """Nobody reads the audit pipe: log() returns at once, at most MAX_AUDIT_BUFFER bytes wait,
+    and once the pipe is read again the records that did not fit are reported by count."""
+    import asyncio
+    read_fd, write_fd = os.pipe()
+    log = psp.AuditLog("info", stream=os.fdopen(write_fd, "w"))
+    records = 30_000        # ~2.5 MB of lines: more than the pipe and the buffer hold
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        log.write_from_loop(loop)
+        for number in range(records):
+            log.log("info", "RPC request", number=number)
+        assert len(log.pending) <= psp.MAX_AUDIT_BUFFER and log.dropped > 0
+        dropped = log.dropped
+        received, reported = bytearray(), asyncio.Event()
+
+        def read():
+            received.extend(os.read(read_fd, 1 << 20))
+            if b"Audit records dropped" in received and received.endswith(b"\n"):
+                reported.set()
+
+        loop.add_reader(read_fd, read)
+        try:
+            await asyncio.wait_for(reported.wait(), timeout=60)
+        finally:
+            loop.remove_reader(read_fd)
+        return dropped, [json.loads(line) for line in bytes(received).splitlines()]
+
+    try:
+        dropped, lines = asyncio.run(scenario())
+    finally:
+        os.close(read_fd)
+    report = lines[-1]
+    assert (report["msg"], report["count"]) == ("Audit records dropped: the log pipe was full", dropped)
+    written = [line["number"] for line in lines[:-1]]
+    assert len(written) + dropped == records and written == sorted(written)
+    assert log.dropped_total == dropped
