@@ -109,7 +109,7 @@ readonly ROTATION_TIMER=pulse-sensor-proxy-key-rotation.timer
 readonly CLEANUP_PATH=pulse-sensor-proxy-cleanup.path
 readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.service pulse-sensor-proxy-key-rotation.timer
                 pulse-sensor-proxy-cleanup.service "$CLEANUP_PATH")
-readonly MIN_PYTHON=3.9
+readonly MIN_PYTHON=3.11   # the pyz needs it (asyncio.timeout); Proxmox VE 8 has 3.11
 readonly RUN_DIR=/run/pulse-sensor-proxy
 readonly SOCKET_NAME=pulse-sensor-proxy.sock
 readonly DEFAULT_CONTAINER_DIR=mnt/pulse-proxy
@@ -452,7 +452,7 @@ preflight() {
     command -v python3 >/dev/null || err "python3 >= $MIN_PYTHON is required (apt-get install python3)"
     python_version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     python3 -c "import sys; sys.exit(sys.version_info[:2] < tuple(map(int, '$MIN_PYTHON'.split('.'))))" \
-        || err "python3 >= $MIN_PYTHON is required, found $python_version"
+        || err "python3 >= $MIN_PYTHON is required, found $python_version (Proxmox VE 8 or later has it)"
     ARCH=$(uname -m)
     case "$ARCH" in
         x86_64|aarch64) ;;

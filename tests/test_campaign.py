@@ -221,7 +221,7 @@ def check_stream_reply(payload, data):
         reply = gojson.check_reply(body.decode())
         if status != 200 or not reply["success"]:
             assert_specific(reply)
-        assert status == psp.status_for_error(reply.get("error")) if not reply["success"] else 200
+        assert status == (psp.status_for_error(reply.get("error")) if not reply["success"] else 200)
         return
     assert data == b"" or data.endswith(b"\n"), data[-200:]
     replies = data.split(b"\n")[:-1]

@@ -953,3 +953,16 @@ def test_a_hostile_container_gets_no_key_revoked_and_fills_no_disk(tmp_path):
     assert "/root/.ssh/id_ed25519 is backed up" in out and "not revoked anywhere" in out
     assert "container 106: /home/pulse/.ssh/id_rsa is backed up" in out
     assert "Traceback" not in out
+
+
+def test_python_older_than_the_pyz_needs_stops_before_any_change(tmp_path):
+    """Proxmox VE 7's Python 3.9 passed a 3.9 preflight, then the installed pyz failed."""
+    root, env = host_tree(tmp_path)
+    fake = stub(tmp_path / "py39", "python3",
+                'case "$*" in *print*) echo 3.9 ;; *version_info*) exit 1 ;; *) exit 0 ;; esac')
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    before = snapshot_tree(root)
+    result = installer("--ctid", "105", "--pyz", str(REPO / "pulse_sensor_proxy.py"), env=env)
+    assert result.returncode == 1
+    assert result.stderr == "error: python3 >= 3.11 is required, found 3.9 (Proxmox VE 8 or later has it)\n"
+    assert snapshot_tree(root) == before
