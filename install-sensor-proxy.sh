@@ -63,7 +63,7 @@ OPTIONS
   -h, --help             this manual
 
 STEPS (each idempotent, each reported in one line: "ok" already in place, "changed" done now)
-  1 preflight: root, systemd, python3 >= 3.9, architecture, Proxmox VE or standalone
+  1 preflight: root, systemd, python3 >= 3.11, architecture, Proxmox VE or standalone
   2 service account pulse-sensor-proxy (system user, own group, no home, /usr/sbin/nologin)
   3 directories: /var/lib/pulse-sensor-proxy 0750, ssh/ 0700 (keys 0600/0640),
     ssh.d/{next,prev} 0750, /etc/pulse-sensor-proxy 0750
