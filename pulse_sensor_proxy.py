@@ -27,6 +27,7 @@ Commands (``pulse-sensor-proxy --help`` lists their options)::
     config validate           check a config file; prints every problem, or OK
     config migrate [--write]  rewrite a config of the original proxy in this one's vocabulary
     config merge              add subnets / peer uid ranges to a config file (used by the installer)
+    doctor [--node N] [--json] check every link from Pulse to the nodes' sensors; change nothing
     demo                      run the daemon with every path under ./demo-run (no root, no Proxmox)
 
 Methods and the capability each needs::
@@ -2683,15 +2684,15 @@ class NodePool:
                     raise FetchError(f"ssh: session to {node.name} failed: {exc}") from None
                 # a reused connection died since its last use (sshd restarted): reconnect once
 
-    async def run_sensors(self, conn, node):
-        """One `sensors -j` on an open connection, bounded in time and size."""
+    async def run_sensors(self, conn, node, command=SENSORS_COMMAND):
+        """One `sensors -j` on an open connection, bounded in time and size (`doctor` asks
+        for another command to see the node's forced command answer instead)."""
         session_class = _asyncssh_classes()[2]
         timeout = self.ssh["command_timeout"]
         try:
             async with asyncio.timeout(timeout):
                 chan, session = await conn.create_session(
-                    lambda: session_class(self.ssh["max_output_bytes"]), SENSORS_COMMAND,
-                    encoding=None)
+                    lambda: session_class(self.ssh["max_output_bytes"]), command, encoding=None)
                 chan.write_eof()
                 lost = await session.done
         except TimeoutError:
@@ -4364,6 +4365,305 @@ async def _run_daemon(daemon, config, log, loop, ready):
 
 
 # ---------------------------------------------------------------------------------------------
+# Doctor: every link from Pulse to each node's sensors, checked without changing anything
+# ---------------------------------------------------------------------------------------------
+
+UNIT = PROG + ".service"
+DOCTOR_STEP_TIMEOUT = 5.0          # seconds for one local step (systemctl, a socket request)
+# Chips whose temperatures Pulse shows as the CPU's (internal/monitoring/temperature.go, v5.0.17).
+CPU_CHIPS = ("coretemp", "k10temp", "zenpower", "k8temp", "acpitz", "it87", "nct6687", "nct6775",
+             "nct6776", "nct6779", "nct6791", "nct6792", "nct6793", "nct6795", "nct6796",
+             "nct6797", "nct6798", "w83627", "f71882", "cpu_thermal", "rp1_adc", "rpitemp")
+OK, WARN, FAILED = "ok", "warn", "FAIL"
+
+
+def finding(check, target, status, detail, fix=""):
+    """One doctor line: what was checked, on what, the verdict, why, and what fixes it."""
+    return {"check": check, "target": target, "status": status, "detail": detail, "fix": fix}
+
+
+def render_finding(item):
+    line = f"{item['status']:<5} {item['check']:<12} {item['target']}: {item['detail']}"
+    return line + (f"\n      fix: {item['fix']}" if item["fix"] else "")
+
+
+def doctor_summary(findings):
+    counts = {status: sum(f["status"] == status for f in findings) for status in (OK, WARN, FAILED)}
+    return f"doctor: {counts[OK]} ok, {counts[WARN]} warn, {counts[FAILED]} FAIL"
+
+
+def cpu_temperatures(sensors_json):
+    """The CPU chips of a `sensors -j` document that hold at least one temperature reading."""
+    chips = []
+    for chip, features in json.loads(sensors_json).items():
+        if not isinstance(features, dict) or not any(c in chip.lower() for c in CPU_CHIPS):
+            continue
+        if any(isinstance(sub, dict) and any(k.startswith("temp") and k.endswith("_input")
+                                             and isinstance(v, (int, float)) for k, v in sub.items())
+               for sub in features.values()):
+            chips.append(chip)
+    return chips
+
+
+def run_bounded(argv):
+    """(exit status, stdout) of a local command, (None, reason) if it cannot run in time."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=DOCTOR_STEP_TIMEOUT,
+                             stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None, f"{argv[0]} not found"
+    except subprocess.TimeoutExpired:
+        return None, f"{' '.join(argv)} did not answer within {DOCTOR_STEP_TIMEOUT:g} s"
+    return out.returncode, out.stdout.strip()
+
+
+def unit_properties(unit):
+    """systemd's LoadState, UnitFileState, ActiveState, User of a unit; None without systemd."""
+    names = ("LoadState", "UnitFileState", "ActiveState", "User")
+    status, out = run_bounded(["systemctl", "show", unit, "--property=" + ",".join(names)])
+    if status != 0 or not os.path.isdir("/run/systemd/system"):
+        return None
+    return dict(line.partition("=")[::2] for line in out.splitlines())
+
+
+def check_service(config):
+    props = unit_properties(UNIT)
+    if not props or props.get("LoadState") != "loaded":
+        return [finding("service", UNIT, WARN, "not installed as a systemd unit; checking the "
+                        f"daemon of {config['config_path']}",
+                        "install with install-sensor-proxy.sh to run it as a hardened service")]
+    found = [finding("service", UNIT, OK if props["UnitFileState"] == "enabled" else WARN,
+                     f"unit file {props['UnitFileState'] or 'state unknown'}",
+                     "" if props["UnitFileState"] == "enabled" else f"systemctl enable {UNIT}")]
+    active = props["ActiveState"] == "active"
+    found.append(finding("service", UNIT, OK if active else FAILED, f"{props['ActiveState']}",
+                         "" if active else f"systemctl restart {UNIT}; journalctl -u {UNIT} -n 50"))
+    user = props.get("User") or "root"
+    found.append(finding("service", UNIT, OK if user == PROG else FAILED, f"runs as {user}",
+                         "" if user == PROG else "reinstall with install-sensor-proxy.sh (the "
+                         f"unit must say User={PROG})"))
+    return found
+
+
+def check_config(config):
+    path = config["config_path"]
+    if not config["config_notes"]:
+        return [finding("config", path, OK, "valid" if os.path.exists(path) else
+                        "no such file; the defaults apply")]
+    return [finding("config", path, WARN, "in the original proxy's vocabulary: " +
+                    "; ".join(config["config_notes"]), f"{PROG} config migrate --write --config {path}")]
+
+
+def socket_request(path, method, timeout=DOCTOR_STEP_TIMEOUT):
+    """One request on the daemon's socket; its decoded answer, or OSError/ValueError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps({"correlation_id": str(uuid.uuid4()), "method": method}).encode()
+                     + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n") and len(reply) <= MAX_REQUEST_BYTES * 64:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    answer = json.loads(reply)
+    if not isinstance(answer, dict):
+        raise ValueError("the answer is not a JSON object")
+    return answer
+
+
+def check_socket(config, owner_uid):
+    path = config["socket_path"]
+    directory = os.path.dirname(path)
+    restart = f"systemctl restart {UNIT} (it recreates {directory} 0775 and the socket 0777)"
+    try:
+        dir_info, info = os.stat(directory), os.lstat(path)
+    except OSError as exc:
+        return [finding("socket", path, FAILED, f"{exc.filename}: {exc.strerror}", restart)]
+    found = []
+    dir_mode = stat.S_IMODE(dir_info.st_mode)
+    if not dir_mode & 0o001:
+        found.append(finding("socket", directory, FAILED, f"mode {dir_mode:04o}: containers' "
+                             "root cannot reach the socket", f"chmod 0775 {directory}"))
+    elif dir_mode & 0o002:
+        found.append(finding("socket", directory, FAILED, f"mode {dir_mode:04o}: anyone may "
+                             "replace the socket", f"chmod 0775 {directory}"))
+    else:
+        found.append(finding("socket", directory, OK, f"mode {dir_mode:04o}"))
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISSOCK(info.st_mode):
+        return found + [finding("socket", path, FAILED, "not a socket", restart)]
+    if mode & 0o006 != 0o006 or info.st_uid != owner_uid:
+        found.append(finding("socket", path, FAILED, f"mode {mode:04o}, owner uid {info.st_uid}"
+                             f" (want 0777, uid {owner_uid})", restart))
+    else:
+        found.append(finding("socket", path, OK, f"mode {mode:04o}, owner uid {info.st_uid}"))
+    try:
+        answer = socket_request(path, "get_status")
+        version = answer["data"]["version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return found + [finding("socket", path, FAILED, f"get_status as root: no answer ({exc})",
+                                f"journalctl -u {UNIT} -n 50")]
+    same = version == __version__
+    found.append(finding("socket", path, OK if same else WARN, f"get_status answers: daemon "
+                         f"{version}, this binary {__version__}",
+                         "" if same else f"systemctl restart {UNIT} (it runs an older binary)"))
+    return found
+
+
+def check_key(keys):
+    where = keys.private_path("current")
+    try:
+        pair = keys.read("current")
+        line = keys.public_line("current")
+        journal = keys.journal()
+    except (FetchError, OSError) as exc:
+        return [finding("key", where, FAILED, str(exc), f"chown -R {PROG}: {keys.state_dir}; "
+                        f"chmod 0700 {keys.ssh_dir}; chmod 0600 {where}")]
+    if pair is None:
+        return [finding("key", where, FAILED, "no key", f"systemctl restart {UNIT} (it creates one)"
+                        f", then {PROG} keys push")]
+    found = []
+    for path, want in ((keys.ssh_dir, 0o700), (where, 0o600), (where + ".pub", 0o640)):
+        try:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+        except OSError as exc:
+            found.append(finding("key", path, FAILED, exc.strerror, f"systemctl restart {UNIT}"))
+            continue
+        found.append(finding("key", path, OK if mode == want else FAILED, f"mode {mode:04o}",
+                             "" if mode == want else f"chmod {want:04o} {path}"))
+    found.append(finding("key", where, OK, key_fingerprint(line)))
+    if journal:
+        found.append(finding("key", keys.journal_path, FAILED, "a key rotation was interrupted "
+                             f"at step {journal.get('step')!r}", f"{PROG} rotate-keys (it "
+                             "finishes or undoes it first)"))
+    return found
+
+
+# A node's links in the order a reading crosses them: the first broken one is reported, the
+# ones behind it are not tried.
+NODE_FIXES = {
+    "host key changed": ("host-key", "if the node was reinstalled: ssh-keygen -R '{pattern}' -f "
+                         "{known_hosts}, then {prog} call get_temperature --node {name}"),
+    "unknown host key": ("host-key", "check the node's fingerprint (ssh-keygen -lf /etc/ssh/"
+                         "ssh_host_ed25519_key.pub on it), then {prog} call get_temperature "
+                         "--node {name} pins it"),
+    "permission denied": ("node-key", "{prog} keys push --node {name}"),
+}
+
+
+async def check_node(pool, node, key):
+    """The findings of one node: resolve, TCP, host key, the key and its forced command, sensors."""
+    if node.local:
+        try:
+            text, _ = await run_local_sensors(pool.ssh["command_timeout"],
+                                              pool.ssh["max_output_bytes"])
+        except FetchError as exc:
+            return [finding("sensors", node.name, FAILED, str(exc), "apt install lm-sensors")]
+        return [sensors_finding(node, text)]
+    addresses = await NameResolver().addresses(node.host)
+    if not addresses:
+        return [finding("resolve", node.name, FAILED, f"{node.host} does not resolve",
+                        f"add {node.host} to /etc/hosts, or set nodes: {{{node.name}: {{host: "
+                        "ADDRESS}}} in the config")]
+    found = [finding("resolve", node.name, OK, f"{node.host} is {', '.join(sorted(addresses))}")]
+    timeout = pool.ssh["connect_timeout"]
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(node.host, node.port)
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        # asyncio's text is "Connect call failed (addr)": the errno says what happened
+        reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else \
+            f"no answer within {timeout:g} s"
+        return found + [finding("reach", node.name, FAILED, f"TCP {node.host}:{node.port}: {reason}",
+                                f"start the node, or open TCP {node.port} from this host to it "
+                                "(systemctl status ssh on the node)")]
+    found.append(finding("reach", node.name, OK, f"TCP {node.host}:{node.port} answers"))
+    try:
+        conn = await pool.connect(node, [key])
+    except FetchError as exc:
+        text = str(exc)
+        check, fix = next(((c, f) for marker, (c, f) in NODE_FIXES.items() if marker in text),
+                          ("ssh", "ssh -p {port} {user}@{host} from this host shows why"))
+        pattern = node.host if node.port == 22 else f"[{node.host}]:{node.port}"
+        return found + [finding(check, node.name, FAILED, text, fix.format(
+            pattern=pattern, known_hosts=pool.known_hosts_path, prog=PROG, name=node.name,
+            port=node.port, user=node.user, host=node.host))]
+    found.append(finding("host-key", node.name, OK, "known and matching"))
+    try:
+        # A login asking for `id` must still get sensors output: the forced command holds.
+        text, _ = await pool.run_sensors(conn, node, command="id")
+    except OutputError as exc:
+        return found + [finding("node-key", node.name, FAILED, f"the proxy's key is accepted, but "
+                                f"a login asking for `id` got no sensors output ({exc}): the key's "
+                                "line does not force `sensors -j`",
+                                f"{PROG} keys push --node {node.name}")]
+    except FetchError as exc:
+        return found + [finding("sensors", node.name, FAILED, str(exc),
+                                f"ssh {node.user}@{node.host} sensors -j shows why")]
+    finally:
+        conn.close()
+    found.append(finding("node-key", node.name, OK, "accepted, pinned to `sensors -j`"))
+    return found + [sensors_finding(node, text)]
+
+
+def sensors_finding(node, text):
+    chips = cpu_temperatures(text)
+    if chips:
+        return finding("sensors", node.name, OK, "CPU temperature from " + ", ".join(chips))
+    return finding("sensors", node.name, FAILED, "`sensors -j` holds no CPU temperature: "
+                   "lm-sensors was not set up or the chip is unknown to it",
+                   f"on {node.name}: apt install lm-sensors && sensors-detect --auto")
+
+
+async def check_nodes(config, keys, names):
+    """Every node at once, each bounded in time; never pins a host key."""
+    log = AuditLog("error", stream=sys.stderr)
+    log.level = math.inf        # the findings say it; the pool's log lines would repeat it
+    doctor_config = dict(config, host_key_policy="strict")
+    pool = NodePool(doctor_config, log, new_metrics())
+    pool.dry_run = True
+    inventory = Inventory(config, log)
+    nodes = inventory.current()
+    unknown = [finding("node", name, FAILED, f"not a node of this cluster ({inventory.source} "
+                       f"knows {', '.join(n.name for n in nodes)})",
+                       f"check the name, or add it under nodes: in {config['config_path']}")
+               for name in names if name not in {n.name for n in nodes}]
+    if names:
+        nodes = [n for n in nodes if n.name in names]
+    try:
+        key = keys.private_key("current")
+    except (FetchError, OSError) as exc:
+        return unknown + [finding("node-key", node.name, FAILED, str(exc),
+                                  f"systemctl restart {UNIT}") for node in nodes]
+    limit = config["ssh"]["connect_timeout"] * 2 + config["ssh"]["command_timeout"] + \
+        NameResolver.TIMEOUT
+
+    async def bounded(node):
+        try:
+            async with asyncio.timeout(limit):
+                return await check_node(pool, node, key)
+        except TimeoutError:
+            return [finding("reach", node.name, FAILED, f"no verdict within {limit:g} s",
+                            f"ssh -p {node.port} {node.user}@{node.host} from this host shows why")]
+
+    results = await asyncio.gather(*(bounded(node) for node in nodes))
+    await pool.close()
+    return unknown + [item for found in results for item in found]
+
+
+def run_doctor(config, names=()):
+    keys = KeyStore(config["ssh_dir"])
+    findings = check_service(config) + check_config(config)
+    findings += check_socket(config, keys.owner_uid)
+    findings += check_key(keys)
+    findings += asyncio.run(check_nodes(config, keys, names))
+    return findings
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -4758,6 +5058,24 @@ def cmd_rotate_keys(args):
     return run_key_command(args, lambda admin: rotate_keys(admin, args.rollback), args.dry_run)
 
 
+def cmd_doctor(args):
+    if os.geteuid() != 0:
+        return fail(f"doctor must run as root: it reads the service's key and the cluster's "
+                    f"host keys (try: sudo {PROG} {' '.join(sys.argv[1:])})")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return config_failure(exc)
+    findings = run_doctor(config, args.node)
+    if args.json:
+        for item in findings:
+            print(json.dumps(item))
+    else:
+        print("\n".join(map(render_finding, findings)))
+        print(doctor_summary(findings))
+    return 1 if any(f["status"] == FAILED for f in findings) else 0
+
+
 def free_port(host, first, tries=20):
     for port in range(first, first + tries):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -4901,6 +5219,13 @@ def build_parser():
     rotate.add_argument("--rollback", action="store_true", help="make the previous key current again")
     rotate.add_argument("--config", help="config file")
     rotate.set_defaults(func=cmd_rotate_keys)
+
+    doctor = sub.add_parser("doctor", help="check every link from Pulse to each node's sensors; "
+                            "one line per check with the fix, changing nothing (root)")
+    doctor.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    doctor.add_argument("--json", action="store_true", help="one JSON object per check")
+    doctor.add_argument("--config", help="config file")
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo", help="run the daemon with every path under a local directory")
     demo.add_argument("--dir", default="demo-run", help="directory for socket, key and config "
