@@ -200,8 +200,31 @@ DEFAULT_CONFIG = {
     "http_auth_token_file": None,
     "http_auth_token": None,
     "http_allowed_clients": [],
+    "disk_temperatures": True,
+    "smart_interval": 1800.0,
 }
 SENSORS_COMMAND = "sensors -j"
+# With disk_temperatures the key line forces this program instead of `sensors -j`. Its only
+# input is a choice between two fixed modes: SSH_ORIGINAL_COMMAND exactly `smart` reads SMART,
+# anything else is `sensors -j` (`{}`, no sensors, where lm-sensors is not installed). It is
+# POSIX sh with coreutils and util-linux only: no jq, no Python on the node. `case` words are
+# not split or globbed, and device names come from the node's kernel, never from the client.
+# Disks (lsblk type `disk`, but not zram, rbd, nbd or drbd, which lsblk also types `disk`) are
+# read one at a time, each `smartctl` bounded by `timeout`; `-n standby` never wakes a drive.
+# Each disk's raw output is framed by `@@disk NAME` and `@@status N` lines (a JSON line never
+# starts with `@`); parse_smart_report turns the frames into DISK objects on the proxy.
+# No double quote or backslash inside: the text sits in command="..." as it is.
+SMART_COMMAND = "smart"
+SMART_DISK_SECONDS = 5
+SMART_PROGRAM = (
+    "case $SSH_ORIGINAL_COMMAND in smart) lsblk -dn -o NAME,TYPE | while read -r name type; do "
+    "case $type:$name in disk:zram*|disk:rbd*|disk:nbd*|disk:drbd*) ;; disk:*) echo @@disk $name; "
+    f"timeout -k 1 {SMART_DISK_SECONDS} smartctl -n standby -i -A --json=o /dev/$name; "
+    "status=$?; echo; echo @@status $status;; esac; done;; "
+    "*) command -v sensors >/dev/null || exec echo {}; exec sensors -j;; esac")
+SMART_READ_TIMEOUT = 120.0         # one node's whole SMART read (disks x SMART_DISK_SECONDS)
+SMART_MAX_OUTPUT = 8 * 1024 * 1024  # --json=o carries the text output too: ~40 KB per disk
+SMART_RETRY = 60.0                 # after a failed SMART read, before the next try
 BREAKER_THRESHOLD = 3              # consecutive failures that open a node's breaker
 BREAKER_MAX_FACTOR = 8             # the cool-down doubles per failed probe, up to this factor
 INVENTORY_RECHECK = 2.0            # seconds between mtime checks of the node sources
@@ -481,6 +504,16 @@ def _check_token(value):
     return value.strip()
 
 
+def _check_interval(value):
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError("expected seconds or a duration such as 30m") from None
+    if not math.isfinite(seconds) or seconds < 60:
+        raise ValueError("expected at least 60 seconds (each read costs every disk a query)")
+    return seconds
+
+
 def _check_host_key_policy(value):
     if value not in ("tofu", "strict"):
         raise ValueError("expected tofu or strict")
@@ -513,6 +546,8 @@ CONFIG_CHECKS = {
     "http_auth_token_file": _optional(_check_abs_path),
     "http_auth_token": _optional(_check_token),
     "http_allowed_clients": _check_subnets,
+    "disk_temperatures": _check_bool,
+    "smart_interval": _check_interval,
 }
 
 
@@ -1486,15 +1521,150 @@ def interpret_sensors_output(stdout, stderr, status):
     return text, repairs
 
 
-def authorized_keys_line(public_key, subnets):
-    """The line that pins our key on a node to `sensors -j` from our subnets only.
+# ---------------------------------------------------------------------------------------------
+# Pure logic: SMART reports (the node program's `smart` mode) into Pulse's DISK objects
+# ---------------------------------------------------------------------------------------------
+
+SMART_FRAME = re.compile(r"@@(disk|status) (\S+)")
+BLOCK_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+# smartctl -n: `jinf("Device is in %s mode, exit(%d)\n", ...)` (ataprint.cpp, scsiprint.cpp)
+STANDBY_MESSAGE = re.compile(r"Device is in \S.* mode, exit\(\d+\)")
+EXIT_OPEN_FAILED = 0x2             # smartctl: device open failed, or in a low-power mode (-n)
+EXIT_UNUSABLE = 0x1 | 0x2          # command line or device open failed: no data follows
+TIMEOUT_STATUSES = {124: "timed out", 137: "timed out (killed)"}   # coreutils timeout -k
+
+
+def _integer(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def disk_temperature(doc):
+    """°C from one smartctl JSON document: `temperature.current`, else ATA attribute 194's raw
+    value, else the NVMe health log's; None where none is a plausible integer.
+
+    Attribute 194's raw value often packs min/max into its upper bytes ("26 (Min/Max 13/41)"
+    is 176094511130); like smartmontools' ata_return_temperature_value, only the low 16 bits
+    count, and only 1..127 is a temperature."""
+    current = _integer((doc.get("temperature") or {}).get("current"))
+    if current is not None:
+        return current
+    table = (doc.get("ata_smart_attributes") or {}).get("table") or []
+    for attribute in table if isinstance(table, list) else []:
+        if isinstance(attribute, dict) and attribute.get("id") == 194:
+            raw = _integer((attribute.get("raw") or {}).get("value"))
+            if raw is not None and 0 < raw & 0xFFFF < 128:
+                return raw & 0xFFFF
+    return _integer((doc.get("nvme_smart_health_information_log") or {}).get("temperature"))
+
+
+def _text(value):
+    return value.strip() if isinstance(value, str) else ""
+
+
+def disk_wwn(wwn):
+    """`0x` + 16 hex digits from smartctl's {naa, oui, id}, as lsblk and Proxmox print it."""
+    if not isinstance(wwn, dict):
+        return ""
+    naa, oui, ident = (_integer(wwn.get(k)) for k in ("naa", "oui", "id"))
+    if naa is None or oui is None or ident is None or not (0 <= naa < 16 and 0 <= oui < 1 << 24
+                                                           and 0 <= ident < 1 << 36):
+        return ""
+    return f"0x{naa:x}{oui:06x}{ident:09x}"
+
+
+def rfc3339(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def smart_disk(name, status, text, read_at):
+    """(DISK object, None) or (None, why not) for one disk's frame of the smart report.
+
+    A drive in standby is reported as such (smartctl left it asleep); a disk that gave no
+    temperature is left out, as Pulse would show it as 0 °C."""
+    device = "/dev/" + name
+    if status is None:
+        return None, "smart report ended inside this disk's frame"
+    if status in TIMEOUT_STATUSES:
+        return None, f"smartctl {TIMEOUT_STATUSES[status]} after {SMART_DISK_SECONDS} s"
+    if status == 127:
+        return None, "smartctl is not installed (apt install smartmontools)"
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        return None, f"smartctl printed no JSON (exit status {status})"
+    messages = (doc.get("smartctl") or {}).get("messages") or []
+    messages = [_text(m.get("string")) for m in messages if isinstance(m, dict)]
+    if status & EXIT_OPEN_FAILED and any(STANDBY_MESSAGE.fullmatch(m) for m in messages):
+        return {"device": device, "temperature": None, "lastUpdated": rfc3339(read_at),
+                "standbySkipped": True}, None
+    if status & EXIT_UNUSABLE:
+        detail = next((m for m in messages if m), "")
+        return None, f"smartctl exit status {status}" + (f": {detail[:200]}" if detail else "")
+    temperature = disk_temperature(doc)
+    if temperature is None:
+        return None, "no temperature in smartctl's output"
+    kind = (doc.get("device") or {}).get("type")
+    # SCSI/SAS disks name their model in scsi_model_name (smartctl 7.x scsiprint.cpp).
+    model = next(filter(None, (_text(doc.get(k)) for k in
+                               ("model_name", "scsi_model_name", "model_family"))), "")
+    return {"device": device, "serial": _text(doc.get("serial_number")),
+            "wwn": disk_wwn(doc.get("wwn")), "model": model, "type": _text(kind),
+            "temperature": temperature, "lastUpdated": rfc3339(read_at),
+            "standbySkipped": False}, None
+
+
+def parse_smart_report(stdout, read_at):
+    """([DISK objects], [(device, why it is missing)]) from the node program's smart output.
+
+    Pure: `read_at` (epoch seconds) is when the report was read, each DISK's lastUpdated."""
+    disks, missing = [], []
+    name, body = None, []
+
+    def close(status):
+        disk, why = smart_disk(name, status, "\n".join(body), read_at)
+        if disk is not None:
+            disks.append(disk)
+        else:
+            missing.append(("/dev/" + name, why))
+
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        frame = SMART_FRAME.fullmatch(line)
+        if frame and frame[1] == "disk":
+            if name is not None:
+                close(None)
+            name, body = frame[2], []
+            if not BLOCK_DEVICE.fullmatch(name):
+                missing.append((name[:64], "not a block device name"))
+                name = None
+        elif frame and name is not None:
+            close(int(frame[2]) if frame[2].isdigit() else None)
+            name = None
+        elif name is not None:
+            body.append(line)
+    if name is not None:
+        close(None)
+    return disks, missing
+
+
+def with_smart(sensors_text, smart_json):
+    """The answer Pulse's parser reads as its wrapper form, from two texts json.dumps or
+    interpret_sensors_output made (each one JSON value, so the whole is one too)."""
+    return '{"sensors": ' + sensors_text + ', "smart": ' + smart_json + "}"
+
+
+def authorized_keys_line(public_key, subnets, disk_temperatures=False):
+    """The line that pins our key on a node to `sensors -j` (or, with disk temperatures, to
+    SMART_PROGRAM) from our subnets only.
 
     `restrict` disables every optional feature, including ones OpenSSH adds later; the
     explicit no-* options repeat it for auditors who grep for them (as the hardening guide
     does) and for older servers.
     """
     key_type, key_data = public_key.split()[:2]
-    options = [f'from="{",".join(subnets)}"', f'command="{SENSORS_COMMAND}"', "restrict",
+    command = SMART_PROGRAM if disk_temperatures else SENSORS_COMMAND
+    options = [f'from="{",".join(subnets)}"', f'command="{command}"', "restrict",
                "no-port-forwarding", "no-X11-forwarding", "no-agent-forwarding", "no-pty"]
     return f"{','.join(options)} {key_type} {key_data} {KEY_COMMENT}"
 
