@@ -33,7 +33,7 @@ Commands (``pulse-sensor-proxy --help`` lists their options)::
 Methods and the capability each needs::
 
     get_status                   read   version, public key, paths, uptime, the caller's identity
-    get_temperature (get_temp)   read   `sensors -j` of one node
+    get_temperature (get_temp)   read   `sensors -j` of one node (and its disks' SMART temperatures)
     register_nodes               read   the known nodes and whether the key works on each
     ensure_cluster_keys          admin  per node: is the proxy's key accepted? (+ the line to install)
     request_cleanup {host}       cleanup  queue the removal of the proxy's key from a node (admin too)
@@ -221,7 +221,7 @@ SMART_PROGRAM = (
     "case $type:$name in disk:zram*|disk:rbd*|disk:nbd*|disk:drbd*) ;; disk:*) echo @@disk $name; "
     f"timeout -k 1 {SMART_DISK_SECONDS} smartctl -n standby -i -A --json=o /dev/$name; "
     "status=$?; echo; echo @@status $status;; esac; done;; "
-    "*) command -v sensors >/dev/null || exec echo {}; exec sensors -j;; esac")
+    "*) command -v sensors >/dev/null || { echo {}; exit 0; }; exec sensors -j;; esac")
 SMART_READ_TIMEOUT = 120.0         # one node's whole SMART read (disks x SMART_DISK_SECONDS)
 SMART_MAX_OUTPUT = 8 * 1024 * 1024  # --json=o carries the text output too: ~40 KB per disk
 SMART_RETRY = 60.0                 # after a failed SMART read, before the next try
@@ -507,7 +507,7 @@ def _check_token(value):
 def _check_interval(value):
     try:
         seconds = parse_duration(value)
-    except ValueError:
+    except (ValueError, OverflowError):     # OverflowError: an integer no float holds
         raise ValueError("expected seconds or a duration such as 30m") from None
     if not math.isfinite(seconds) or seconds < 60:
         raise ValueError("expected at least 60 seconds (each read costs every disk a query)")
@@ -1430,8 +1430,8 @@ class FetchError(Exception):
     command). On the wire node_error_text puts the node's name first."""
 
 
-def output_too_large(limit):
-    return f"sensors -j output too large (over {limit} bytes)"
+def output_too_large(limit, what="sensors -j"):
+    return f"{what} output too large (over {limit} bytes)"
 
 
 RATE_LIMIT_WORDS = re.compile(r"rate(\s*)limit", re.IGNORECASE)
@@ -1454,6 +1454,8 @@ class OutputError(FetchError):
 
 
 E_SENSORS_OUTPUT = "invalid sensors output"
+E_OLD_KEY_LINE = ("the node answered the smart read with something else: its authorized_keys "
+                  "line predates disk temperatures (run `pulse-sensor-proxy keys push`)")
 
 # The two defects of lm-sensors 3.6.0's `sensors -j` (prog/sensors/main.c, chips.c), fixed in
 # 3.6.1, repaired in exactly their printed shapes: a chip whose features are all ignored leaves
@@ -1525,7 +1527,7 @@ def interpret_sensors_output(stdout, stderr, status):
 # Pure logic: SMART reports (the node program's `smart` mode) into Pulse's DISK objects
 # ---------------------------------------------------------------------------------------------
 
-SMART_FRAME = re.compile(r"@@(disk|status) (\S+)")
+SMART_FRAME = re.compile(r"@@(disk) (\S+)|@@(status) (\S+)")
 BLOCK_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 # smartctl -n: `jinf("Device is in %s mode, exit(%d)\n", ...)` (ataprint.cpp, scsiprint.cpp)
 STANDBY_MESSAGE = re.compile(r"Device is in \S.* mode, exit\(\d+\)")
@@ -1538,6 +1540,11 @@ def _integer(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _object(value):
+    """A JSON object of smartctl's output, or {} where it printed something else."""
+    return value if isinstance(value, dict) else {}
+
+
 def disk_temperature(doc):
     """°C from one smartctl JSON document: `temperature.current`, else ATA attribute 194's raw
     value, else the NVMe health log's; None where none is a plausible integer.
@@ -1545,16 +1552,16 @@ def disk_temperature(doc):
     Attribute 194's raw value often packs min/max into its upper bytes ("26 (Min/Max 13/41)"
     is 176094511130); like smartmontools' ata_return_temperature_value, only the low 16 bits
     count, and only 1..127 is a temperature."""
-    current = _integer((doc.get("temperature") or {}).get("current"))
+    current = _integer(_object(doc.get("temperature")).get("current"))
     if current is not None:
         return current
-    table = (doc.get("ata_smart_attributes") or {}).get("table") or []
+    table = _object(doc.get("ata_smart_attributes")).get("table")
     for attribute in table if isinstance(table, list) else []:
-        if isinstance(attribute, dict) and attribute.get("id") == 194:
-            raw = _integer((attribute.get("raw") or {}).get("value"))
+        if _object(attribute).get("id") == 194:
+            raw = _integer(_object(attribute.get("raw")).get("value"))
             if raw is not None and 0 < raw & 0xFFFF < 128:
                 return raw & 0xFFFF
-    return _integer((doc.get("nvme_smart_health_information_log") or {}).get("temperature"))
+    return _integer(_object(doc.get("nvme_smart_health_information_log")).get("temperature"))
 
 
 def _text(value):
@@ -1594,8 +1601,9 @@ def smart_disk(name, status, text, read_at):
         doc = None
     if not isinstance(doc, dict):
         return None, f"smartctl printed no JSON (exit status {status})"
-    messages = (doc.get("smartctl") or {}).get("messages") or []
-    messages = [_text(m.get("string")) for m in messages if isinstance(m, dict)]
+    messages = _object(doc.get("smartctl")).get("messages")
+    messages = [_text(_object(m).get("string")) for m in
+                (messages if isinstance(messages, list) else [])]
     if status & EXIT_OPEN_FAILED and any(STANDBY_MESSAGE.fullmatch(m) for m in messages):
         return {"device": device, "temperature": None, "lastUpdated": rfc3339(read_at),
                 "standbySkipped": True}, None
@@ -1605,7 +1613,7 @@ def smart_disk(name, status, text, read_at):
     temperature = disk_temperature(doc)
     if temperature is None:
         return None, "no temperature in smartctl's output"
-    kind = (doc.get("device") or {}).get("type")
+    kind = _object(doc.get("device")).get("type")
     # SCSI/SAS disks name their model in scsi_model_name (smartctl 7.x scsiprint.cpp).
     model = next(filter(None, (_text(doc.get(k)) for k in
                                ("model_name", "scsi_model_name", "model_family"))), "")
@@ -1631,7 +1639,7 @@ def parse_smart_report(stdout, read_at):
 
     for line in stdout.decode("utf-8", "replace").splitlines():
         frame = SMART_FRAME.fullmatch(line)
-        if frame and frame[1] == "disk":
+        if frame and frame[1]:
             if name is not None:
                 close(None)
             name, body = frame[2], []
@@ -1639,7 +1647,7 @@ def parse_smart_report(stdout, read_at):
                 missing.append((name[:64], "not a block device name"))
                 name = None
         elif frame and name is not None:
-            close(int(frame[2]) if frame[2].isdigit() else None)
+            close(int(frame[4]) if re.fullmatch(r"[0-9]{1,3}", frame[4]) else None)
             name = None
         elif name is not None:
             body.append(line)
@@ -1880,6 +1888,10 @@ def new_metrics():
     metrics.declare("gauge", "pulse_proxy_http_connections", "Open HTTPS connections")
     metrics.declare("counter", "pulse_proxy_sensors_repairs_total", "sensors -j outputs made "
                     "strict JSON (lm-sensors 3.6.0 defects, NaN, repeated labels)", ("node", "repair"))
+    metrics.declare("counter", "pulse_proxy_smart_refresh_total", "SMART reads of a node's disks "
+                    "by result", ("node", "result"))
+    metrics.declare("gauge", "pulse_proxy_smart_age_seconds", "Age of the node's last SMART data "
+                    "(merged into every answer until the next read)", ("node",))
     metrics.declare("gauge", "pulse_proxy_build_info", "Build information", ("version",))
     metrics.set("pulse_proxy_queue_depth", 0)
     metrics.set("pulse_proxy_connections", 0)
@@ -2589,7 +2601,7 @@ def read_pvecm_nodes():
     return parse_pvecm_nodes(out.stdout) if out.returncode == 0 else (None, [])
 
 
-async def read_capped(stream, limit, keep=None):
+async def read_capped(stream, limit, keep=None, what="sensors -j"):
     """Read a stream to EOF; FetchError past `limit` bytes, or keep only the first `keep`."""
     data = bytearray()
     while True:
@@ -2599,31 +2611,50 @@ async def read_capped(stream, limit, keep=None):
         if keep is None:
             data += chunk
             if len(data) > limit:
-                raise FetchError(output_too_large(limit))
+                raise FetchError(output_too_large(limit, what))
         elif len(data) < keep:
             data += chunk[:keep - len(data)]
 
 
-async def run_local_sensors(timeout, limit):
-    """`sensors -j` on this host, without a shell."""
+async def run_local(argv, what, timeout, limit, env=None, missing=None):
+    """(stdout, stderr, exit status) of a program on this host, bounded in time and size; on
+    a timeout its whole process group goes (the SMART program's smartctl with its shell)."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            "sensors", "-j", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, start_new_session=True)
     except FileNotFoundError:
-        raise FetchError("sensors is not installed on this host (apt install lm-sensors)") from None
+        raise FetchError(missing or f"{argv[0]} is not installed on this host") from None
     try:
         async with asyncio.timeout(timeout):
-            stdout, stderr = await asyncio.gather(read_capped(proc.stdout, limit),
+            stdout, stderr = await asyncio.gather(read_capped(proc.stdout, limit, what=what),
                                                   read_capped(proc.stderr, limit, STDERR_KEEP))
             status = await proc.wait()
     except TimeoutError:
-        raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
+        raise FetchError(f"{what} timed out after {timeout:g} s") from None
     finally:
         if proc.returncode is None:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass        # it ended on its own meanwhile
             await proc.wait()
-    return interpret_sensors_output(stdout, stderr, status)
+    return stdout, stderr, status
+
+
+async def run_local_sensors(timeout, limit):
+    """`sensors -j` on this host, without a shell."""
+    return interpret_sensors_output(*await run_local(
+        ["sensors", "-j"], SENSORS_COMMAND, timeout, limit,
+        missing="sensors is not installed on this host (apt install lm-sensors)"))
+
+
+async def run_local_smart():
+    """The node program's smart mode on this host: the same program the key line forces."""
+    env = dict(os.environ, SSH_ORIGINAL_COMMAND=SMART_COMMAND)
+    stdout, _, _ = await run_local(["/bin/sh", "-c", SMART_PROGRAM], "smart read",
+                                   SMART_READ_TIMEOUT, SMART_MAX_OUTPUT, env)
+    return stdout
 
 
 def _asyncssh_classes():
@@ -2754,6 +2785,10 @@ class NodeState:
         self.open_until = 0.0
         self.last_error = ""
         self.cache = None             # (answer from it until, the last reading)
+        self.smart_json = None        # the last SMART list (JSON text), once one was read
+        self.smart_read_at = None     # its wall-clock time
+        self.smart_due = 0.0          # pool clock: when to read SMART again
+        self.smart_flight = None
 
 
 class NodePool:
@@ -2780,6 +2815,65 @@ class NodePool:
         return state
 
     async def fetch(self, node):
+        """(answer text, cached?) for a node: `sensors -j`, and with disk_temperatures its
+        SMART list too, in the wrapper form Pulse reads. Both reads run side by side."""
+        if not self.config["disk_temperatures"]:
+            return await self.fetch_sensors(node)
+        state = self.state(node)
+        self.start_smart_refresh(node, state)
+        text, cached = await self.fetch_sensors(node)
+        return with_smart(text, await self.smart_list(state)), cached
+
+    def start_smart_refresh(self, node, state):
+        if state.smart_flight is None and self.clock() >= state.smart_due:
+            state.smart_flight = asyncio.ensure_future(self.refresh_smart(node, state))
+            state.smart_flight.add_done_callback(lambda done: setattr(state, "smart_flight", None))
+
+    async def smart_list(self, state):
+        """The node's last SMART list. Only answers before the first read finished wait for
+        it (up to command_timeout); later refreshes run behind answers with the last list."""
+        if state.smart_json is None and state.smart_flight is not None:
+            try:
+                async with asyncio.timeout(self.ssh["command_timeout"]):
+                    await asyncio.shield(state.smart_flight)
+            except TimeoutError:
+                pass
+        return state.smart_json or "[]"
+
+    async def refresh_smart(self, node, state):
+        label = sanitize_label(node.name)
+        started = time.time()
+        try:
+            if node.local:
+                stdout = await run_local_smart()
+            else:
+                stdout = await self.ssh_fetch(node, state, self.run_smart)
+            disks, missing = parse_smart_report(stdout, started)
+            if not disks and not missing and stdout.strip():
+                raise OutputError(E_OLD_KEY_LINE)
+        except Exception as exc:    # a background read: whatever failed is its result, logged
+            retry = min(SMART_RETRY, self.config["smart_interval"])
+            state.smart_due = self.clock() + retry
+            self.metrics.inc("pulse_proxy_smart_refresh_total", (label, "error"))
+            error = str(exc) if isinstance(exc, FetchError) else f"{type(exc).__name__}: {exc}"
+            self.log.log("warning", "SMART read failed", node=label, error=error, retry_in_s=retry)
+            return
+        state.smart_json, state.smart_read_at = json.dumps(disks), started
+        state.smart_due = self.clock() + self.config["smart_interval"]
+        self.metrics.inc("pulse_proxy_smart_refresh_total", (label, "success"))
+        if missing:
+            self.log.log("info", "SMART: disks without a temperature", node=label,
+                         disks=dict(missing))
+
+    def report_smart_ages(self, now):
+        """Set the age gauge of every node's last SMART data (at each scrape)."""
+        for (name, *_), state in self.states.items():
+            if state.smart_read_at is not None:
+                self.metrics.set("pulse_proxy_smart_age_seconds",
+                                 round(max(0.0, now - state.smart_read_at), 3),
+                                 (sanitize_label(name),))
+
+    async def fetch_sensors(self, node):
         """(sensors JSON text, cached?) for a node, sharing one run among concurrent callers."""
         state = self.state(node)
         if state.cache and state.cache[0] > self.clock():
@@ -2808,7 +2902,7 @@ class NodePool:
                 text, repairs = await run_local_sensors(self.ssh["command_timeout"],
                                                         self.ssh["max_output_bytes"])
             else:
-                text, repairs = await self.ssh_fetch(node, state)
+                text, repairs = await self.ssh_fetch(node, state, self.run_sensors)
         except FetchError as exc:
             state.failures += 1
             state.last_error = str(exc)
@@ -2836,12 +2930,13 @@ class NodePool:
             state.cache = (self.clock() + self.config["node_min_interval_seconds"], text)
         return text
 
-    async def ssh_fetch(self, node, state):
+    async def ssh_fetch(self, node, state, run):
+        """`run(conn, node)` on the node's connection, reconnecting once if it had died."""
         asyncssh = _asyncssh_classes()[0]
         for attempt in (1, 2):
             conn, fresh = await self.connection(node, state)
             try:
-                return await self.run_sensors(conn, node)
+                return await run(conn, node)
             except OutputError:
                 raise       # the node printed something unusable; keep the connection
             except FetchError:
@@ -2857,23 +2952,33 @@ class NodePool:
     async def run_sensors(self, conn, node, command=SENSORS_COMMAND):
         """One `sensors -j` on an open connection, bounded in time and size (`doctor` asks
         for another command to see the node's forced command answer instead)."""
+        return interpret_sensors_output(*await self.run_command(
+            conn, node, command, SENSORS_COMMAND, self.ssh["command_timeout"],
+            self.ssh["max_output_bytes"]))
+
+    async def run_smart(self, conn, node):
+        """The node program's smart mode: raw frames for parse_smart_report."""
+        stdout, _, _ = await self.run_command(conn, node, SMART_COMMAND, "smart read",
+                                              SMART_READ_TIMEOUT, SMART_MAX_OUTPUT)
+        return stdout
+
+    async def run_command(self, conn, node, command, what, timeout, limit):
+        """(stdout, stderr, exit status) of one session asking for `command`."""
         session_class = _asyncssh_classes()[2]
-        timeout = self.ssh["command_timeout"]
         try:
             async with asyncio.timeout(timeout):
-                chan, session = await conn.create_session(
-                    lambda: session_class(self.ssh["max_output_bytes"]), command, encoding=None)
+                chan, session = await conn.create_session(lambda: session_class(limit), command,
+                                                          encoding=None)
                 chan.write_eof()
                 lost = await session.done
         except TimeoutError:
-            raise FetchError(f"sensors -j timed out after {timeout:g} s") from None
+            raise FetchError(f"{what} timed out after {timeout:g} s") from None
         if session.too_large:       # the remote side may still be writing: not OutputError
-            raise FetchError(output_too_large(self.ssh["max_output_bytes"]))
+            raise FetchError(output_too_large(limit, what))
         if lost is not None and session.status is None:
             # the connection died while the command ran: an SSH failure, not the node's sensors
             raise FetchError(f"ssh: session to {node.name} failed: {lost}")
-        return interpret_sensors_output(bytes(session.stdout), bytes(session.stderr),
-                                        session.status)
+        return bytes(session.stdout), bytes(session.stderr), session.status
 
     def drop(self, state):
         conn, state.conn = state.conn, None
@@ -3351,7 +3456,7 @@ class KeyAdmin:
         if not self.subnets:
             raise FetchError("allowed_source_subnets is empty and no address of this host was "
                              "found; set it in the config (an empty from= would lock the key out)")
-        return authorized_keys_line(public_key, self.subnets)
+        return authorized_keys_line(public_key, self.subnets, self.config["disk_temperatures"])
 
     async def for_each(self, nodes, action, what):
         """Run `action(node)` on every node; report each; True when all succeeded."""
@@ -3781,7 +3886,7 @@ class Daemon:
         node_config = {k: config[k] for k in ("nodes", "pve_dir", "strict_node_validation",
                                               "local_sensors", "host_key_policy", "ssh",
                                               "breaker_cooldown_seconds", "node_min_interval_seconds",
-                                              "ssh_dir")}
+                                              "ssh_dir", "disk_temperatures", "smart_interval")}
         if node_config != previous:
             if previous is not None:
                 asyncio.ensure_future(self.pool.close())
@@ -4081,6 +4186,7 @@ class Daemon:
         if path == b"/metrics":
             self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
             self.metrics.set("pulse_proxy_audit_dropped_total", self.log.dropped_total)
+            self.pool.report_smart_ages(time.time())
             return http_response(200, self.metrics.render().encode(),
                                  "text/plain; version=0.0.4; charset=utf-8")
         if path == b"/health":
@@ -4218,7 +4324,8 @@ async def ensure_cluster_keys(daemon, peer, params, corr_id):
     return {"nodes": [node for node in results], "results": results,
             "success_count": sum(r["success"] for r in results.values()),
             "total_count": len(results),
-            "authorized_key": authorized_keys_line(public_key, daemon.source_subnets)}
+            "authorized_key": authorized_keys_line(public_key, daemon.source_subnets,
+                                                   daemon.config["disk_temperatures"])}
 
 
 # ---------------------------------------------------------------------------------------------

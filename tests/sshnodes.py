@@ -21,6 +21,13 @@ any time with `node.set_mode(...)`:
 
 Every run appends "EPOCH_SECONDS SSH_ORIGINAL_COMMAND" to the node's exec log.
 
+Stand-ins for `smartctl` and `lsblk` sit on the same PATH, for the disk-temperature program:
+`node.set_disks(lsblk_text, {"sda": (output, status)})` makes `lsblk -dn -o NAME,TYPE` print
+`lsblk_text` and `smartctl ... /dev/sda` print `output` and exit with `status` (status
+"hang": it prints nothing and sleeps until killed; "hold N": it waits for
+`node.release_disks()`, then answers with exit status N); `node.smartctl_calls()` lists
+the arguments of every smartctl run.
+
 Node faults: `node.stop()`/`start()`, `restart()`, `rotate_host_key()`, and
 `freeze()`/`thaw()` (SIGSTOP/SIGCONT of sshd and its sessions: connections are
 accepted by the kernel, nothing answers).  A `NetNamespace` runs code in a private
@@ -138,6 +145,31 @@ case $mode in
 esac
 """
 
+SMARTCTL_SCRIPT = """\
+#!/bin/sh
+# Stand-in for smartctl on a test node (written by tests/sshnodes.py): logs its arguments,
+# then answers for the disk named by the last one as the node's smart/ files say.
+state="@BASE@/nodes/${USER:?}/smart"
+printf '%s\\n' "$*" >>"$state/calls.log"
+for device; do :; done
+disk=${device#/dev/}
+[ -f "$state/$disk.status" ] || { echo "smartctl stand-in: no disk $device" >&2; exit 2; }
+read -r status arg <"$state/$disk.status"
+case $status in
+    hang) exec sleep 600 ;;
+    hold) while [ ! -e "$state/release" ]; do sleep 0.05; done; status=$arg ;;
+esac
+cat "$state/$disk.out"
+exit "$status"
+"""
+
+LSBLK_SCRIPT = """\
+#!/bin/sh
+# Stand-in for lsblk on a test node (written by tests/sshnodes.py).
+[ "$*" = "-dn -o NAME,TYPE" ] || { echo "lsblk stand-in: unexpected arguments: $*" >&2; exit 64; }
+cat "@BASE@/nodes/${USER:?}/smart/lsblk" 2>/dev/null || true
+"""
+
 
 class NodeStartError(RuntimeError):
     """sshd did not come up; the message carries the tail of its log."""
@@ -238,7 +270,10 @@ class SshLab:
         self.base = Path(base)
         self.script_text = (SCRIPT.replace("@BASE@", str(self.base))
                             .replace("@DEFAULT_FIXTURE@", DEFAULT_FIXTURE))
-        digest = hashlib.sha256(self.script_text.encode()).hexdigest()[:12]
+        self.stand_ins = {"sensors": self.script_text,
+                          "smartctl": SMARTCTL_SCRIPT.replace("@BASE@", str(self.base)),
+                          "lsblk": LSBLK_SCRIPT.replace("@BASE@", str(self.base))}
+        digest = hashlib.sha256("".join(self.stand_ins.values()).encode()).hexdigest()[:12]
         self.bin_dir = self.base / f"bin-{digest}"
         self.script = self.bin_dir / "sensors"
         self.fixtures_dir = self.base / "fixtures"
@@ -255,7 +290,8 @@ class SshLab:
             d.chmod(0o755)
         for src in FIXTURES_DIR.glob("*.json"):
             _write_if_changed(self.fixtures_dir / src.name, src.read_bytes(), 0o644)
-        _write_if_changed(self.script, self.script_text.encode(), 0o755)
+        for name, text in self.stand_ins.items():
+            _write_if_changed(self.bin_dir / name, text.encode(), 0o755)
 
     def lease_account(self) -> Account:
         """Take the first account no other node (in any process) holds, reset to a clean state."""
@@ -507,6 +543,28 @@ class SshNode:
     def set_mode(self, mode: str, *args: object) -> None:
         """Change what the sensors stand-in does from the next run on (see module doc)."""
         _set_mode(self.account, mode, *args)
+
+    def set_disks(self, lsblk_text: str, disks: dict[str, tuple[str, int | str]]) -> None:
+        """What the lsblk and smartctl stand-ins answer from now on (see module doc)."""
+        smart = self.account.state_dir / "smart"
+        smart.mkdir(mode=0o755, exist_ok=True)
+        (smart / "lsblk").write_text(lsblk_text)
+        for name, (output, status) in disks.items():
+            (smart / f"{name}.out").write_text(output)
+            (smart / f"{name}.status").write_text(f"{status}\n")
+        (smart / "release").unlink(missing_ok=True)
+        calls = smart / "calls.log"
+        calls.touch(mode=0o644)
+        os.chown(calls, self.uid, self.account.gid)
+
+    def release_disks(self) -> None:
+        """Let every held smartctl stand-in answer."""
+        (self.account.state_dir / "smart" / "release").touch()
+
+    def smartctl_calls(self) -> list[str]:
+        """The arguments of every smartctl stand-in run, oldest first."""
+        path = self.account.state_dir / "smart" / "calls.log"
+        return path.read_text().splitlines() if path.exists() else []
 
     def execs(self) -> list[str]:
         """SSH_ORIGINAL_COMMAND of every run of the stand-in, oldest first ("" if none)."""

@@ -3,13 +3,21 @@
 Fixtures (tests/fixtures/smart/*.out) are smartctl 7.x JSON outputs; each file says where it
 comes from. Lines starting with `#` are the citation, never part of the output.
 """
+import asyncio
+import io
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import pulse_sensor_proxy as psp
+from conftest import metric_samples, temperature
 from pulse_temperature import parse_temperature
+from sshnodes import DEFAULT_FIXTURE, ssh_command
 
 SMART_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "smart"
 READ_AT = 1796300000.0                  # 2026-12-03T12:13:20Z
@@ -128,6 +136,28 @@ def test_frame_names_that_are_no_block_device_are_refused(name):
     assert disks == [] and [why for _, why in missing] in ([], ["not a block device name"])
 
 
+SMART_KEYS = ["smartctl", "messages", "string", "temperature", "current", "device", "type",
+              "ata_smart_attributes", "table", "id", "raw", "value", "wwn", "naa", "oui",
+              "serial_number", "model_name", "nvme_smart_health_information_log"]
+smartctl_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(SMART_KEYS) | st.text(max_size=6), inner, max_size=5),
+    max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=smartctl_like, status=st.integers(0, 255) | st.text(max_size=4))
+def test_any_smartctl_output_gives_a_disk_or_a_reason_never_an_exception(doc, status):
+    report = f"@@disk sda\n{json.dumps(doc)}\n@@status {status}\n".encode()
+    disks, missing = psp.parse_smart_report(report, READ_AT)
+    assert len(disks) + len(missing) == 1
+    for disk in disks:      # what Pulse needs, or it drops every disk
+        assert isinstance(disk["device"], str) and disk["lastUpdated"] == STAMP
+        assert disk["temperature"] is None or type(disk["temperature"]) is int
+        assert all(type(disk[k]) is str for k in ("serial", "wwn", "model", "type") if k in disk)
+
+
 def test_wwn_is_the_full_naa_identifier():
     assert psp.disk_wwn({"naa": 5, "oui": 0x000cca, "id": 0x22de29356}) == "0x5000cca22de29356"
     assert psp.disk_wwn({"naa": 5, "oui": 3152}) == ""
@@ -214,3 +244,237 @@ def test_older_lines_of_our_key_are_upgraded_byte_exact(legacy):
     upgraded, changes = psp.edit_authorized_keys(data, ours)
     assert upgraded == b"ssh-rsa AAAAB3 a@b\r\n" + ours.encode() + b"\r\n" + b"ssh-rsa AAAAB4 c@d"
     assert changes == [("upgraded", key)]
+
+
+# -- the node program for real, on sshd nodes with smartctl and lsblk stand-ins ------------------
+
+NODE_DISKS = {"sda": (fixture("sata-temperature-current.out"), 0),
+              "sdb": (fixture("ata-attribute-194.out"), 64),
+              "sdc": (fixture("standby.out"), 2),
+              "sdd": (fixture("usb-bridge.out"), 1),
+              "sde": (fixture("sas.out"), 0),
+              "sdf": ("", "hang"),
+              "nvme0n1": (fixture("nvme.out"), 0)}
+READ_DISKS = ["sda", "sdb", "sdc", "sdd", "sde", "sdf", "nvme0n1"]   # lsblk's order, type disk
+STAMPED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def smart_node(cluster, **config):
+    """One node whose authorized_keys forces the production program (disk temperatures on)."""
+    daemon, (node,) = cluster(1, authorize=False, disk_temperatures=True,
+                              ssh={"command_timeout": 10}, **config)
+    node.write_authorized_keys(psp.authorized_keys_line(daemon.public_key, ["127.0.0.1", "::1"],
+                                                        disk_temperatures=True) + "\n")
+    node.set_disks(fixture("lsblk.out"), NODE_DISKS)
+    return daemon, node
+
+
+def answer_disks(reply):
+    """The DISK objects of an answer, each lastUpdated checked and then set to STAMP."""
+    assert reply["success"], reply
+    disks = json.loads(reply["data"]["temperature"])["smart"]
+    assert all(STAMPED.fullmatch(d.pop("lastUpdated")) for d in disks), disks
+    return [dict(d, lastUpdated=STAMP) for d in disks]
+
+
+def test_node_program_reads_every_disk_once_without_waking_the_sleeping_one(cluster):
+    daemon, node = smart_node(cluster)
+    reply = temperature(daemon, "n1")
+    assert answer_disks(reply) == [SATA, ATA_194, STANDBY, SAS, NVME]
+    sensors, disks, wrapped = parse_temperature(reply["data"]["temperature"])
+    assert wrapped and sensors == json.loads((SENSORS.parent / f"{DEFAULT_FIXTURE}.json").read_text())
+    assert [d["device"] for d in disks] == ["/dev/sda", "/dev/sdb", "/dev/sdc", "/dev/sde",
+                                            "/dev/nvme0n1"]
+    calls = node.smartctl_calls()
+    assert calls == [f"-n standby -i -A --json=o /dev/{name}" for name in READ_DISKS], \
+        "one call per disk, each with -n standby; the standby drive (sdc) is not read again"
+    assert node.execs() == ["sensors -j"], "sensors ran for the sensors read only"
+
+
+def test_smart_is_read_once_per_interval_while_sensors_stay_fresh(cluster):
+    daemon, node = smart_node(cluster)
+    first = answer_disks(temperature(daemon, "n1"))
+    second = temperature(daemon, "n1")
+    assert answer_disks(second) == first and second["data"]["cached"] is False
+    assert len(node.smartctl_calls()) == len(READ_DISKS), "no second SMART read"
+    assert node.execs().count("sensors -j") == 2
+    samples = metric_samples(daemon)
+    assert samples[("pulse_proxy_smart_refresh_total",
+                    (("node", "n1"), ("result", "success")))] == 1
+    assert samples[("pulse_proxy_smart_age_seconds", (("node", "n1"),))] >= 0
+
+
+def test_a_node_whose_line_predates_disk_temperatures_still_answers_sensors(cluster):
+    daemon, (node,) = cluster(1, disk_temperatures=True)     # the stand-in line: sensors only
+    reply = temperature(daemon, "n1")
+    assert reply["success"] and json.loads(reply["data"]["temperature"])["smart"] == []
+    daemon.wait_log(lambda r: r.get("msg") == "SMART read failed"
+                    and r.get("error") == psp.E_OLD_KEY_LINE, "the SMART failure logged")
+    samples = metric_samples(daemon)
+    assert samples[("pulse_proxy_smart_refresh_total", (("node", "n1"), ("result", "error")))] == 1
+
+
+def test_with_disk_temperatures_off_the_answer_is_plain_sensors_output(cluster):
+    daemon, (node,) = cluster(1)
+    reply = temperature(daemon, "n1")
+    fixture_text = (SENSORS.parent / f"{DEFAULT_FIXTURE}.json").read_bytes()
+    assert reply["data"]["temperature"] == psp.interpret_sensors_output(fixture_text, b"", 0)[0]
+    assert parse_temperature(reply["data"]["temperature"])[1:] == ([], False)
+    assert node.execs() == ["sensors -j"] and node.smartctl_calls() == []
+
+
+@pytest.mark.parametrize("asked,env", [
+    (["id"], None), (["smart; id"], None), (["smart /dev/sda"], None), (["smart", "id"], None),
+    (["id"], "SSH_ORIGINAL_COMMAND=smart"), (["sensors"], "PATH=/nonexistent"),
+], ids=["id", "smart-then-id", "smart-with-device", "smart-id-argv", "env-command", "env-path"])
+def test_a_client_gets_sensors_whatever_it_asks_beyond_smart(cluster, asked, env):
+    daemon, node = smart_node(cluster)
+    known = daemon.base / "kh"
+    known.write_text(node.host_key_line + "\n")
+    argv = ssh_command(node, daemon.ssh_dir / "id_ed25519", known, *asked)
+    if env:
+        argv[1:1] = ["-o", f"SetEnv={env}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and json.loads(out.stdout)["coretemp-isa-0000"], out.stderr
+    assert node.execs() == [" ".join(asked)] and node.smartctl_calls() == []
+
+
+def test_smart_mode_prints_only_frames(cluster):
+    """The positive control for the test above: exactly `smart` selects the SMART read."""
+    daemon, node = smart_node(cluster)
+    node.set_disks("sda disk\nsr0 rom\n", {"sda": (fixture("sata-temperature-current.out"), 0)})
+    known = daemon.base / "kh"
+    known.write_text(node.host_key_line + "\n")
+    out = subprocess.run(ssh_command(node, daemon.ssh_dir / "id_ed25519", known, "smart"),
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == frame("sda", fixture("sata-temperature-current.out"), 0).encode()
+    assert node.execs() == []
+
+
+BASE_TOOLS = ("cat", "sleep", "echo", "timeout", "date", "sed", "stat", "id", "awk", "head")
+
+
+def node_with_only(cluster, *stand_ins):
+    """A node whose program finds only some stand-ins: its key line sets PATH to a directory
+    of coreutils and those (this machine has a real lm-sensors in /usr/bin)."""
+    daemon, node = smart_node(cluster)
+    tools = daemon.base / ("tools-" + "-".join(stand_ins))
+    tools.mkdir()
+    for name in BASE_TOOLS:
+        (tools / name).symlink_to(shutil.which(name))
+    for name in stand_ins:
+        (tools / name).symlink_to(node.lab.bin_dir / name)
+    line = psp.authorized_keys_line(daemon.public_key, ["127.0.0.1"], disk_temperatures=True)
+    node.write_authorized_keys(line.replace('command="', f'command="PATH={tools}; ') + "\n")
+    node.set_disks("sda disk\n", {"sda": (fixture("sata-temperature-current.out"), 0)})
+    return daemon, node
+
+
+def test_without_sensors_the_smart_part_still_comes(cluster):
+    """A node without lm-sensors answers `{}` for the sensors part (as one with no sensors)."""
+    daemon, node = node_with_only(cluster, "smartctl", "lsblk")
+    reply = temperature(daemon, "n1")
+    assert json.loads(reply["data"]["temperature"])["sensors"] == {}
+    assert answer_disks(reply) == [SATA]
+
+
+def test_without_smartctl_the_sensors_part_still_comes(cluster):
+    daemon, node = node_with_only(cluster, "sensors", "lsblk")
+    reply = temperature(daemon, "n1")
+    answer = json.loads(reply["data"]["temperature"])
+    assert answer["smart"] == [] and answer["sensors"]["coretemp-isa-0000"]
+    daemon.wait_log(lambda r: r.get("msg") == "SMART: disks without a temperature" and r.get(
+        "disks") == {"/dev/sda": "smartctl is not installed (apt install smartmontools)"},
+                    "the missing smartctl logged")
+
+
+def test_after_the_interval_smart_is_read_again_while_the_last_list_answers(cluster):
+    """In-process pool with its own clock: at most one SMART read per smart_interval, and a
+    due refresh runs behind answers that carry the last list."""
+    daemon, node = smart_node(cluster)
+    node.set_disks("sda disk\n", {"sda": (fixture("sata-temperature-current.out"), 0)})
+    config = psp.load_config(str(daemon.config_path), environ={})
+    warmer = json.loads(fixture("sata-temperature-current.out"))
+    warmer["temperature"]["current"] = 31
+    now = [1000.0]
+
+    def smart_of(answer):
+        return [(d["device"], d["temperature"]) for d in json.loads(answer[0])["smart"]]
+
+    async def scenario():
+        pool = psp.NodePool(config, psp.AuditLog("error", stream=io.StringIO()),
+                            psp.new_metrics(), clock=lambda: now[0])
+        target = psp.Node("n1", node.host, node.port, node.user)
+        try:
+            seen = [smart_of(await pool.fetch(target))]
+            node.set_disks("sda disk\n", {"sda": (json.dumps(warmer), "hold 0")})
+            now[0] += config["smart_interval"] - 1
+            seen.append(smart_of(await pool.fetch(target)))
+            calls_before_due = len(node.smartctl_calls())
+            now[0] += 1
+            seen.append(smart_of(await pool.fetch(target)))     # the refresh is held
+            refresh = pool.state(target).smart_flight
+            node.release_disks()
+            await refresh
+            seen.append(smart_of(await pool.fetch(target)))
+            return seen, calls_before_due
+        finally:
+            await pool.close()
+
+    seen, calls_before_due = asyncio.run(scenario())
+    assert seen == [[("/dev/sda", 24)], [("/dev/sda", 24)], [("/dev/sda", 24)], [("/dev/sda", 31)]]
+    assert calls_before_due == 1 and len(node.smartctl_calls()) == 2
+
+
+def test_the_local_node_gets_the_same_answer_without_ssh(daemon_factory, ssh_node):
+    """This host runs the same program locally; a test node's account holds the stand-ins'
+    state (USER names it), and PATH puts the stand-ins first, sensors included."""
+    ssh_node.set_disks(fixture("lsblk.out"), NODE_DISKS)
+    daemon = daemon_factory({"disk_temperatures": True, "ssh": {"command_timeout": 10}},
+                            env={"PATH": f"{ssh_node.lab.bin_dir}:/usr/bin:/bin",
+                                 "USER": ssh_node.user})
+    reply = temperature(daemon, "localhost")
+    assert reply["data"]["source"] == "local"
+    assert answer_disks(reply) == [SATA, ATA_194, STANDBY, SAS, NVME]
+    assert ssh_node.smartctl_calls() == [f"-n standby -i -A --json=o /dev/{name}"
+                                         for name in READ_DISKS]
+    assert ssh_node.execs() == [""], "sensors ran once, as a local program (no SSH command)"
+
+
+# -- keys push and rotation carry the program ----------------------------------------------------
+
+LEGACY_COMMANDS = ["sensors -j", "/usr/local/libexec/pulse-sensor-proxy/temp-wrapper.sh",
+                   "/opt/pulse/sensor-proxy/bin/pulse-sensor-wrapper.sh"]
+
+
+def lab_with_disk_temperatures(lab):
+    lab = lab(count=1, push=False)
+    lab.daemon.config["disk_temperatures"] = True
+    lab.daemon.write_config(lab.daemon.config)       # read by the root-only key commands
+    return lab
+
+
+@pytest.mark.parametrize("legacy", LEGACY_COMMANDS, ids=["ours", "temp-wrapper", "pulse-wrapper"])
+def test_keys_push_upgrades_older_lines_of_our_key_on_the_node(lab, legacy):
+    lab = lab_with_disk_temperatures(lab)
+    node = lab.nodes[0]
+    key_type, key = lab.current_public().split()[:2]
+    foreign = "ssh-rsa AAAAB3NzaFOREIGN someone@else\n"
+    node.write_authorized_keys(lab.admin_line() + f'command="{legacy}",no-pty {key_type} {key} '
+                               "pulse-sensor-proxy\n" + foreign)
+    assert "upgraded" in lab.push()
+    line = psp.authorized_keys_line(lab.current_public(), ["127.0.0.1/32"], disk_temperatures=True)
+    assert node.authorized_keys_path.read_text() == lab.admin_line() + line + "\n" + foreign
+
+
+def test_rotation_installs_the_program_with_the_new_key(lab):
+    lab = lab_with_disk_temperatures(lab)
+    lab.push()
+    old = lab.current_public()
+    out = lab.cli("rotate-keys")
+    assert out.returncode == 0, out.stdout + out.stderr
+    new = lab.current_public()
+    assert new != old
+    assert lab.nodes[0].authorized_keys_path.read_text() == lab.admin_line() + psp.authorized_keys_line(
+        new, ["127.0.0.1/32"], disk_temperatures=True) + "\n"
