@@ -145,6 +145,9 @@ class Guest:
         samples = self.path("/usr/local/share/sensors")
         shutil.copytree(FIXTURES / "sensors", samples)
         self.write("/usr/local/bin/sensors", SENSORS, 0o755)
+        shutil.copytree(FIXTURES / "smart", self.path("/usr/local/share/smart"))
+        self.write("/usr/local/bin/smartctl", SMARTCTL, 0o755)
+        self.write("/usr/local/bin/lsblk", LSBLK, 0o755)
         self.write("/etc/hostname", "pve1\n")
         self.chroot("systemctl", "mask", "ssh.service", "apt-daily.timer", "apt-daily-upgrade.timer",
                     "e2scrub_reap.service")
@@ -303,6 +306,23 @@ sample=/usr/local/share/sensors/$name
 cat "$sample"
 if [ "${sample##*/}" = no-sensors.json ]; then echo "No sensors found!" >&2; exit 1; fi
 """
+
+# smartctl and lsblk stand-ins (first on every PATH here): two disks, sda a SATA disk that
+# answers, sdb a drive in standby; a call without -n standby is refused (it would wake sdb).
+SMARTCTL = """#!/bin/sh
+case " $* " in *" -n standby "*) ;; *) echo "smartctl stand-in: no -n standby" >&2; exit 1 ;; esac
+for device; do :; done
+case $device in
+    /dev/sda) grep -v '^#' /usr/local/share/smart/sata-temperature-current.out ;;
+    /dev/sdb) grep -v '^#' /usr/local/share/smart/standby.out; exit 2 ;;
+    *) echo "smartctl stand-in: no disk $device" >&2; exit 2 ;;
+esac
+"""
+
+LSBLK = """#!/bin/sh
+printf 'sda  disk\\nsdb  disk\\nsr0  rom\\n'
+"""
+GUEST_DISKS = [("/dev/sda", 24, False), ("/dev/sdb", None, True)]
 
 SSHD_CONFIG = """Port {port}
 ListenAddress {address}

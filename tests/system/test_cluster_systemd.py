@@ -11,9 +11,11 @@ import json
 import pytest
 
 import gojson
+import pulse_sensor_proxy as psp
 from conftest import wait_for
-from guest import (FIXTURES, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_ADDRESSES, NODES,
-                   REMOTE_NODES, ROOT_KEY_FILES, booted_guest, node_root_home)
+from guest import (FIXTURES, GUEST_DISKS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_ADDRESSES,
+                   NODES, REMOTE_NODES, ROOT_KEY_FILES, booted_guest, node_root_home)
+from pulse_temperature import parse_temperature
 
 ACCOUNT = "pulse-sensor-proxy"
 CONFIG = "/etc/pulse-sensor-proxy/config.yaml"
@@ -50,9 +52,14 @@ def call(guest, method, node=None):
 
 
 def temperature(guest, node):
+    """(sensors part, [(device, temperature, standbySkipped)]) of a node's answer, as Pulse
+    reads it (the default config has disk temperatures on)."""
     reply = call(guest, "get_temperature", node)
     assert reply["success"], reply
-    return gojson.decode(reply["data"]["temperature"])
+    sensors, _, wrapped = parse_temperature(reply["data"]["temperature"])
+    assert wrapped, reply
+    disks = gojson.decode(reply["data"]["temperature"])["smart"]
+    return sensors, [(d["device"], d["temperature"], d["standbySkipped"]) for d in disks]
 
 
 def sample(name):
@@ -89,7 +96,7 @@ def test_the_account_reads_the_members_but_not_priv(guest, installed):
 
 def test_keys_push_reached_each_nodes_own_root(guest, installed):
     line = call(guest, "ensure_cluster_keys")["data"]["authorized_key"]
-    assert line.startswith('from="10.99.0.1/32",command="sensors -j",restrict,')
+    assert line.startswith(f'from="10.99.0.1/32",command="{psp.SMART_PROGRAM}",restrict,')
     for node in NODES:
         assert line in guest.path(ROOT_KEY_FILES[node]).read_text().splitlines(), node
 
@@ -102,9 +109,9 @@ def test_register_nodes_lists_every_member(guest, installed):
          for node in NODES]
 
 
-def test_get_temperature_reads_the_remote_members(guest, installed):
+def test_get_temperature_reads_the_remote_members_with_their_disks(guest, installed):
     for node in REMOTE_NODES:
-        assert temperature(guest, node) == sample(NODES[node][0]), node
+        assert temperature(guest, node) == (sample(NODES[node][0]), GUEST_DISKS), node
     assert_nothing_pinned(guest)
 
 
@@ -123,8 +130,8 @@ def test_a_node_that_joins_is_served_without_a_restart(guest, installed):
         reply = call(guest, "get_temperature", JOINING)
         return reply if reply["success"] else None
 
-    reply = wait_for(served, timeout=60, what=f"{JOINING} served after it joined .members")
-    assert gojson.decode(reply["data"]["temperature"]) == sample(JOINING_SAMPLE)
+    wait_for(served, timeout=60, what=f"{JOINING} served after it joined .members")
+    assert temperature(guest, JOINING) == (sample(JOINING_SAMPLE), GUEST_DISKS)
     assert [n["name"] for n in call(guest, "register_nodes")["data"]["nodes"]] == [*NODES, JOINING]
     assert service_pid(guest) == guest.main_pid, "the daemon was restarted"
     assert_nothing_pinned(guest)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import gojson
+import pulse_sensor_proxy as psp
 from conftest import wait_for
 from guest import (ADDRESS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_KEY_FILES, NODES,
                    REMOTE_NODES, REPO, booted_guest)
@@ -94,7 +95,8 @@ def assert_nodes_hold_the_line_the_daemon_reports(machine):
     reported = json.loads(machine.out("pulse-sensor-proxy call ensure_cluster_keys --raw"))
     expected = reported["data"]["authorized_key"]
     key = machine.out(f"cat {CURRENT_PUB}").split()[1]
-    assert f'from="{",".join(config_subnets(machine))}",command="sensors -j",restrict,' in expected
+    assert f'from="{",".join(config_subnets(machine))}",command="{psp.SMART_PROGRAM}",restrict,' \
+        in expected
     assert key in expected
     for node, text in node_keys(machine).items():
         assert proxy_lines(text) == [expected], node
