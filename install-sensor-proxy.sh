@@ -74,7 +74,8 @@ STEPS (each idempotent, each reported in one line: "ok" already in place, "chang
     a config of the original proxy is first rewritten in this one's vocabulary (config migrate,
     the original kept as config.yaml.bak)
   6 systemd units installed, service enabled and started, socket checked
-  7 the proxy's SSH key pushed to every cluster node (forced command `sensors -j`)
+  7 the proxy's SSH key pushed to every cluster node (forced command: `sensors -j`, or with
+    disk_temperatures the fixed SMART command line, see README)
   8 each container: mount entry, read access for its uid range, legacy SSH keys moved out of it
     (revoked on every node, kept in a root-only backup on the host), restart if needed, the
     files below pushed into it, check
