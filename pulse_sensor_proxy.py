@@ -2789,6 +2789,7 @@ class NodeState:
         self.smart_read_at = None     # its wall-clock time
         self.smart_due = 0.0          # pool clock: when to read SMART again
         self.smart_flight = None
+        self.connecting = asyncio.Lock()
 
 
 class NodePool:
@@ -2816,12 +2817,12 @@ class NodePool:
 
     async def fetch(self, node):
         """(answer text, cached?) for a node: `sensors -j`, and with disk_temperatures its
-        SMART list too, in the wrapper form Pulse reads. Both reads run side by side."""
+        SMART list too, in the wrapper form Pulse reads."""
         if not self.config["disk_temperatures"]:
             return await self.fetch_sensors(node)
-        state = self.state(node)
-        self.start_smart_refresh(node, state)
         text, cached = await self.fetch_sensors(node)
+        state = self.state(node)
+        self.start_smart_refresh(node, state)      # on the connection sensors -j just used
         return with_smart(text, await self.smart_list(state)), cached
 
     def start_smart_refresh(self, node, state):
@@ -3002,20 +3003,22 @@ class NodePool:
         return self.key
 
     async def connection(self, node, state):
-        """(connection, fresh?): the node's open connection, or a new one."""
-        key = self.client_key()
-        if state.conn is not None and state.conn_key == self.key_generation:
-            return state.conn, False
-        self.drop(state)
-        made = {}
+        """(connection, fresh?): the node's open connection, or a new one. One caller at a
+        time makes it (a SMART read and a sensors read may both find none)."""
+        async with state.connecting:
+            key = self.client_key()
+            if state.conn is not None and state.conn_key == self.key_generation:
+                return state.conn, False
+            self.drop(state)
+            made = {}
 
-        def lost():
-            if state.conn is made.get("conn"):
-                state.conn = None
+            def lost():
+                if state.conn is made.get("conn"):
+                    state.conn = None
 
-        made["conn"] = await self.connect(node, [key], lost)
-        state.conn, state.conn_key = made["conn"], self.key_generation
-        return made["conn"], True
+            made["conn"] = await self.connect(node, [key], lost)
+            state.conn, state.conn_key = made["conn"], self.key_generation
+            return made["conn"], True
 
     async def connect(self, node, client_keys, on_lost=None, whose="the proxy's key"):
         """A new SSH connection to a node as node.user, its host key checked by our policy."""

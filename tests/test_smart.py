@@ -298,6 +298,7 @@ def test_smart_is_read_once_per_interval_while_sensors_stay_fresh(cluster):
     assert answer_disks(second) == first and second["data"]["cached"] is False
     assert len(node.smartctl_calls()) == len(READ_DISKS), "no second SMART read"
     assert node.execs().count("sensors -j") == 2
+    assert node.accepted_publickey_count() == 1, "sensors and SMART share one connection"
     samples = metric_samples(daemon)
     assert samples[("pulse_proxy_smart_refresh_total",
                     (("node", "n1"), ("result", "success")))] == 1

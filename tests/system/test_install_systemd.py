@@ -13,8 +13,8 @@ import yaml
 import gojson
 import pulse_sensor_proxy as psp
 from conftest import wait_for
-from guest import (ADDRESS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_KEY_FILES, NODES,
-                   REMOTE_NODES, REPO, booted_guest)
+from guest import (ADDRESS, GUEST_DISKS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_KEY_FILES,
+                   NODES, REMOTE_NODES, REPO, booted_guest)
 
 ACCOUNT = "pulse-sensor-proxy"
 SOCKET = "/run/pulse-sensor-proxy/pulse-sensor-proxy.sock"
@@ -422,14 +422,16 @@ def test_a_client_on_the_host_reads_temperatures_over_https(guest, first_install
     out = guest.out(f"pulse-sensor-proxy call get_temperature --node pve2 --url https://{ADDRESS}:8443 "
                     f"--token-file {TOKEN_FILE} --fingerprint {guest.test_fingerprint} --raw")
     sample = json.loads((REPO / "tests/fixtures/sensors" / NODES["pve2"][0]).read_text())
-    assert gojson.decode(gojson.decode(out)["temperature"]) == sample
+    answer = gojson.decode(gojson.decode(out)["temperature"])
+    assert answer["sensors"] == sample
+    assert [(d["device"], d["temperature"], d["standbySkipped"]) for d in answer["smart"]] == GUEST_DISKS
     for helper in ("pulse_https_client.py", "gojson.py"):
         shutil.copy(REPO / "tests" / helper, guest.path(f"/root/{helper}"))
     script = ("import json, sys; sys.path.insert(0, '/root'); from pulse_https_client import PulseHttpClient; "
               f"c = PulseHttpClient('https://{ADDRESS}:8443', open('{TOKEN_FILE}').read().strip()); "
               "print(json.dumps([c.temperature(n) for n in ('pve1', 'pve2', 'pve3')]))")
     replies = json.loads(guest.out(f'python3 -c "{script}"'))
-    assert replies[1] == sample and replies[2] == {}
+    assert replies[1]["sensors"] == sample and replies[2]["sensors"] == {}
 
 
 def test_http_mode_second_run_changes_nothing(guest, first_install):
