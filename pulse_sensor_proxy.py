@@ -570,7 +570,7 @@ def validate_config(raw, source="config"):
     for key, value in raw.items():
         check = CONFIG_CHECKS.get(key)
         if check is None:
-            problems.append(f"{source}: unknown key {key!r}{_suggest(key, CONFIG_CHECKS)}")
+            problems.append(f"{source}: unknown key {_describe(key)}{_suggest(key, CONFIG_CHECKS)}")
             continue
         try:
             config[key] = check(value)

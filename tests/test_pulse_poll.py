@@ -94,6 +94,7 @@ def start_poll_lab(ssh_nodes, base_dir, settings):
     config = {"socket_path": str(base_dir / "run" / "pulse-sensor-proxy.sock"),
               "ssh_dir": str(base_dir / "state" / "ssh"), "metrics_address": "disabled",
               "allowed_source_subnets": ["127.0.0.1"], "subuid_file": str(base_dir / "subuid"),
+              "disk_temperatures": False,     # counts sensors runs: no SMART sessions
               "nodes": {name: {"host": node.host, "port": node.port, "user": node.user}
                         for name, node in names.items()}, **settings}
     (base_dir / "config.yaml").write_text(json.dumps(config))
