@@ -126,6 +126,22 @@ readonly CT_DROPIN=10-pulse-sensor-proxy.conf
 readonly PULSE_UNITS="pulse.service pulse-backend.service"
 readonly CT_FILE_MARK="# Written by install-sensor-proxy.sh (pulse-sensor-proxy); its --uninstall removes this file."
 readonly HTTP_DEFAULT_ADDR=0.0.0.0:8443
+# What the original proxy's installer (Pulse's scripts/install-sensor-proxy.sh, v4.24..v5.0.17)
+# leaves on a host besides the state and config this proxy shares with it. Its self-heal timer
+# reinstalls the original whenever pulse-sensor-proxy.service is missing or fails, so it goes
+# first; its clean-up path unit runs its own root script on the nodes.
+readonly ORIGINAL_UNITS=(pulse-sensor-proxy-selfheal.timer pulse-sensor-proxy-selfheal.service
+                         pulse-sensor-cleanup.path pulse-sensor-cleanup.service)
+readonly ORIGINAL_HOME=/opt/pulse/sensor-proxy
+readonly ORIGINAL_FILES=("$ORIGINAL_HOME/bin/pulse-sensor-proxy" "$ORIGINAL_HOME/install-sensor-proxy.sh"
+                         "$ORIGINAL_HOME/bin/pulse-sensor-proxy-selfheal.sh" "$ORIGINAL_HOME/bin/pulse-sensor-cleanup.sh")
+# The forced commands of the original's key lines on the nodes: kept until keys push has
+# upgraded every line, as this host is one of the nodes.
+readonly ORIGINAL_WRAPPERS=("$ORIGINAL_HOME/bin/pulse-sensor-wrapper.sh"
+                            /usr/local/libexec/pulse-sensor-proxy/temp-wrapper.sh)
+# The original's service unit (as every release of its installer writes it) names its project;
+# ours does not.
+readonly ORIGINAL_UNIT_MARK='^Documentation=https://github.com/rcourtman/Pulse'
 
 # Every path on the host hangs off ROOT, which is empty outside the installer's own tests.
 ROOT=${PULSE_INSTALL_ROOT:-}
@@ -173,6 +189,8 @@ UNITS_CHANGED=0
 CONFIG_CHANGED=0
 CONFIG_MIGRATED=0
 CONFIG_SOURCE=$CONFIG
+ORIGINAL_BACKUP=
+KEYS_PUSHED=0
 CHANGES=0
 declare -A CT_UID_RANGES=()
 CT_FILES=()
@@ -180,7 +198,7 @@ NOTES=()
 
 say() { [ "$QUIET" -eq 1 ] || printf '%s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
-err() { printf 'error: %s\n' "$*" >&2; roll_back_binary; exit 1; }
+err() { printf 'error: %s\n' "$*" >&2; roll_back_binary; original_backup_hint; exit 1; }
 usage_err() { printf 'error: %s (see --help)\n' "$*" >&2; exit 2; }
 
 # run CMD...: carry out one change, or under --dry-run only print it.
@@ -566,6 +584,108 @@ install_binary() {
         if service_active; then run systemctl stop "$SERVICE"; fi
     fi
     run mv -f "$BIN.new" "$BIN"
+}
+
+# ---------------------------------------------------------------- 4a the original proxy
+# A host the original proxy's installer set up is taken over before the service is touched:
+# its self-heal and clean-up units stopped and disabled, then their unit files, its helpers,
+# its binary and its installer copy moved (never deleted) into one backup directory, each under
+# its own path, so that --uninstall --restore-original can put them back. The key and the
+# state stay where they are: this proxy uses the same paths.
+
+# ensure_original_backup: ORIGINAL_BACKUP, this run's backup directory, made on first use.
+ensure_original_backup() {
+    [ -z "$ORIGINAL_BACKUP" ] || return 0
+    ORIGINAL_BACKUP=$BACKUP_DIR/original-$(date -u +%Y%m%dT%H%M%SZ)
+    run install -d -m 0700 "$BACKUP_DIR" "$ORIGINAL_BACKUP"
+}
+
+original_backup_hint() {
+    [ -n "$ORIGINAL_BACKUP" ] && [ "$DRY_RUN" -eq 0 ] || return 0
+    printf "error: the original proxy's files are in %s; --uninstall --restore-original puts them back\n" \
+        "$ORIGINAL_BACKUP" >&2
+}
+
+# retire_original_file PATH HOW: move (HOW=mv) or copy (HOW=cp, for a file this run replaces
+# anyway) PATH, under ROOT, into the backup directory under its own path.
+retire_original_file() {
+    local path=$1 how=$2 dest
+    ensure_original_backup
+    dest=$ORIGINAL_BACKUP/${path#"$ROOT"/}
+    if [ "$how" = mv ]; then report_changed "original proxy: $path moved to $dest"
+    else report_changed "original proxy: $path copied to $dest"; fi
+    run install -d -m 0700 "${dest%/*}"
+    if [ "$how" = mv ]; then run mv "$path" "$dest"; else run cp -p "$path" "$dest"; fi
+}
+
+is_original_unit() { [ -f "$1" ] && grep -q "$ORIGINAL_UNIT_MARK" "$1"; }
+
+# The original's binary in our binary's place (older releases): a Go program, ours a zipapp.
+is_original_binary() {
+    local magic
+    [ -f "$BIN" ] || return 1
+    magic=$(head -c 4 "$BIN" | od -An -tx1 | tr -d ' \n')
+    [ "$magic" = 7f454c46 ]
+}
+
+original_units_present() {
+    local unit
+    for unit in "${ORIGINAL_UNITS[@]}"; do [ -f "$UNIT_DIR/$unit" ] && return 0; done
+    return 1
+}
+
+stop_original_units() {
+    local unit
+    for unit in "${ORIGINAL_UNITS[@]}"; do
+        [ -f "$UNIT_DIR/$unit" ] || continue
+        report_changed "original proxy: $unit stopped and disabled"
+        run systemctl disable --now --quiet "$unit" \
+            || err "could not stop the original proxy's $unit; nothing of it was moved"
+    done
+}
+
+take_over_original() {
+    local unit path found=0
+    if original_units_present; then
+        found=1
+        stop_original_units
+        for unit in "${ORIGINAL_UNITS[@]}"; do
+            [ -f "$UNIT_DIR/$unit" ] && retire_original_file "$UNIT_DIR/$unit" mv
+        done
+        run systemctl daemon-reload
+    fi
+    for path in "${ORIGINAL_FILES[@]}"; do
+        [ -f "$ROOT$path" ] || continue
+        found=1
+        retire_original_file "$ROOT$path" mv
+    done
+    # Both replaced by this run's own (install_units, install_binary).
+    if is_original_unit "$UNIT_DIR/$SERVICE"; then found=1; retire_original_file "$UNIT_DIR/$SERVICE" cp; fi
+    if is_original_binary; then found=1; retire_original_file "$BIN" cp; fi
+    if [ "$found" -eq 1 ]; then
+        note "the original proxy was taken over: its files are in $ORIGINAL_BACKUP; to go back: install-sensor-proxy.sh --uninstall --restore-original"
+    elif [ -z "$(original_wrappers)" ]; then
+        report_ok "original proxy: nothing of it left"
+    fi
+}
+
+original_wrappers() {
+    local path
+    for path in "${ORIGINAL_WRAPPERS[@]}"; do [ ! -f "$ROOT$path" ] || printf '%s\n' "$ROOT$path"; done
+}
+
+# After keys push upgraded every node's line, nothing runs the original's forced commands.
+retire_original_wrappers() {
+    local path
+    [ -n "$(original_wrappers)" ] || return 0
+    if [ "$KEYS_PUSHED" -eq 0 ]; then
+        note "the original proxy's forced commands ($(original_wrappers | tr '\n' ' ')) were kept: some nodes may still run them; run this again once every node has the new key line"
+        return 0
+    fi
+    while read -r path; do retire_original_file "$path" mv; done < <(original_wrappers)
+    # Left empty by the moves (rmdir leaves a directory that still holds something).
+    run rmdir --ignore-fail-on-non-empty "$ROOT$ORIGINAL_HOME/bin" "$ROOT$ORIGINAL_HOME" \
+        "$ROOT/usr/local/libexec/pulse-sensor-proxy" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------- 5 config
@@ -980,6 +1100,7 @@ push_keys() {
     if proxy keys push --config "$CONFIG" "${dry[@]}" >"$WORK/push.out" 2>&1; then
         [ "$QUIET" -eq 1 ] || sed 's/^/         /' "$WORK/push.out"
         report_ok "node keys pushed to: $(cluster_nodes | tr '\n' ' ')"
+        KEYS_PUSHED=1
     else
         warn "pushing the proxy's key to the nodes failed: $(tail -n 3 "$WORK/push.out")"
         note "some nodes lack the proxy's key; fix their SSH access and run: pulse-sensor-proxy keys push"
@@ -1681,6 +1802,7 @@ do_install() {
     ensure_cluster_group
     ensure_directories
     select_binary
+    take_over_original
     install_binary
     ensure_config
     ensure_https_mode
@@ -1689,6 +1811,7 @@ do_install() {
     ensure_rotation_timer
     ensure_cleanup_path
     push_keys
+    retire_original_wrappers
     local id
     for id in "${CTIDS[@]}"; do connect_container "$id"; done
 }

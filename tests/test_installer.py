@@ -8,6 +8,7 @@ import os
 import pty
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -373,7 +374,7 @@ class TestSourceSubnets:
 
 
 def test_shellcheck_clean():
-    scripts = [SCRIPT, PVE_BIN / "pct", PVE_BIN / "pvecm"]
+    scripts = [SCRIPT, PVE_BIN / "pct", PVE_BIN / "pvecm", *sorted((REPO / "tests/fixtures/original/bin").glob("*.sh"))]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
@@ -966,3 +967,176 @@ def test_python_older_than_the_pyz_needs_stops_before_any_change(tmp_path):
     assert result.returncode == 1
     assert result.stderr == "error: python3 >= 3.11 is required, found 3.9 (Proxmox VE 8 or later has it)\n"
     assert snapshot_tree(root) == before
+
+
+ORIGINAL = REPO / "tests/fixtures/original"
+ORIGINAL_UNITS = ("pulse-sensor-proxy-selfheal.timer", "pulse-sensor-proxy-selfheal.service",
+                  "pulse-sensor-cleanup.path", "pulse-sensor-cleanup.service")
+ORIGINAL_HOME = "opt/pulse/sensor-proxy"
+# What the original's installer moves in place, relative to the root (fixtures/original/bin).
+ORIGINAL_FILES = {f"{ORIGINAL_HOME}/bin/pulse-sensor-proxy": "pulse-sensor-proxy",
+                  f"{ORIGINAL_HOME}/bin/pulse-sensor-proxy-selfheal.sh": "pulse-sensor-proxy-selfheal.sh",
+                  f"{ORIGINAL_HOME}/bin/pulse-sensor-cleanup.sh": "pulse-sensor-cleanup.sh",
+                  f"{ORIGINAL_HOME}/install-sensor-proxy.sh": "install-sensor-proxy.sh"}
+ORIGINAL_WRAPPERS = {f"{ORIGINAL_HOME}/bin/pulse-sensor-wrapper.sh": "pulse-sensor-wrapper.sh",
+                     "usr/local/libexec/pulse-sensor-proxy/temp-wrapper.sh": "pulse-sensor-wrapper.sh"}
+
+
+def original_host(root):
+    """ROOT as the original proxy's installer (Pulse v5.0.17) leaves a host: its units (the
+    self-heal timer and the clean-up path enabled), helpers, binary, installer copy, key,
+    config in its vocabulary and the rest of its state. Returns the key's bytes."""
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    for unit in (*ORIGINAL_UNITS, "pulse-sensor-proxy.service"):
+        shutil.copy(ORIGINAL / "units" / unit, units / unit)
+    for wants, unit in (("timers.target.wants", "pulse-sensor-proxy-selfheal.timer"),
+                        ("multi-user.target.wants", "pulse-sensor-cleanup.path"),
+                        ("multi-user.target.wants", "pulse-sensor-proxy.service")):
+        (units / wants).mkdir(exist_ok=True)
+        (units / wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+    for path, fixture in {**ORIGINAL_FILES, **ORIGINAL_WRAPPERS}.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ORIGINAL / "bin" / fixture, root / path)
+    ssh = root / "var/lib/pulse-sensor-proxy/ssh"
+    ssh.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pulse-sensor-proxy",
+                    "-f", str(ssh / "id_ed25519")], check=True)
+    original_config(root)
+    conf = root / "etc/pulse-sensor-proxy"
+    (conf / "ctid").write_text("105\n")
+    (conf / "pending-control-plane.env").write_text("PENDING_PULSE_SERVER=https://pulse.example:7655\n")
+    (conf / ".pulse-control-token").write_text("control-token\n")
+    (root / "var/log/pulse/sensor-proxy").mkdir(parents=True)
+    (root / "var/log/pulse/sensor-proxy/audit.log").write_text('{"event": "connection_accepted"}\n')
+    return (ssh / "id_ed25519").read_bytes()
+
+
+def takeover(root, script, systemctl="exit 0"):
+    """SCRIPT run with the installer's functions, ROOT as the host and a systemctl stand-in
+    (shell SYSTEMCTL after logging its arguments to ROOT/../systemctl.log)."""
+    log = root.parent / "systemctl.log"
+    bins = stub(root.parent / "bin", "systemctl", f'echo "$*" >>"{log}"\n{systemctl}')
+    result = sourced(script, env={"PULSE_INSTALL_ROOT": str(root), "PATH": f"{bins}:{os.environ['PATH']}"})
+    return result, (log.read_text().splitlines() if log.exists() else [])
+
+
+class TestTakeOverTheOriginal:
+    """The original's self-heal reinstalls it whenever pulse-sensor-proxy.service is missing or
+    fails: its units stop first, then its files move (never deleted) into one backup."""
+
+    def test_units_stopped_first_then_everything_moved_keeping_the_key(self, tmp_path):
+        root = tmp_path / "root"
+        key = original_host(root)
+        before = {path: (root / path).read_bytes() for path in ORIGINAL_FILES}
+        unit_texts = {unit: (root / "etc/systemd/system" / unit).read_bytes()
+                      for unit in (*ORIGINAL_UNITS, "pulse-sensor-proxy.service")}
+        result, calls = takeover(root, 'take_over_original; echo "backup=$ORIGINAL_BACKUP"; '
+                                       'printf "note: %s\\n" "${NOTES[@]}"')
+        assert result.returncode == 0, result.stderr
+        assert calls == [f"disable --now --quiet {unit}" for unit in ORIGINAL_UNITS] + ["daemon-reload"]
+        backup = Path(result.stdout.split("backup=")[1].split("\n")[0])
+        assert backup.parent == root / "var/backups/pulse-sensor-proxy"
+        assert backup.name.startswith("original-") and stat.S_IMODE(backup.stat().st_mode) == 0o700
+        for path, text in before.items():
+            assert not (root / path).exists(), path
+            assert (backup / path).read_bytes() == text, path
+            assert (backup / path).stat().st_mode & 0o111, "moved with its mode"
+        for unit, text in unit_texts.items():
+            assert (backup / "etc/systemd/system" / unit).read_bytes() == text
+        for unit in ORIGINAL_UNITS:
+            assert not (root / "etc/systemd/system" / unit).exists()
+        assert (root / "etc/systemd/system/pulse-sensor-proxy.service").exists(), \
+            "copied: this run's own unit replaces it"
+        for path in ORIGINAL_WRAPPERS:
+            assert (root / path).exists(), "the nodes' forced commands stay until keys push"
+        assert (root / "var/lib/pulse-sensor-proxy/ssh/id_ed25519").read_bytes() == key
+        for unit in ORIGINAL_UNITS:
+            assert f"changed  original proxy: {unit} stopped and disabled\n" in result.stdout
+        assert (f"note: the original proxy was taken over: its files are in {backup}; to go back: "
+                "install-sensor-proxy.sh --uninstall --restore-original") in result.stdout
+
+    def test_second_run_finds_nothing_left(self, tmp_path):
+        root = tmp_path / "root"
+        original_host(root)
+        first, _ = takeover(root, 'take_over_original; '
+                                  'unit_text pulse-sensor-proxy.service >"$UNIT_DIR/$SERVICE"; '
+                                  'KEYS_PUSHED=1; retire_original_wrappers')
+        assert first.returncode == 0, first.stderr
+        for path in ORIGINAL_WRAPPERS:
+            assert not (root / path).exists()
+        assert not (root / ORIGINAL_HOME).exists(), "its emptied directories go too"
+        tree = snapshot_tree(root)
+        again, calls = takeover(root, 'take_over_original; KEYS_PUSHED=1; retire_original_wrappers; '
+                                      'echo "changes: $CHANGES"')
+        assert "ok       original proxy: nothing of it left\n" in again.stdout
+        assert "changes: 0" in again.stdout
+        assert snapshot_tree(root) == tree
+        assert len(calls) == 5, "the second run called systemctl not once"
+
+    def test_wrappers_kept_while_a_node_may_still_run_them(self, tmp_path):
+        root = tmp_path / "root"
+        original_host(root)
+        result, _ = takeover(root, 'take_over_original; KEYS_PUSHED=0; retire_original_wrappers; '
+                                   'printf "note: %s\\n" "${NOTES[@]}"')
+        assert result.returncode == 0, result.stderr
+        for path in ORIGINAL_WRAPPERS:
+            assert (root / path).read_bytes() == (ORIGINAL / "bin/pulse-sensor-wrapper.sh").read_bytes()
+        assert "note: the original proxy's forced commands (" in result.stdout
+        assert "run this again once every node has the new key line" in result.stdout
+
+    def test_an_older_release_binary_in_our_place_is_backed_up(self, tmp_path):
+        """Releases before /opt/pulse: the Go binary at /usr/local/bin/pulse-sensor-proxy."""
+        root = tmp_path / "root"
+        binary = root / "usr/local/bin/pulse-sensor-proxy"
+        binary.parent.mkdir(parents=True)
+        binary.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(64))
+        result, calls = takeover(root, 'take_over_original; echo "backup=$ORIGINAL_BACKUP"')
+        assert result.returncode == 0, result.stderr
+        backup = Path(result.stdout.split("backup=")[1].strip())
+        assert (backup / "usr/local/bin/pulse-sensor-proxy").read_bytes() == binary.read_bytes()
+        assert calls == [], "no unit of the original: nothing to stop"
+
+    def test_our_own_binary_and_unit_are_not_the_original(self, tmp_path):
+        root = tmp_path / "root"
+        (root / "usr/local/bin").mkdir(parents=True)
+        shutil.copy(REPO / "pulse_sensor_proxy.py", root / "usr/local/bin/pulse-sensor-proxy")
+        (root / "etc/systemd/system").mkdir(parents=True)
+        shutil.copy(UNITS / "pulse-sensor-proxy.service", root / "etc/systemd/system")
+        tree = snapshot_tree(root)
+        result, calls = takeover(root, "take_over_original")
+        assert result.stdout == "ok       original proxy: nothing of it left\n"
+        assert snapshot_tree(root) == tree and calls == []
+
+    def test_a_unit_that_does_not_stop_moves_nothing(self, tmp_path):
+        root = tmp_path / "root"
+        original_host(root)
+        tree = snapshot_tree(root)
+        result, _ = takeover(root, "take_over_original",
+                             systemctl='case "$*" in *selfheal.service*) echo "Failed to stop" >&2; exit 1;; esac')
+        assert result.returncode == 1
+        assert ("error: could not stop the original proxy's pulse-sensor-proxy-selfheal.service; "
+                "nothing of it was moved") in result.stderr
+        assert snapshot_tree(root) == tree
+
+    def test_dry_run_prints_every_step_and_changes_nothing(self, tmp_path):
+        root, env = host_tree(tmp_path)
+        original_host(root)
+        pyz = tmp_path / "pulse-sensor-proxy.pyz"
+        shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+        before = snapshot_tree(root)
+        result = installer("--dry-run", "--ctid", "105", "--pyz", str(pyz), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert snapshot_tree(root) == before
+        backup = str(root / "var/backups/pulse-sensor-proxy/original-")
+        for unit in ORIGINAL_UNITS:
+            assert f"would    original proxy: {unit} stopped and disabled\n" in result.stdout
+            assert f"would run: systemctl disable --now --quiet {unit}\n" in result.stdout
+            assert f"would    original proxy: {root}/etc/systemd/system/{unit} moved to {backup}" in result.stdout
+        for path in ORIGINAL_FILES:
+            assert f"would    original proxy: {root}/{path} moved to {backup}" in result.stdout
+        assert (f"would    original proxy: {root}/etc/systemd/system/pulse-sensor-proxy.service "
+                f"copied to {backup}") in result.stdout
+        config = root / "etc/pulse-sensor-proxy/config.yaml"
+        assert f"would    config {config} rewritten from the original proxy's vocabulary" in result.stdout
+        assert "nothing was changed" in result.stdout
