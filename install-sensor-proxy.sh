@@ -67,7 +67,12 @@ STEPS (each idempotent, each reported in one line: "ok" already in place, "chang
   2 service account pulse-sensor-proxy (system user, own group, no home, /usr/sbin/nologin)
   3 directories: /var/lib/pulse-sensor-proxy 0750, ssh/ 0700 (keys 0600/0640),
     ssh.d/{next,prev} 0750, /etc/pulse-sensor-proxy 0750
-  4 binary /usr/local/bin/pulse-sensor-proxy, swapped atomically; if the new version does not
+  4 the original proxy (Pulse's own, installed by Pulse's installer), if found: its self-heal
+    timer and service, then its clean-up path unit, stopped and disabled (the self-heal would
+    reinstall it); their units, its helpers, binary and installer copy moved to
+    /var/backups/pulse-sensor-proxy/original-<time>/ (its key and state are kept where they
+    are; its forced commands for the nodes move once every node has the new key line)
+    binary /usr/local/bin/pulse-sensor-proxy, swapped atomically; if the new version does not
     start, the previous binary is put back
   5 /etc/pulse-sensor-proxy/config.yaml created or merged (your edits are kept), validated first;
     allowed_source_subnets always explicit (the daemon's sandbox cannot see this host's addresses);
