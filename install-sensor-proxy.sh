@@ -14,7 +14,7 @@ socket that this script bind-mounts into them, so no SSH key ever has to live in
 USAGE
   curl -fsSL <url>/install-sensor-proxy.sh | bash -s -- --ctid 105 --version V --url BASE
   bash install-sensor-proxy.sh --pyz ./pulse-sensor-proxy-x86_64.pyz --ctid 105
-  bash install-sensor-proxy.sh --uninstall [--purge]
+  bash install-sensor-proxy.sh --uninstall [--purge | --restore-original]
   bash install-sensor-proxy.sh             (on a terminal: a menu)
 
 WHAT TO INSTALL (one of; none keeps the binary already installed)
@@ -58,6 +58,11 @@ OPTIONS
                          on every node, remove only this script's lines from container configs,
                          remove the HTTPS token and TLS files; state (/var/lib/pulse-sensor-proxy) and config are kept
   --purge                with --uninstall: also remove state, config and the service account
+  --restore-original     with --uninstall, on a host taken over from the original proxy: put
+                         its files back from the newest /var/backups/pulse-sensor-proxy/original-*/
+                         and its config from config.yaml.bak, and start it again; the key, its
+                         lines on the nodes, the containers' mount lines, /run/pulse-sensor-proxy
+                         and the TLS files stay, as it uses them too
   --dry-run              print every action, change nothing
   --quiet                print only warnings, errors and the summary
   -h, --help             this manual
@@ -173,6 +178,7 @@ ROTATION=0
 ALLOW_CLEANUP=0
 NO_RESTART=0
 PURGE=0
+RESTORE_ORIGINAL=0
 DRY_RUN=0
 QUIET=0
 HTTP_MODE=0
@@ -195,6 +201,7 @@ CONFIG_CHANGED=0
 CONFIG_MIGRATED=0
 CONFIG_SOURCE=$CONFIG
 ORIGINAL_BACKUP=
+ORIGINAL_MOVED=()
 KEYS_PUSHED=0
 CHANGES=0
 declare -A CT_UID_RANGES=()
@@ -260,6 +267,7 @@ parse_args() {
             --no-restart) NO_RESTART=1 ;;
             --uninstall) ACTION=uninstall ;;
             --purge) PURGE=1 ;;
+            --restore-original) RESTORE_ORIGINAL=1 ;;
             --dry-run) DRY_RUN=1 ;;
             --quiet) QUIET=1 ;;
             --http-mode) parse_http_arg "$1" ;;
@@ -279,6 +287,9 @@ parse_args() {
         && usage_err "--allow-cleanup goes with --ctid (root on this host may request clean-ups anyway)"
     check_http_args
     [ "$PURGE" -eq 1 ] && [ "$ACTION" != uninstall ] && usage_err "--purge goes with --uninstall"
+    [ "$RESTORE_ORIGINAL" -eq 1 ] && [ "$ACTION" != uninstall ] && usage_err "--restore-original goes with --uninstall"
+    [ "$RESTORE_ORIGINAL" -eq 1 ] && [ "$PURGE" -eq 1 ] \
+        && usage_err "--restore-original and --purge exclude each other (the original needs the state and config)"
     [ -n "$PYZ" ] && [ -n "$VERSION$URL" ] && usage_err "--pyz and --version/--url exclude each other"
     if [ -n "$VERSION" ] || [ -n "$URL" ]; then
         if [ -z "$VERSION" ] || [ -z "$URL" ]; then usage_err "--version and --url go together"; fi
@@ -621,6 +632,7 @@ retire_original_file() {
     else report_changed "original proxy: $path copied to $dest"; fi
     run install -d -m 0700 "${dest%/*}"
     if [ "$how" = mv ]; then run mv "$path" "$dest"; else run cp -p "$path" "$dest"; fi
+    ORIGINAL_MOVED+=("${path#"$ROOT"}")
 }
 
 is_original_unit() { [ -f "$1" ] && grep -q "$ORIGINAL_UNIT_MARK" "$1"; }
@@ -667,11 +679,7 @@ take_over_original() {
     # Both replaced by this run's own (install_units, install_binary).
     if is_original_unit "$UNIT_DIR/$SERVICE"; then found=1; retire_original_file "$UNIT_DIR/$SERVICE" cp; fi
     if is_original_binary; then found=1; retire_original_file "$BIN" cp; fi
-    if [ "$found" -eq 1 ]; then
-        note "the original proxy was taken over: its files are in $ORIGINAL_BACKUP; to go back: install-sensor-proxy.sh --uninstall --restore-original"
-    elif [ -z "$(original_wrappers)" ]; then
-        report_ok "original proxy: nothing of it left"
-    fi
+    if [ "$found" -eq 0 ] && [ -z "$(original_wrappers)" ]; then report_ok "original proxy: nothing of it left"; fi
 }
 
 original_wrappers() {
@@ -1134,13 +1142,22 @@ with_ct_lock() {
     return "$status"
 }
 
-# ct_rewrite_conf ID: put our mount entry into the container's config; 0 when it changed.
+# ct_rewrite_conf ID: put our mount entry into the container's config; 0 when it changed
+# what the container mounts, 1 when unchanged, 2 when only the options changed (the original's
+# line gains `optional`): a running container already has that mount.
 ct_rewrite_conf() {
-    local id=$1 conf=$PVE_DIR/lxc/$1.conf legacy
+    local id=$1 conf=$PVE_DIR/lxc/$1.conf legacy mounted
     conf_with_mount "$conf" >"$WORK/$id.conf"
     if cmp -s "$WORK/$id.conf" "$conf"; then
         report_ok "container $id: mount entry in $conf"
         return 1
+    fi
+    mounted=$(ct_socket_paths "$conf")
+    if [ -n "$mounted" ] && [ "$mounted" = "$(ct_socket_paths "$WORK/$id.conf")" ]; then
+        report_changed "container $id: mount entry in $conf gains \`optional\` (the mount is unchanged: no restart)"
+        run cp "$WORK/$id.conf" "$conf.tmp"
+        run mv -f "$conf.tmp" "$conf"
+        return 2
     fi
     legacy=$(conf_legacy_lines "$conf")
     if [ -n "$legacy" ]; then
@@ -1152,10 +1169,9 @@ ct_rewrite_conf() {
     run mv -f "$conf.tmp" "$conf"
 }
 
-# ct_socket_paths ID: the socket's path inside the container, for every mount entry of ours.
+# ct_socket_paths CONF: the socket's path inside the container, for every mount entry of ours.
 ct_socket_paths() {
-    local conf=$PVE_DIR/lxc/$1.conf
-    conf_main_section "$conf" | awk -v RUN_DIR="$RUN_DIR" -v S="$SOCKET_NAME" \
+    conf_main_section "$1" | awk -v RUN_DIR="$RUN_DIR" -v S="$SOCKET_NAME" \
         '$1 == "lxc.mount.entry:" && $2 == RUN_DIR { print "/" $3 "/" S }'
 }
 
@@ -1264,7 +1280,7 @@ migrate_legacy_keys() {
 # only where nothing but a regular file of ours is in the way.
 
 # ct_dir ID: the proxy's directory inside the container, from our mount entry.
-ct_dir() { local sock; sock=$(ct_socket_paths "$1" | head -n 1); printf '%s\n' "${sock%/*}"; }
+ct_dir() { local sock; sock=$(ct_socket_paths "$PVE_DIR/lxc/$1.conf" | head -n 1); printf '%s\n' "${sock%/*}"; }
 
 ct_tmpfiles_text() {
     printf '%s\n' "$CT_FILE_MARK" \
@@ -1529,8 +1545,9 @@ check_container() {
 }
 
 connect_container() {
-    local id=$1 changed=0 may="may read temperatures"
-    if with_ct_lock "$id" ct_rewrite_conf "$id"; then changed=1; fi
+    local id=$1 changed=0 may="may read temperatures" status=0
+    with_ct_lock "$id" ct_rewrite_conf "$id" || status=$?
+    if [ "$status" -eq 0 ]; then changed=1; fi
     if [ "$ALLOW_CLEANUP" -eq 1 ]; then
         may+=" and request clean-ups"
         note "container $id may call request_cleanup (--allow-cleanup): it can have the proxy's key removed from any node, switching that node's temperatures off"
@@ -1576,6 +1593,17 @@ node_reachability() {
     fi
 }
 
+# What a take-over of the original proxy did, and how to go back.
+original_summary() {
+    local pub=$STATE_DIR/ssh/id_ed25519.pub fingerprint
+    [ -n "$ORIGINAL_BACKUP" ] || return 0
+    fingerprint=$(ssh-keygen -lf "$pub" 2>/dev/null | cut -d' ' -f2) || fingerprint=
+    say "original proxy taken over: its key kept (${fingerprint:-$pub}), as its lines on the nodes were upgraded to this proxy's"
+    [ "$CONFIG_MIGRATED" -eq 0 ] || say "  config translated, the original's kept as $CONFIG.bak; allowed_nodes.yaml and the rest of $CONF_DIR kept"
+    say "  moved to $ORIGINAL_BACKUP: ${ORIGINAL_MOVED[*]}"
+    say "  to go back: install-sensor-proxy.sh --uninstall --restore-original"
+}
+
 summary() {
     local item
     say ""
@@ -1593,6 +1621,7 @@ summary() {
     [ "$ACTION" = install ] || return 0
     node_reachability
     for item in "${NOTES[@]}"; do say "note: $item"; done
+    original_summary
     say "check:  pulse-sensor-proxy call get_status"
     say "        journalctl -u ${SERVICE%.service}"
     say "        curl -s $(metrics_url)"
@@ -1858,9 +1887,50 @@ unmount_from_containers() {
     done
 }
 
+# ---------------------------------------------------------------- --restore-original
+
+# newest_original_backup: the newest original-<time> directory the take-over made.
+newest_original_backup() {
+    local dir newest=
+    for dir in "$BACKUP_DIR"/original-*/; do
+        [ -d "$dir" ] && newest=${dir%/}
+    done
+    [ -n "$newest" ] && printf '%s\n' "$newest"
+}
+
+# restore_original DIR: every file of DIR back at its own path, the config in the original's
+# vocabulary back from config.yaml.bak (ours kept as config.yaml.replacement), and the
+# original's units started again. Runs after our units and binary are gone.
+restore_original() {
+    local dir=$1 file path unit
+    while IFS= read -r -d '' file; do
+        path=$ROOT/${file#"$dir"/}
+        report_changed "original proxy: ${path} put back from $dir"
+        run install -d "${path%/*}"
+        run mv -f "$file" "$path"
+    done < <(find "$dir" -type f -print0 | sort -z)
+    if [ -f "$CONFIG.bak" ]; then
+        report_changed "config $CONFIG: the original's put back from $CONFIG.bak (this proxy's kept as $CONFIG.replacement)"
+        run cp -p "$CONFIG" "$CONFIG.replacement"
+        run cp -p "$CONFIG.bak" "$CONFIG"
+    fi
+    run systemctl daemon-reload
+    for unit in "$SERVICE" pulse-sensor-proxy-selfheal.timer pulse-sensor-cleanup.path; do
+        [ -f "$UNIT_DIR/$unit" ] || continue
+        report_changed "original proxy: $unit enabled and started"
+        run systemctl enable --now --quiet "$unit" || warn "the original proxy's $unit did not start; see: journalctl -u $unit -n 50"
+    done
+    run find "$dir" -depth -type d -empty -delete
+}
+
 do_uninstall() {
-    local unit
+    local unit original=
     [ "$(id -u)" -eq 0 ] || err "run as root"
+    if [ "$RESTORE_ORIGINAL" -eq 1 ]; then
+        original=$(newest_original_backup) \
+            || err "no backup of the original proxy in $BACKUP_DIR/original-*: nothing was taken over on this host"
+        say "restoring the original proxy from $original"
+    fi
     if command -v pvecm >/dev/null || [ -d "$PVE_DIR" ]; then IS_PVE=1; fi
     for unit in "$ROTATION_TIMER" "${UNITS[@]}"; do
         if [ -f "$UNIT_DIR/$unit" ]; then
@@ -1869,13 +1939,15 @@ do_uninstall() {
         fi
     done
     # Kept across stops (RuntimeDirectoryPreserve=yes, for the containers' bind mounts): gone
-    # only with the service.
-    if [ -d "$ROOT$RUN_DIR" ]; then
+    # only with the service, or kept for the original's, which serves the same directory.
+    if [ -d "$ROOT$RUN_DIR" ] && [ -z "$original" ]; then
         report_changed "$RUN_DIR removed"
         run rm -rf "$ROOT$RUN_DIR"
     fi
-    revoke_proxy_keys
-    [ "$IS_PVE" -eq 1 ] && unmount_from_containers
+    if [ -z "$original" ]; then
+        revoke_proxy_keys
+        [ "$IS_PVE" -eq 1 ] && unmount_from_containers
+    fi
     for unit in "${UNITS[@]}"; do
         if [ -f "$UNIT_DIR/$unit" ]; then
             report_changed "unit $UNIT_DIR/$unit removed"
@@ -1888,6 +1960,11 @@ do_uninstall() {
     if [ -e "$BIN" ]; then
         report_changed "binary $BIN removed"
         run rm -f "$BIN" "$BIN.previous"
+    fi
+    if [ -n "$original" ]; then
+        restore_original "$original"
+        say "kept for the original proxy: its key in $STATE_DIR/ssh and its lines on the nodes, the containers' mount lines and the files this script wrote into them, $RUN_DIR, $TLS_DIR"
+        return 0
     fi
     remove_https_material
     if [ "$PURGE" -eq 0 ]; then

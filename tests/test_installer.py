@@ -975,9 +975,9 @@ ORIGINAL_UNITS = ("pulse-sensor-proxy-selfheal.timer", "pulse-sensor-proxy-selfh
 ORIGINAL_HOME = "opt/pulse/sensor-proxy"
 # What the original's installer moves in place, relative to the root (fixtures/original/bin).
 ORIGINAL_FILES = {f"{ORIGINAL_HOME}/bin/pulse-sensor-proxy": "pulse-sensor-proxy",
+                  f"{ORIGINAL_HOME}/install-sensor-proxy.sh": "install-sensor-proxy.sh",
                   f"{ORIGINAL_HOME}/bin/pulse-sensor-proxy-selfheal.sh": "pulse-sensor-proxy-selfheal.sh",
-                  f"{ORIGINAL_HOME}/bin/pulse-sensor-cleanup.sh": "pulse-sensor-cleanup.sh",
-                  f"{ORIGINAL_HOME}/install-sensor-proxy.sh": "install-sensor-proxy.sh"}
+                  f"{ORIGINAL_HOME}/bin/pulse-sensor-cleanup.sh": "pulse-sensor-cleanup.sh"}
 ORIGINAL_WRAPPERS = {f"{ORIGINAL_HOME}/bin/pulse-sensor-wrapper.sh": "pulse-sensor-wrapper.sh",
                      "usr/local/libexec/pulse-sensor-proxy/temp-wrapper.sh": "pulse-sensor-wrapper.sh"}
 
@@ -1031,8 +1031,7 @@ class TestTakeOverTheOriginal:
         before = {path: (root / path).read_bytes() for path in ORIGINAL_FILES}
         unit_texts = {unit: (root / "etc/systemd/system" / unit).read_bytes()
                       for unit in (*ORIGINAL_UNITS, "pulse-sensor-proxy.service")}
-        result, calls = takeover(root, 'take_over_original; echo "backup=$ORIGINAL_BACKUP"; '
-                                       'printf "note: %s\\n" "${NOTES[@]}"')
+        result, calls = takeover(root, 'take_over_original; echo "backup=$ORIGINAL_BACKUP"; original_summary')
         assert result.returncode == 0, result.stderr
         assert calls == [f"disable --now --quiet {unit}" for unit in ORIGINAL_UNITS] + ["daemon-reload"]
         backup = Path(result.stdout.split("backup=")[1].split("\n")[0])
@@ -1053,8 +1052,13 @@ class TestTakeOverTheOriginal:
         assert (root / "var/lib/pulse-sensor-proxy/ssh/id_ed25519").read_bytes() == key
         for unit in ORIGINAL_UNITS:
             assert f"changed  original proxy: {unit} stopped and disabled\n" in result.stdout
-        assert (f"note: the original proxy was taken over: its files are in {backup}; to go back: "
-                "install-sensor-proxy.sh --uninstall --restore-original") in result.stdout
+        fingerprint = subprocess.run(["ssh-keygen", "-lf", f"{root}/var/lib/pulse-sensor-proxy/ssh/id_ed25519.pub"],
+                                     capture_output=True, text=True, check=True).stdout.split()[1]
+        assert f"original proxy taken over: its key kept ({fingerprint})" in result.stdout
+        moved = " ".join(f"/{path}" for path in (*(f"etc/systemd/system/{unit}" for unit in ORIGINAL_UNITS),
+                                                 *ORIGINAL_FILES, "etc/systemd/system/pulse-sensor-proxy.service"))
+        assert f"  moved to {backup}: {moved}\n" in result.stdout
+        assert "  to go back: install-sensor-proxy.sh --uninstall --restore-original\n" in result.stdout
 
     def test_second_run_finds_nothing_left(self, tmp_path):
         root = tmp_path / "root"
@@ -1140,3 +1144,109 @@ class TestTakeOverTheOriginal:
         config = root / "etc/pulse-sensor-proxy/config.yaml"
         assert f"would    config {config} rewritten from the original proxy's vocabulary" in result.stdout
         assert "nothing was changed" in result.stdout
+
+
+class TestRestoreOriginal:
+    """--uninstall --restore-original: this proxy removed, the original's files back from the
+    newest backup, its config from config.yaml.bak, its units started again."""
+
+    def taken_over(self, tmp_path):
+        """ROOT after a take-over and this proxy's install: our units, binary and translated
+        config in place. Returns (root, {path: bytes} of the original's files and config)."""
+        root = tmp_path / "root"
+        key = original_host(root)
+        (root / "etc/pve/lxc").mkdir(parents=True)
+        (root / "etc/pve/lxc/105.conf").write_text(PLAIN + DEFAULT_ENTRY + "\n")
+        config = root / "etc/pulse-sensor-proxy/config.yaml"
+        originals = {path: (root / path).read_bytes()
+                     for path in (*ORIGINAL_FILES, *ORIGINAL_WRAPPERS, "etc/pulse-sensor-proxy/config.yaml",
+                                  *(f"etc/systemd/system/{unit}" for unit in (*ORIGINAL_UNITS, "pulse-sensor-proxy.service")))}
+        result, _ = takeover(root, 'take_over_original; KEYS_PUSHED=1; retire_original_wrappers; '
+                                   'for u in "${UNITS[@]}"; do unit_text "$u" >"$UNIT_DIR/$u"; done')
+        assert result.returncode == 0, result.stderr
+        shutil.copy(config, f"{config}.bak")
+        config.write_text("log_level: info\n")
+        (root / "usr/local/bin").mkdir(parents=True)
+        shutil.copy(REPO / "pulse_sensor_proxy.py", root / "usr/local/bin/pulse-sensor-proxy")
+        (root / "run/pulse-sensor-proxy").mkdir(parents=True)
+        return root, originals, key
+
+    def test_files_config_and_units_come_back(self, tmp_path):
+        root, originals, key = self.taken_over(tmp_path)
+        (tmp_path / "systemctl.log").unlink()
+        result, calls = takeover(root, 'RESTORE_ORIGINAL=1; do_uninstall')
+        assert result.returncode == 0, result.stdout + result.stderr
+        for path, text in originals.items():
+            assert (root / path).read_bytes() == text, path
+        assert (root / "etc/pulse-sensor-proxy/config.yaml.replacement").read_text() == "log_level: info\n"
+        assert (root / "var/lib/pulse-sensor-proxy/ssh/id_ed25519").read_bytes() == key
+        assert not (root / "usr/local/bin/pulse-sensor-proxy").exists()
+        for unit in ("pulse-sensor-proxy-key-rotation.timer", "pulse-sensor-proxy-cleanup.path"):
+            assert not (root / "etc/systemd/system" / unit).exists()
+        assert (root / "run/pulse-sensor-proxy").is_dir(), "the containers' mounts point at it"
+        assert (root / "etc/pve/lxc/105.conf").read_text() == PLAIN + DEFAULT_ENTRY + "\n"
+        assert calls[-3:] == [f"enable --now --quiet {unit}" for unit in
+                              ("pulse-sensor-proxy.service", "pulse-sensor-proxy-selfheal.timer", "pulse-sensor-cleanup.path")]
+        assert "daemon-reload" in calls[-4]
+        assert not list((root / "var/backups/pulse-sensor-proxy").glob("original-*")), "emptied and removed"
+        assert "revoked" not in result.stdout
+
+    def test_without_a_backup_nothing_changes(self, tmp_path):
+        root = tmp_path / "root"
+        (root / "etc/systemd/system").mkdir(parents=True)
+        shutil.copy(UNITS / "pulse-sensor-proxy.service", root / "etc/systemd/system")
+        tree = snapshot_tree(root)
+        result, calls = takeover(root, 'RESTORE_ORIGINAL=1; do_uninstall')
+        assert result.returncode == 1
+        assert "error: no backup of the original proxy in " in result.stderr
+        assert "nothing was taken over on this host" in result.stderr
+        assert snapshot_tree(root) == tree and calls == []
+
+    def test_dry_run_changes_nothing(self, tmp_path):
+        root, _, _ = self.taken_over(tmp_path)
+        tree = snapshot_tree(root)
+        result, _ = takeover(root, 'RESTORE_ORIGINAL=1; DRY_RUN=1; do_uninstall')
+        assert result.returncode == 0, result.stderr
+        assert "would    original proxy: " in result.stdout and " put back from " in result.stdout
+        assert snapshot_tree(root) == tree
+
+    @pytest.mark.parametrize("args, message", [
+        (["--restore-original"], "--restore-original goes with --uninstall"),
+        (["--uninstall", "--purge", "--restore-original"], "--restore-original and --purge exclude each other"),
+    ])
+    def test_usage(self, args, message):
+        result = installer(*args)
+        assert result.returncode == 2 and message in result.stderr
+
+
+class TestOriginalMountLine:
+    """The original's line (its installer, line 3200) gains `optional`; the mount is the same,
+    so a running container is not restarted for it."""
+
+    def rewrite(self, tmp_path, text):
+        root = tmp_path / "root"
+        (root / "etc/pve/lxc").mkdir(parents=True)
+        conf = root / "etc/pve/lxc/105.conf"
+        conf.write_text(text)
+        result = sourced('status=0; ct_rewrite_conf 105 || status=$?; echo "status=$status"',
+                         env={"PULSE_INSTALL_ROOT": str(root)})
+        return result, conf.read_text()
+
+    def test_only_optional_added_means_no_restart(self, tmp_path):
+        original = "lxc.mount.entry: /run/pulse-sensor-proxy mnt/pulse-proxy none bind,create=dir 0 0\n"
+        result, text = self.rewrite(tmp_path, PLAIN + original)
+        assert text == PLAIN + DEFAULT_ENTRY + "\n"
+        assert "status=2" in result.stdout
+        assert "gains `optional` (the mount is unchanged: no restart)" in result.stdout
+
+    def test_a_mount_point_line_still_restarts(self, tmp_path):
+        result, text = self.rewrite(tmp_path, PLAIN + "mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy\n")
+        assert text == PLAIN + DEFAULT_ENTRY + "\n" and "status=0" in result.stdout
+
+    def test_a_path_under_run_still_restarts(self, tmp_path):
+        result, text = self.rewrite(tmp_path, PLAIN + OLD_ENTRY.replace(",optional", "") + "\n")
+        assert text == PLAIN + DEFAULT_ENTRY + "\n" and "status=0" in result.stdout
+
+    def test_in_place_already(self, tmp_path):
+        result, _ = self.rewrite(tmp_path, PLAIN + DEFAULT_ENTRY + "\n")
+        assert "status=1" in result.stdout
