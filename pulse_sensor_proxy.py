@@ -2726,6 +2726,16 @@ def parse_known_hosts(text):
     return asyncssh.import_known_hosts("\n".join(usable) + "\n"), skipped
 
 
+def known_host_keys(matcher, node, port):
+    """(trusted, revoked) keys the matcher holds for the node at `port`: by its name, by its
+    host when that is another name, and by its address when the host is one (asyncssh takes
+    only an IP literal as the address; a node given by name alone has none yet)."""
+    address = node.host if is_address(node.host) else ""
+    hosts = [node.name] + ([node.host] if not address and node.host.lower() != node.name.lower() else [])
+    matches = [matcher.match(host, address, port) for host in hosts]
+    return [key for m in matches for key in m[0]], [key for m in matches for key in m[2]]
+
+
 def names_host(patterns, names):
     """Whether a known_hosts host field (`a,b,[c]:2222`) names one of `names`."""
     return any(p.lstrip("!").removeprefix("[").split("]:")[0].lower() in names
@@ -3133,8 +3143,7 @@ class NodePool:
             if fail_closed and names_host(patterns, names):
                 raise FetchError(f"ssh: cannot use {path} line {number}: the host key of {node.name} "
                                  "there does not decode")
-        match = matcher.match(node.name, node.host, port)
-        return list(match[0]), list(match[2])
+        return known_host_keys(matcher, node, port)
 
     def pin_host_key(self, node, server_key):
         """Trust on first use: remember a new node's key in our known_hosts."""

@@ -170,6 +170,21 @@ def test_pin_that_disagrees_with_the_cluster_is_the_changed_key_alarm(cluster, b
     assert node.exec_count() == 1
 
 
+@pytest.mark.parametrize("node, line", [
+    (psp.Node("pve2"), "pve2"),                              # by name alone, as the original's allowed_nodes
+    (psp.Node("pve2", "10.99.0.2"), "10.99.0.2"),
+    (psp.Node("pve2", "pve2.lab"), "pve2.lab"),
+    (psp.Node("pve2", "10.99.0.2", 2202), "[10.99.0.2]:2202"),
+])
+def test_known_host_keys_of_a_node_by_name_address_or_host(tmp_path, node, line):
+    """A node given by name has no address yet: asyncssh takes only an IP literal as one."""
+    key = " ".join(make_keypair(tmp_path).public_line.split()[:2])
+    matcher, _ = psp.parse_known_hosts(f"{line} {key}\nother {key}\n")
+    trusted, revoked = psp.known_host_keys(matcher, node, node.port or 22)
+    assert [k.export_public_key().decode().strip() for k in trusted] == [key] and revoked == []
+    assert psp.known_host_keys(matcher, psp.Node("pve3"), 22) == ([], [])
+
+
 def test_corrupt_known_hosts_fails_closed(cluster):
     daemon, (node,) = cluster(1)
     (daemon.base / "state" / "known_hosts").write_text("[127.0.0.1]:1 ssh-ed25519 !!!notbase64\n")
