@@ -670,6 +670,8 @@ take_over_original() {
             [ -f "$UNIT_DIR/$unit" ] && retire_original_file "$UNIT_DIR/$unit" mv
         done
         run systemctl daemon-reload
+        # A self-heal run stopped halfway counts as failed; it would stay listed until this.
+        run systemctl reset-failed "${ORIGINAL_UNITS[@]}" 2>/dev/null || true
     fi
     for path in "${ORIGINAL_FILES[@]}"; do
         [ -f "$ROOT$path" ] || continue

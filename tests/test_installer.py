@@ -1033,7 +1033,8 @@ class TestTakeOverTheOriginal:
                       for unit in (*ORIGINAL_UNITS, "pulse-sensor-proxy.service")}
         result, calls = takeover(root, 'take_over_original; echo "backup=$ORIGINAL_BACKUP"; original_summary')
         assert result.returncode == 0, result.stderr
-        assert calls == [f"disable --now --quiet {unit}" for unit in ORIGINAL_UNITS] + ["daemon-reload"]
+        assert calls == [f"disable --now --quiet {unit}" for unit in ORIGINAL_UNITS] + \
+            ["daemon-reload", "reset-failed " + " ".join(ORIGINAL_UNITS)]
         backup = Path(result.stdout.split("backup=")[1].split("\n")[0])
         assert backup.parent == root / "var/backups/pulse-sensor-proxy"
         assert backup.name.startswith("original-") and stat.S_IMODE(backup.stat().st_mode) == 0o700
@@ -1076,7 +1077,7 @@ class TestTakeOverTheOriginal:
         assert "ok       original proxy: nothing of it left\n" in again.stdout
         assert "changes: 0" in again.stdout
         assert snapshot_tree(root) == tree
-        assert len(calls) == 5, "the second run called systemctl not once"
+        assert len(calls) == 6, "the second run called systemctl not once"
 
     def test_wrappers_kept_while_a_node_may_still_run_them(self, tmp_path):
         root = tmp_path / "root"
