@@ -22,6 +22,7 @@ import subprocess
 
 import pytest
 
+import pulse_sensor_proxy as psp
 from conftest import wait_for
 from guest import (ADDRESS, GUEST_INSTALLER, GUEST_PYZ, LOCAL_NODE, NODE_ADDRESSES, REPO,
                    ROOT_KEY_FILES, booted_guest)
@@ -272,7 +273,7 @@ def test_key_kept_byte_for_byte(guest, takeover, dry_run):
 
 def test_every_node_line_upgraded_in_place_and_foreign_lines_kept(guest, takeover):
     ours = json.loads(guest.out("pulse-sensor-proxy call ensure_cluster_keys --raw"))["data"]["authorized_key"]
-    assert f'from="{ADDRESS}/32",command="sensors -j",restrict,' in ours
+    assert f'from="{ADDRESS}/32",command="{psp.SMART_PROGRAM}",restrict,' in ours
     assert guest.original_key in ours
     for node, path in ROOT_KEY_FILES.items():
         old_line = ORIGINAL_LINE[node].format(key=guest.original_key)
