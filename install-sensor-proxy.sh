@@ -597,7 +597,10 @@ install_binary() {
     if [ -f "$BIN" ]; then
         PREVIOUS_BIN=$BIN.previous
         run cp -p "$BIN" "$PREVIOUS_BIN"
-        if service_active; then run systemctl stop "$SERVICE"; fi
+        # Not the original's (older releases ran it from here): its unit removes
+        # /run/pulse-sensor-proxy on stop, and with it every running container's mount. It is
+        # restarted under this proxy's unit instead (start_service), which keeps the directory.
+        if service_active && ! is_original_unit "$UNIT_DIR/$SERVICE"; then run systemctl stop "$SERVICE"; fi
     fi
     run mv -f "$BIN.new" "$BIN"
 }

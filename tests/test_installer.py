@@ -1102,6 +1102,22 @@ class TestTakeOverTheOriginal:
         assert (backup / "usr/local/bin/pulse-sensor-proxy").read_bytes() == binary.read_bytes()
         assert calls == [], "no unit of the original: nothing to stop"
 
+    def test_an_older_release_in_our_place_is_not_stopped_before_its_unit_is_replaced(self, tmp_path):
+        """Its unit (scripts/pulse-sensor-proxy.service, v5.0.17) has no RuntimeDirectoryPreserve:
+        a stop under it would remove /run/pulse-sensor-proxy and the containers' mounts with it."""
+        root = tmp_path / "root"
+        binary = root / "usr/local/bin/pulse-sensor-proxy"
+        binary.parent.mkdir(parents=True)
+        binary.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(64))
+        (root / "etc/systemd/system").mkdir(parents=True)
+        shutil.copy(ORIGINAL / "units/pulse-sensor-proxy.service", root / "etc/systemd/system")
+        result, calls = takeover(root, f'CANDIDATE="{REPO / "pulse_sensor_proxy.py"}"; take_over_original; install_binary',
+                                 systemctl='case "$1" in is-active) exit 0;; esac')
+        assert result.returncode == 0, result.stderr
+        assert binary.read_bytes() == (REPO / "pulse_sensor_proxy.py").read_bytes()
+        assert "is-active --quiet pulse-sensor-proxy.service" in calls
+        assert not [call for call in calls if call.startswith("stop")], calls
+
     def test_our_own_binary_and_unit_are_not_the_original(self, tmp_path):
         root = tmp_path / "root"
         (root / "usr/local/bin").mkdir(parents=True)
