@@ -27,7 +27,7 @@ Commands (``pulse-sensor-proxy --help`` lists their options)::
     config validate           check a config file; prints every problem, or OK
     config migrate [--write]  rewrite a config of the original proxy in this one's vocabulary
     config merge              add subnets / peer uid ranges to a config file (used by the installer)
-    doctor [--node N] [--json] check every link from Pulse to the nodes' sensors; change nothing
+    doctor                    check every link from Pulse to each node's sensors; change nothing
     demo                      run the daemon with every path under ./demo-run (no root, no Proxmox)
 
 Methods and the capability each needs::
@@ -4743,6 +4743,48 @@ def check_config(config):
                     "; ".join(config["config_notes"]), f"{PROG} config migrate --write --config {path}")]
 
 
+# What the original proxy's installer (Pulse's scripts/install-sensor-proxy.sh, v5.0.17) leaves
+# that would reinstall the original: its self-heal timer runs whenever our service is missing.
+ORIGINAL_SELF_HEAL = ("/etc/systemd/system/pulse-sensor-proxy-selfheal.timer",
+                      "/etc/systemd/system/pulse-sensor-proxy-selfheal.service",
+                      "/opt/pulse/sensor-proxy/bin/pulse-sensor-proxy-selfheal.sh")
+
+
+def check_original_self_heal(root):
+    """ROOT prefixes the host's paths ($PULSE_INSTALL_ROOT, as for the installer)."""
+    present = [path for path in ORIGINAL_SELF_HEAL if os.path.lexists(root + path)]
+    if not present:
+        return [finding("original", "self-heal", OK, "none of the original's self-heal units")]
+    return [finding("original", "self-heal", FAILED, "the original's self-heal is still installed "
+                    f"({', '.join(present)}); it would reinstall the original proxy",
+                    "systemctl disable --now pulse-sensor-proxy-selfheal.timer && rm -f " +
+                    " ".join(present) + " && systemctl daemon-reload")]
+
+
+def doctor_config(path):
+    """(config or None, findings): the effective config; when it does not validate, a FAIL per
+    problem and the config of the keys that do, so the checks behind it still run."""
+    fix = f"correct it in {path}, then `{PROG} config validate --config {path}` says OK"
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        found = [finding("config", path, FAILED, problem.removeprefix(path + ": "), fix)
+                 for problem in exc.problems]
+    else:
+        return config, check_config(config)
+    try:
+        raw, notes = read_translated_config(path)
+    except ConfigError:
+        return None, found
+    kept = {}
+    for key, value in (raw or {}).items():
+        with contextlib.suppress(ConfigError):
+            validate_config({key: value})
+            kept[key] = value
+    config = dict(validate_config(kept, source=path), config_path=path, config_notes=notes)
+    return config, found
+
+
 def socket_request(path, method, timeout=DOCTOR_STEP_TIMEOUT):
     """One request on the daemon's socket; its decoded answer, or OSError/ValueError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -4750,13 +4792,7 @@ def socket_request(path, method, timeout=DOCTOR_STEP_TIMEOUT):
         sock.connect(path)
         sock.sendall(json.dumps({"correlation_id": str(uuid.uuid4()), "method": method}).encode()
                      + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n") and len(reply) <= MAX_REQUEST_BYTES * 64:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    answer = json.loads(reply)
+        answer = json.loads(sock.makefile("rb").readline(MAX_CONFIG_BYTES))
     if not isinstance(answer, dict):
         raise ValueError("the answer is not a JSON object")
     return answer
@@ -4827,6 +4863,300 @@ def check_key(keys):
         found.append(finding("key", keys.journal_path, FAILED, "a key rotation was interrupted "
                              f"at step {journal.get('step')!r}", f"{PROG} rotate-keys (it "
                              "finishes or undoes it first)"))
+    return found
+
+
+MOUNT_OPTION_NEEDED = "optional"   # a CT still starts where the proxy's directory is missing
+CT_DEFAULT_ROOT_UID, CT_DEFAULT_UID_COUNT = 100000, 65536   # Proxmox's unprivileged default map
+CT_OUTPUT_LIMIT = 65536            # bytes read from anything a container prints
+PULSE_UNITS = ("pulse.service", "pulse-backend.service")
+# Asked inside a container as its root: the socket's answer to get_status, as one JSON line.
+CT_STATUS_PROBE = """import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(b'{"correlation_id": "doctor", "method": "get_status"}\\n')
+sys.stdout.write(s.makefile(encoding="utf-8", errors="replace").readline(1 << 20))"""
+# Prints Pulse's units and their drop-ins (systemd's search order), each after a `### PATH` line.
+CT_UNITS_PROBE = """for u in "$@"; do
+  for f in /etc/systemd/system/$u /usr/lib/systemd/system/$u /lib/systemd/system/$u \
+           /usr/lib/systemd/system/$u.d/*.conf /etc/systemd/system/$u.d/*.conf; do
+    [ -f "$f" ] && { echo "### $u $f"; cat "$f"; echo; }
+  done
+done; true"""
+
+
+def main_section(conf_text):
+    """The lines of a CT config before its first [snapshot] or [pve:pending] section."""
+    return conf_text.split("\n[", 1)[0].splitlines()
+
+
+def mount_lines(lines, run_dir):
+    """(container path, options) of each lxc.mount.entry binding RUN_DIR."""
+    found = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields = value.split()
+        if key.strip() == "lxc.mount.entry" and len(fields) >= 4 and fields[0] == run_dir:
+            found.append(("/" + fields[1].strip("/"), fields[3].split(",")))
+    return found
+
+
+def ct_root_range(lines):
+    """The host uids (low, high) of the container's uids, from its lxc.idmap or Proxmox's default."""
+    for line in lines:
+        fields = line.replace(":", " ", 1).split()
+        if fields[:3] == ["lxc.idmap", "u", "0"] and len(fields) == 5 and fields[3].isdigit() \
+                and fields[4].isdigit():
+            return int(fields[3]), int(fields[3]) + int(fields[4]) - 1
+    return CT_DEFAULT_ROOT_UID, CT_DEFAULT_ROOT_UID + CT_DEFAULT_UID_COUNT - 1
+
+
+def pulse_socket_settings(probe_output):
+    """{unit: PULSE_SENSOR_PROXY_SOCKET} of Pulse's units in CT_UNITS_PROBE's output, the later
+    Environment= line winning as in systemd; units that do not set it are left out."""
+    settings, unit = {}, None
+    for line in probe_output.splitlines():
+        if line.startswith("### "):
+            unit = line.split()[1]
+            continue
+        key, _, value = line.strip().partition("=")
+        if unit and key.strip() == "Environment":
+            for word in value.replace('"', " ").split():
+                name, _, setting = word.partition("=")
+                if name == ENV_SOCKET:
+                    settings[unit] = setting
+    return {unit: path for unit, path in settings.items() if path}
+
+
+def pct(*args):
+    """(exit status, bounded stdout) of one pct call, or (None, why) when it cannot run."""
+    try:
+        out = subprocess.run(["pct", *args], capture_output=True, timeout=DOCTOR_STEP_TIMEOUT * 2,
+                             stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None, "pct not found (not a Proxmox VE host?)"
+    except subprocess.TimeoutExpired:
+        return None, f"pct {args[0]} {args[1]} did not answer within {DOCTOR_STEP_TIMEOUT * 2:g} s"
+    return out.returncode, out.stdout[:CT_OUTPUT_LIMIT].decode("utf-8", "replace")
+
+
+def our_containers(config, wanted):
+    """{ctid: config text} of the CTs to check: those given, else each whose config mounts ours."""
+    lxc = os.path.join(config["pve_dir"], "lxc")
+    run_dir = os.path.dirname(config["socket_path"])
+    try:
+        names = sorted((n[:-5] for n in os.listdir(lxc) if n.endswith(".conf")), key=lambda n:
+                       (len(n), n))
+    except OSError:
+        names = []
+    found = {}
+    for ctid in wanted or names:
+        try:
+            with open(os.path.join(lxc, f"{ctid}.conf")) as handle:
+                text = handle.read(MAX_CONFIG_BYTES)
+        except OSError:
+            text = None
+        if wanted or mount_lines(main_section(text or ""), run_dir):
+            found[ctid] = text
+    return found
+
+
+def check_container(config, ctid, text, granted):
+    """The findings of one CT, in the order Pulse's request crosses them; the first broken link
+    ends the list. `granted(uid)` says whether the daemon's config lets that host uid read."""
+    target = f"CT {ctid}"
+    run_dir = os.path.dirname(config["socket_path"])
+    line = (f"lxc.mount.entry: {run_dir} mnt/pulse-proxy none bind,create=dir,{MOUNT_OPTION_NEEDED}"
+            " 0 0")
+    installer = f"install-sensor-proxy.sh --ctid {ctid}"
+    if text is None:
+        return [finding("container", target, FAILED, f"no config {config['pve_dir']}/lxc/{ctid}.conf",
+                        "check the CT id (pct list)")]
+    lines = main_section(text)
+    if not any(key.strip() == "unprivileged" and value.strip() == "1"
+               for key, _, value in (entry.partition(":") for entry in lines)):
+        return [finding("container", target, FAILED, "privileged: its root is the host's root",
+                        "run Pulse in an unprivileged container (pct restore --unprivileged 1)")]
+    found = [finding("container", target, OK, "unprivileged")]
+    mounts = mount_lines(lines, run_dir)
+    if len(mounts) != 1:
+        detail = "no mount line for the socket's directory" if not mounts else \
+            f"{len(mounts)} mount lines for the socket's directory"
+        return found + [finding("ct-mount", target, FAILED, f"{detail} in its main section",
+                                f"{installer} (or keep this one line: {line})")]
+    path, options = mounts[0]
+    if MOUNT_OPTION_NEEDED not in options:
+        return found + [finding("ct-mount", target, FAILED, f"the mount line lacks `optional`: the "
+                                "CT does not start where the proxy is not installed",
+                                f"{installer} (or write the line as: {line})")]
+    found.append(finding("ct-mount", target, OK, f"{run_dir} at {path}"))
+    low, high = ct_root_range(lines)
+    if not (granted(low) and granted(high)):
+        return found + [finding("ct-uids", target, FAILED, f"its uids {low}-{high} may not read "
+                                "(not in allowed_peers, nor root's /etc/subuid range with "
+                                "allow_idmapped_root)",
+                                f"{PROG} config merge --config {config['config_path']} "
+                                f"--add-peer-uids {low}-{high} --write && systemctl reload {UNIT}")]
+    found.append(finding("ct-uids", target, OK, f"uids {low}-{high} may read"))
+    status, out = pct("status", ctid)
+    if status != 0 or "running" not in out.split():
+        return found + [finding("ct-running", target, WARN, (out or "").strip() or "not running",
+                                f"pct start {ctid}")]
+    found.append(finding("ct-running", target, OK, "running"))
+    inside = f"{path}/{os.path.basename(config['socket_path'])}"
+    status, out = pct("exec", ctid, "--", "python3", "-c", CT_STATUS_PROBE, inside)
+    try:
+        capabilities = json.loads(out)["data"]["capabilities"] if status == 0 else None
+    except (ValueError, KeyError, TypeError):
+        capabilities = None
+    if capabilities is None or CAP_READ not in capabilities:
+        why = f"answers without read ({', '.join(capabilities)})" if capabilities is not None else \
+            "no answer to get_status as the CT's root"
+        return found + [finding("ct-socket", target, FAILED, f"{inside}: {why}",
+                                f"pct reboot {ctid} (mounts the socket's directory again)")]
+    found.append(finding("ct-socket", target, OK, f"{inside}: get_status answers with read"))
+    status, out = pct("exec", ctid, "--", "sh", "-c", CT_UNITS_PROBE, "sh", *PULSE_UNITS)
+    for unit, setting in sorted(pulse_socket_settings(out if status == 0 else "").items()):
+        if pct("exec", ctid, "--", "test", "-S", setting)[0] != 0:
+            found.append(finding("ct-env", target, FAILED, f"{unit}: {ENV_SOCKET}={setting} is no "
+                                 "socket in the CT", f"{installer} (it sets {ENV_SOCKET}={inside}), "
+                                 f"then pct exec {ctid} -- systemctl restart {unit}"))
+        else:
+            found.append(finding("ct-env", target, OK, f"{unit}: {ENV_SOCKET}={setting}"))
+    return found
+
+
+def check_containers(config, wanted):
+    try:
+        with open(config["subuid_file"]) as handle:
+            ranges = parse_subuid(handle.read(MAX_CONFIG_BYTES)) if config["allow_idmapped_root"] \
+                else []
+    except OSError:
+        ranges = []
+
+    def granted(uid):
+        return CAP_READ in peer_capabilities(uid, uid, -1, config["allowed_peers"], ranges)
+
+    found = []
+    for ctid, text in our_containers(config, wanted).items():
+        found += check_container(config, ctid, text, granted)
+    return found
+
+
+CERT_WARN_DAYS = 30
+
+
+def https_health(host, port, token, pin, timeout=DOCTOR_STEP_TIMEOUT):
+    """The HTTP status of GET /health with the token, sent only to the certificate PIN (sha256
+    of its DER) names."""
+    import http.client
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False          # self-signed: the pin is the check
+    context.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
+    try:
+        conn.connect()
+        if not hmac.compare_digest(hashlib.sha256(conn.sock.getpeercert(binary_form=True)).digest(),
+                                   pin):
+            raise ValueError("the listener's certificate is not the one in http_tls_cert")
+        conn.request("GET", "/health", headers={"Authorization": f"Bearer {token}"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def check_https(config):
+    if not config["http_enabled"]:
+        return []
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path, renew = config["http_tls_cert"], (
+        f"mv {config['http_tls_cert']} {config['http_tls_cert']}.old && mv {config['http_tls_key']} "
+        f"{config['http_tls_key']}.old && {PROG} tls init && systemctl reload {UNIT}")
+    try:
+        with open(cert_path, "rb") as handle:
+            cert = x509.load_pem_x509_certificate(handle.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError) as exc:
+        return [finding("https", cert_path, FAILED, f"no usable certificate: "
+                        f"{getattr(exc, 'strerror', None) or exc}", f"{PROG} tls init")]
+    days = (cert.not_valid_after_utc.timestamp() - time.time()) / 86400
+    status = FAILED if days < 0 else WARN if days < CERT_WARN_DAYS else OK
+    found = [finding("https", cert_path, status, f"certificate valid for {max(days, 0):.0f} more "
+                     "days", "" if status == OK else renew)]
+    token_path = config["http_auth_token_file"]
+    token = config["http_auth_token"]
+    if token_path:
+        try:
+            info = os.stat(token_path)
+            with open(token_path) as handle:
+                token = handle.read(4096).strip()
+        except OSError as exc:
+            return found + [finding("https", token_path, FAILED, exc.strerror,
+                                    "install-sensor-proxy.sh --http-mode (it writes the token)")]
+        mode = stat.S_IMODE(info.st_mode)
+        found.append(finding("https", token_path, FAILED if mode & 0o007 else OK, f"mode {mode:04o}",
+                             f"chmod 0640 {token_path}" if mode & 0o007 else ""))
+    else:
+        found.append(finding("https", "http_auth_token", WARN, "the token is inline in the config",
+                             "move it to a file (mode 0640) named by http_auth_token_file"))
+    host, port = parse_host_port(config["http_listen_addr"])
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    pin = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+    try:
+        answer = https_health(host, port, token or "", pin)
+    except (OSError, ValueError) as exc:
+        return found + [finding("https", f"{host}:{port}", FAILED, "GET /health: "
+                                f"{getattr(exc, 'strerror', None) or exc}",
+                                f"systemctl reload {UNIT}; journalctl -u {UNIT} -n 50")]
+    detail = {200: "answers", 403: "refuses this host (http_allowed_clients)"}.get(
+        answer, f"answered HTTP {answer}")
+    found.append(finding("https", f"{host}:{port}", OK if answer == 200 else WARN,
+                         f"GET /health with the token {detail}",
+                         "" if answer == 200 else f"journalctl -u {UNIT} -n 50"))
+    return found
+
+
+def metric_values(text, name):
+    """{labels text: value} of one metric in Prometheus text format."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name):].rpartition(" ")
+            with contextlib.suppress(ValueError):
+                values[labels.strip()] = float(value)
+    return values
+
+
+def check_metrics(config):
+    address = config["metrics_address"]
+    if address == "disabled":
+        return [finding("metrics", "metrics", OK, "disabled in the config")]
+    import urllib.request
+    host, port = parse_host_port(address)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=DOCTOR_STEP_TIMEOUT) as answer:
+            text = answer.read(MAX_CONFIG_BYTES * 4).decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:
+        return [finding("metrics", url, FAILED, f"no answer: {getattr(exc, 'reason', exc)}",
+                        f"journalctl -u {UNIT} -n 50 (is metrics_address {address} in use?)")]
+    found = [finding("metrics", url, OK, "answers")]
+    hits = sum(metric_values(text, "pulse_proxy_rate_limit_hits_total").values())
+    found.append(finding("metrics", "rate limits", OK if not hits else WARN,
+                         f"{hits:g} requests refused by rate limits since the daemon started",
+                         "" if not hits else "raise rate_limit.per_minute/burst in the config if "
+                         "Pulse is the one refused (see the audit log's peer)"))
+    open_nodes = sorted(re.sub(r'.*node="([^"]*)".*', r"\1", labels) for labels, value in
+                        metric_values(text, "pulse_proxy_node_breaker_open").items() if value)
+    found.append(finding("metrics", "breakers", OK if not open_nodes else WARN,
+                         f"open for {', '.join(open_nodes)}" if open_nodes else "none open",
+                         "" if not open_nodes else "see the node lines above; the breaker closes "
+                         "by itself after the first read that works"))
     return found
 
 
@@ -4943,13 +5273,18 @@ async def check_nodes(config, keys, names):
     return unknown + [item for found in results for item in found]
 
 
-def run_doctor(config, names=()):
+def run_doctor(path, names=(), ctids=(), root=""):
+    """Every check, in the order a reading flows, from the config at PATH."""
+    config, config_findings = doctor_config(path)
+    if config is None:
+        return config_findings
     keys = KeyStore(config["ssh_dir"])
-    findings = check_service(config) + check_config(config)
+    findings = check_service(config) + check_original_self_heal(root) + config_findings
     findings += check_socket(config, keys.owner_uid)
+    findings += check_containers(config, ctids)
     findings += check_key(keys)
     findings += asyncio.run(check_nodes(config, keys, names))
-    return findings
+    return findings + check_https(config) + check_metrics(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5351,11 +5686,8 @@ def cmd_doctor(args):
     if os.geteuid() != 0:
         return fail(f"doctor must run as root: it reads the service's key and the cluster's "
                     f"host keys (try: sudo {PROG} {' '.join(sys.argv[1:])})")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return config_failure(exc)
-    findings = run_doctor(config, args.node)
+    path = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+    findings = run_doctor(path, args.node, args.ctid, os.environ.get("PULSE_INSTALL_ROOT", ""))
     if args.json:
         for item in findings:
             print(json.dumps(item))
@@ -5511,6 +5843,8 @@ def build_parser():
 
     doctor = sub.add_parser("doctor", help="check every link from Pulse to each node's sensors; "
                             "one line per check with the fix, changing nothing (root)")
+    doctor.add_argument("--ctid", action="append", default=[], help="check this container "
+                        "(repeatable; default: every one whose config mounts the socket)")
     doctor.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
     doctor.add_argument("--json", action="store_true", help="one JSON object per check")
     doctor.add_argument("--config", help="config file")

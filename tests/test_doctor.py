@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Lab
+from pct_container import make_container
+from test_https import https  # noqa: F401  (a fixture)
+
+PVE_BIN = Path(__file__).resolve().parent / "fixtures/pve/bin"
+
 
 def doctor(lab, *args):
     """(exit status, findings) of `doctor --json` as root against the lab's config."""
@@ -127,3 +133,157 @@ def test_doctor_changes_nothing_even_for_an_unknown_host_key(healthy):
     assert "unknown host key" in failed["detail"] and "pins it" in failed["fix"]
     assert listing(*roots) == before
     assert os.path.exists(known_hosts)
+
+
+# --- the socket, the original's leftovers, the config ------------------------------------------
+
+def test_the_socket_directory_0770(healthy):
+    run_dir = healthy.daemon.socket.parent
+    run_dir.chmod(0o770)
+    failed = only_failure(healthy, "socket", str(run_dir))
+    assert "containers' root cannot reach the socket" in failed["detail"]
+    assert failed["fix"] == f"chmod 0775 {run_dir}"
+
+
+def test_the_originals_self_heal_timer_present(healthy, tmp_path):
+    timer = tmp_path / "etc/systemd/system/pulse-sensor-proxy-selfheal.timer"
+    timer.parent.mkdir(parents=True)
+    timer.write_text("[Timer]\nOnBootSec=5min\n")
+    out = healthy.cli("doctor", "--json", env={"PULSE_INSTALL_ROOT": str(tmp_path)})
+    findings = [json.loads(line) for line in out.stdout.splitlines()]
+    assert failures(findings) == [("original", "self-heal")] and out.returncode == 1
+    failed = next(f for f in findings if f["status"] == "FAIL")
+    assert "/etc/systemd/system/pulse-sensor-proxy-selfheal.timer" in failed["detail"]
+    assert failed["fix"].startswith("systemctl disable --now pulse-sensor-proxy-selfheal.timer")
+
+
+def test_a_config_with_an_unknown_key(healthy):
+    path = healthy.daemon.config_path
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, rate_limits={"burst": 5})))
+    failed = only_failure(healthy, "config", str(path))
+    assert failed["detail"] == "unknown key 'rate_limits' (did you mean 'rate_limit'?)"
+    assert failed["fix"] == (f"correct it in {path}, then `pulse-sensor-proxy config validate "
+                             f"--config {path}` says OK")
+
+
+def test_a_config_of_the_original_is_a_warning_naming_the_translated_keys(healthy):
+    path = healthy.daemon.config_path
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, read_timeout="5s")))
+    status, findings = doctor(healthy)
+    assert status == 0, findings
+    warned = [f for f in findings if f["status"] == "warn" and f["check"] == "config"]
+    assert len(warned) == 1 and "read_timeout: ignored" in warned[0]["detail"]
+    assert warned[0]["fix"] == f"pulse-sensor-proxy config migrate --write --config {path}"
+
+
+# --- containers, through the pct stand-in -------------------------------------------------------
+
+CT_CONF = """arch: amd64
+hostname: pulse
+rootfs: local-lvm:vm-105-disk-0,size=8G
+unprivileged: 1
+lxc.mount.entry: {run} mnt/pulse-proxy none {options} 0 0
+"""
+STALE_DROPIN = """[Service]
+Environment="PULSE_SENSOR_PROXY_SOCKET=/run/pulse-sensor-proxy/pulse-sensor-proxy.sock"
+"""
+
+
+class Containers:
+    """A lab whose daemon lets root's subuid range read, a CT directory for the pct stand-in and
+    the environment that points doctor and pct at them."""
+
+    def __init__(self, lab, tmp_path):
+        self.lab, self.pve = lab, tmp_path / "pve"
+        (self.pve / "lxc").mkdir(parents=True)
+        daemon = lab.daemon
+        (daemon.base / "subuid").write_text("root:100000:65536\n")
+        daemon.config["pve_dir"] = str(self.pve)
+        daemon.stop()
+        daemon.start()
+        daemon.socket.parent.chmod(0o775)       # as the unit's RuntimeDirectoryMode
+        self.cts = tmp_path / "pct"
+        self.env = {"PCT_SHIM_PVE_DIR": str(self.pve), "PCT_SHIM_DIR": str(self.cts),
+                    "PCT_SHIM_LOCK_DIR": str(tmp_path / "lock"),
+                    "PATH": f"{PVE_BIN}:{os.environ['PATH']}"}
+
+    def add(self, ctid, options="bind,create=dir,optional", extra=""):
+        text = CT_CONF.format(run=self.lab.daemon.socket.parent, options=options) + extra
+        return make_container(self.pve / f"lxc/{ctid}.conf", self.cts / str(ctid), text)
+
+    def doctor(self, *args):
+        out = self.lab.cli("doctor", "--json", *args, env=self.env)
+        assert out.stderr == "", out.stderr
+        return out.returncode, [json.loads(line) for line in out.stdout.splitlines()]
+
+    def only_failure(self, check, target):
+        status, findings = self.doctor()
+        assert failures(findings) == [(check, target)], findings
+        assert status == 1
+        return next(f for f in findings if f["status"] == "FAIL")
+
+
+@pytest.fixture
+def containers(lab, tmp_path):
+    return Containers(lab(1), tmp_path)
+
+
+def test_a_healthy_container_is_all_ok(containers):
+    rootfs = containers.add(105)
+    dropin = rootfs / "etc/systemd/system/pulse.service.d/10-pulse-sensor-proxy.conf"
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text(STALE_DROPIN.replace("/run/", "/mnt/").replace("/pulse-sensor-proxy/",
+                                                                      "/pulse-proxy/"))
+    status, findings = containers.doctor()
+    assert status == 0, findings
+    seen = {f["check"]: f["status"] for f in findings if f["target"] == "CT 105"}
+    assert seen == {"container": "ok", "ct-mount": "ok", "ct-uids": "ok", "ct-running": "ok",
+                    "ct-socket": "ok", "ct-env": "ok"}
+
+
+def test_the_mount_line_without_optional(containers):
+    containers.add(105, options="bind,create=dir")
+    failed = containers.only_failure("ct-mount", "CT 105")
+    assert "lacks `optional`" in failed["detail"]
+    assert failed["fix"].startswith("install-sensor-proxy.sh --ctid 105 (or write the line as: "
+                                    "lxc.mount.entry: ")
+    assert failed["fix"].endswith(" mnt/pulse-proxy none bind,create=dir,optional 0 0)")
+
+
+def test_a_container_whose_uid_range_is_not_allowed(containers):
+    containers.add(105, extra="lxc.idmap: u 0 200000 65536\nlxc.idmap: g 0 200000 65536\n")
+    failed = containers.only_failure("ct-uids", "CT 105")
+    assert "uids 200000-265535 may not read" in failed["detail"]
+    assert "config merge" in failed["fix"] and "--add-peer-uids 200000-265535 --write" in failed["fix"]
+
+
+def test_a_stale_pulse_sensor_proxy_socket(containers):
+    rootfs = containers.add(105)
+    dropin = rootfs / "etc/systemd/system/pulse.service.d/10-pulse-sensor-proxy.conf"
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text(STALE_DROPIN)
+    failed = containers.only_failure("ct-env", "CT 105")
+    assert failed["detail"] == ("pulse.service: PULSE_SENSOR_PROXY_SOCKET=/run/pulse-sensor-proxy/"
+                                "pulse-sensor-proxy.sock is no socket in the CT")
+    assert "PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/pulse-sensor-proxy.sock" in failed["fix"]
+
+
+# --- HTTPS mode and metrics --------------------------------------------------------------------
+
+def test_https_mode_checked_and_a_token_file_others_may_read(https, base_dir):
+    daemon, _ = https(1)
+    assert daemon.rpc("get_temperature", {"node": "n1"})["success"]     # pins n1's host key
+    lab = Lab(daemon, [], None)
+    status, findings = doctor(lab)
+    assert status == 0, findings
+    checks = {(f["check"], f["target"]): f for f in findings if f["check"] in ("https", "metrics")}
+    cert = checks[("https", str(base_dir / "tls/server.crt"))]
+    assert (cert["status"], cert["detail"]) == ("ok", "certificate valid for 825 more days")
+    assert checks[("https", f"127.0.0.1:{daemon.port}")]["detail"] == \
+        "GET /health with the token answers"
+    assert checks[("metrics", "rate limits")]["status"] == "ok"
+    (base_dir / "token").chmod(0o644)
+    failed = only_failure(lab, "https", str(base_dir / "token"))
+    assert (failed["detail"], failed["fix"]) == ("mode 0644", f"chmod 0640 {base_dir}/token")
