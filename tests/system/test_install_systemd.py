@@ -241,6 +241,16 @@ def test_metrics_answer(guest, first_install):
     assert "pulse_proxy_build_info" in metrics
 
 
+def test_doctor_reports_all_ok_after_the_install(guest, first_install):
+    result = guest.run("pulse-sensor-proxy doctor --ctid 105 --json", check=False)
+    findings = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [f for f in findings if f["status"] != "ok"] == [], result.stdout + result.stderr
+    assert result.returncode == 0
+    assert {"service", "socket", "ct-socket", "key", "sensors", "metrics"} <= \
+        {f["check"] for f in findings}
+    assert {f["target"] for f in findings if f["check"] == "sensors"} == set(NODES)
+
+
 def tree_state(guest):
     return guest.out(
         "find /etc/pulse-sensor-proxy /etc/systemd/system /etc/pve /usr/local/bin /var/lib/pulse-sensor-proxy "
