@@ -4785,13 +4785,13 @@ def doctor_config(path):
     return config, found
 
 
-def socket_request(path, method, timeout=DOCTOR_STEP_TIMEOUT):
+def socket_request(path, method, params=None, timeout=DOCTOR_STEP_TIMEOUT):
     """One request on the daemon's socket; its decoded answer, or OSError/ValueError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(json.dumps({"correlation_id": str(uuid.uuid4()), "method": method}).encode()
-                     + b"\n")
+        sock.sendall(json.dumps({"correlation_id": str(uuid.uuid4()), "method": method,
+                                 "params": params}).encode() + b"\n")
         answer = json.loads(sock.makefile("rb").readline(MAX_CONFIG_BYTES))
     if not isinstance(answer, dict):
         raise ValueError("the answer is not a JSON object")
@@ -5172,14 +5172,67 @@ NODE_FIXES = {
 }
 
 
-async def check_node(pool, node, key):
-    """The findings of one node: resolve, TCP, host key, the key and its forced command, sensors."""
-    if node.local:
+def from_covers(options, address):
+    """Whether the from= of an authorized_keys line's options admits ADDRESS (sshd's
+    match_host_and_ip: comma-separated wildcards or CIDR blocks, `!` refusing)."""
+    import fnmatch
+
+    found = re.search(r'(?:^|,)from="([^"]*)"', options)
+    if not found:
+        return True
+    admitted = False
+    for pattern in found.group(1).split(","):
+        negated, pattern = pattern.startswith("!"), pattern.lstrip("!")
         try:
-            text, _ = await run_local_sensors(pool.ssh["command_timeout"],
-                                              pool.ssh["max_output_bytes"])
-        except FetchError as exc:
-            return [finding("sensors", node.name, FAILED, str(exc), "apt install lm-sensors")]
+            hit = (ipaddress.ip_address(address) in ipaddress.ip_network(pattern, strict=False)
+                   if "/" in pattern else fnmatch.fnmatchcase(address, pattern))
+        except ValueError:
+            hit = False
+        if hit and negated:
+            return False
+        admitted = admitted or hit
+    return admitted
+
+
+async def refusal_reason(admin, node, public_line, address):
+    """Why a node refuses the proxy's key, from its authorized_keys read as the admin (SFTP,
+    read-only); None when that cannot be read."""
+    try:
+        async with asyncio.timeout(admin.pool.ssh["connect_timeout"] + DOCTOR_STEP_TIMEOUT):
+            files = await admin.files(node)
+            try:
+                target, info = await resolve_authorized_keys(files)
+                data = (await files.read(target)).decode("utf-8", "replace") if info else ""
+            finally:
+                await files.close()
+    except (FetchError, OSError, TimeoutError):
+        return None
+    lines = [parsed for parsed in map(parse_authorized_key, data.splitlines())
+             if parsed and parsed[2] == public_line.split()[1]]
+    if not lines:
+        return f"the proxy's key is not in {target}", f"{PROG} keys push --node {node.name}"
+    if not any(from_covers(parsed[0], address) for parsed in lines):
+        return (f"the from= of its line in {target} does not cover this host's address {address}",
+                f"{PROG} config merge --config {admin.config['config_path']} --add-subnet "
+                f"{address}/{128 if ':' in address else 32} --write && {PROG} keys push --node "
+                f"{node.name}")
+    return None
+
+
+async def check_node(admin, node, key, public_line):
+    """The findings of one node: resolve, TCP, host key, the key and its forced command, sensors."""
+    pool = admin.pool
+    if node.local:      # read as the daemon reads it: as its account, asked through the socket
+        try:
+            answer = await asyncio.to_thread(socket_request, admin.config["socket_path"],
+                                             "get_temperature", {"node": node.name},
+                                             pool.ssh["command_timeout"] + DOCTOR_STEP_TIMEOUT)
+            text = answer["data"]["temperature"] if answer.get("success") else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            answer, text = {"error": str(exc)}, None
+        if not isinstance(text, str):
+            return [finding("sensors", node.name, FAILED, f"this host's sensors through the "
+                            f"daemon: {answer.get('error')}", "apt install lm-sensors")]
         return [sensors_finding(node, text)]
     addresses = await NameResolver().addresses(node.host)
     if not addresses:
@@ -5191,6 +5244,7 @@ async def check_node(pool, node, key):
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(node.host, node.port)
+        address = writer.get_extra_info("sockname")[0]      # this host, as the node sees it
         writer.close()
     except (OSError, TimeoutError) as exc:
         # asyncio's text is "Connect call failed (addr)": the errno says what happened
@@ -5207,9 +5261,13 @@ async def check_node(pool, node, key):
         check, fix = next(((c, f) for marker, (c, f) in NODE_FIXES.items() if marker in text),
                           ("ssh", "ssh -p {port} {user}@{host} from this host shows why"))
         pattern = node.host if node.port == 22 else f"[{node.host}]:{node.port}"
-        return found + [finding(check, node.name, FAILED, text, fix.format(
-            pattern=pattern, known_hosts=pool.known_hosts_path, prog=PROG, name=node.name,
-            port=node.port, user=node.user, host=node.host))]
+        fix = fix.format(pattern=pattern, known_hosts=pool.known_hosts_path, prog=PROG,
+                         name=node.name, port=node.port, user=node.user, host=node.host)
+        reason = await refusal_reason(admin, node, public_line, address) \
+            if check == "node-key" else None
+        if reason:
+            text, fix = f"{text}; {reason[0]}", reason[1]
+        return found + [finding(check, node.name, FAILED, text, fix)]
     found.append(finding("host-key", node.name, OK, "known and matching"))
     try:
         # A login asking for `id` must still get sensors output: the forced command holds.
@@ -5224,7 +5282,8 @@ async def check_node(pool, node, key):
                                 f"ssh {node.user}@{node.host} sensors -j shows why")]
     finally:
         conn.close()
-    found.append(finding("node-key", node.name, OK, "accepted, pinned to `sensors -j`"))
+    found.append(finding("node-key", node.name, OK, f"accepted from {address}, pinned to "
+                         "`sensors -j`"))
     return found + [sensors_finding(node, text)]
 
 
@@ -5239,12 +5298,9 @@ def sensors_finding(node, text):
 
 async def check_nodes(config, keys, names):
     """Every node at once, each bounded in time; never pins a host key."""
-    log = AuditLog("error", stream=sys.stderr)
-    log.level = math.inf        # the findings say it; the pool's log lines would repeat it
-    doctor_config = dict(config, host_key_policy="strict")
-    pool = NodePool(doctor_config, log, new_metrics())
-    pool.dry_run = True
-    inventory = Inventory(config, log)
+    admin = KeyAdmin(dict(config, host_key_policy="strict"), dry_run=True)
+    admin.log.level = math.inf      # the findings say it; the pool's log lines would repeat it
+    inventory = admin.inventory
     nodes = inventory.current()
     unknown = [finding("node", name, FAILED, f"not a node of this cluster ({inventory.source} "
                        f"knows {', '.join(n.name for n in nodes)})",
@@ -5253,23 +5309,23 @@ async def check_nodes(config, keys, names):
     if names:
         nodes = [n for n in nodes if n.name in names]
     try:
-        key = keys.private_key("current")
+        key, public_line = keys.private_key("current"), keys.public_line("current")
     except (FetchError, OSError) as exc:
         return unknown + [finding("node-key", node.name, FAILED, str(exc),
                                   f"systemctl restart {UNIT}") for node in nodes]
-    limit = config["ssh"]["connect_timeout"] * 2 + config["ssh"]["command_timeout"] + \
-        NameResolver.TIMEOUT
+    limit = config["ssh"]["connect_timeout"] * 3 + config["ssh"]["command_timeout"] + \
+        NameResolver.TIMEOUT + DOCTOR_STEP_TIMEOUT
 
     async def bounded(node):
         try:
             async with asyncio.timeout(limit):
-                return await check_node(pool, node, key)
+                return await check_node(admin, node, key, public_line)
         except TimeoutError:
             return [finding("reach", node.name, FAILED, f"no verdict within {limit:g} s",
                             f"ssh -p {node.port} {node.user}@{node.host} from this host shows why")]
 
     results = await asyncio.gather(*(bounded(node) for node in nodes))
-    await pool.close()
+    await admin.pool.close()
     return unknown + [item for found in results for item in found]
 
 

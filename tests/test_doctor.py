@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import pulse_sensor_proxy as psp
 from conftest import Lab
 from pct_container import make_container
 from test_https import https  # noqa: F401  (a fixture)
@@ -79,7 +80,33 @@ def test_the_key_missing_on_one_of_three_nodes(healthy):
     healthy.nodes[1].write_authorized_keys(healthy.admin_line())
     failed = only_failure(healthy, "node-key", "n2")
     assert "permission denied" in failed["detail"]
+    assert failed["detail"].endswith("; the proxy's key is not in .ssh/authorized_keys")
     assert failed["fix"] == "pulse-sensor-proxy keys push --node n2"
+
+
+def test_a_key_line_whose_from_does_not_cover_this_host(healthy):
+    node = healthy.nodes[2]
+    node.write_authorized_keys(healthy.admin_line())
+    node.authorize(healthy.current_public(), source="10.9.9.0/24,!127.0.0.1,127.0.0.*")
+    failed = only_failure(healthy, "node-key", "n3")
+    assert failed["detail"].endswith("; the from= of its line in .ssh/authorized_keys does not "
+                                     "cover this host's address 127.0.0.1")
+    assert failed["fix"] == (f"pulse-sensor-proxy config merge --config "
+                             f"{healthy.daemon.config_path} --add-subnet 127.0.0.1/32 --write && "
+                             "pulse-sensor-proxy keys push --node n3")
+
+
+@pytest.mark.parametrize("options, address, admitted", [
+    ('from="127.0.0.1",command="sensors -j"', "127.0.0.1", True),
+    ('command="sensors -j",from="10.0.0.0/8"', "10.1.2.3", True),
+    ('from="10.0.0.0/8"', "192.168.1.5", False),
+    ('from="192.168.1.*,!192.168.1.7"', "192.168.1.7", False),
+    ('from="192.168.1.*,!192.168.1.7"', "192.168.1.8", True),
+    ('restrict', "192.168.1.8", True),
+    ('from="fd00::/8"', "fd00::1", True),
+])
+def test_from_covers(options, address, admitted):
+    assert psp.from_covers(options, address) is admitted
 
 
 def test_a_key_line_without_the_forced_command(healthy):
@@ -113,6 +140,15 @@ def test_sensors_output_without_a_cpu_temperature(healthy, mode):
     failed = only_failure(healthy, "sensors", "n1")
     assert "no CPU temperature" in failed["detail"]
     assert failed["fix"] == "on n1: apt install lm-sensors && sensors-detect --auto"
+
+
+def test_an_interrupted_key_rotation(healthy):
+    keys = psp.KeyStore(str(healthy.daemon.ssh_dir))
+    current = healthy.current_public()
+    keys.set_journal(op="rotate", step="pushing", old=current, new=current)
+    failed = only_failure(healthy, "key", keys.journal_path)
+    assert failed["detail"] == "a key rotation was interrupted at step 'pushing'"
+    assert failed["fix"] == "pulse-sensor-proxy rotate-keys (it finishes or undoes it first)"
 
 
 def test_an_unknown_node_given_with_node(healthy):
