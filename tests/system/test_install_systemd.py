@@ -242,13 +242,22 @@ def test_metrics_answer(guest, first_install):
 
 
 def test_doctor_reports_all_ok_after_the_install(guest, first_install):
-    result = guest.run("pulse-sensor-proxy doctor --ctid 105 --json", check=False)
-    findings = [json.loads(line) for line in result.stdout.splitlines()]
+    def doctor(*args):
+        result = guest.run("pulse-sensor-proxy doctor --ctid 105 --json " + " ".join(args),
+                           check=False)
+        return result, [json.loads(line) for line in result.stdout.splitlines()]
+
+    # pve3 is the cluster's node without sensors (guest.NODES): left out here, named below
+    result, findings = doctor("--node pve1", "--node pve2")
     assert [f for f in findings if f["status"] != "ok"] == [], result.stdout + result.stderr
     assert result.returncode == 0
-    assert {"service", "socket", "ct-socket", "key", "sensors", "metrics"} <= \
-        {f["check"] for f in findings}
-    assert {f["target"] for f in findings if f["check"] == "sensors"} == set(NODES)
+    assert {"service", "original", "config", "socket", "container", "ct-mount", "ct-uids",
+            "ct-running", "ct-socket", "key", "sensors", "metrics"} <= {f["check"] for f in findings}
+    assert {f["target"] for f in findings if f["check"] == "sensors"} == {"pve1", "pve2"}
+    result, findings = doctor()
+    assert [(f["check"], f["target"]) for f in findings if f["status"] != "ok"] == \
+        [("sensors", "pve3")], result.stdout
+    assert result.returncode == 1
 
 
 def tree_state(guest):
