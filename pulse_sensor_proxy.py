@@ -4721,11 +4721,12 @@ def check_service(config):
         return [finding("service", UNIT, WARN, "not installed as a systemd unit; checking the "
                         f"daemon of {config['config_path']}",
                         "install with install-sensor-proxy.sh to run it as a hardened service")]
-    found = [finding("service", UNIT, OK if props["UnitFileState"] == "enabled" else WARN,
-                     f"unit file {props['UnitFileState'] or 'state unknown'}",
-                     "" if props["UnitFileState"] == "enabled" else f"systemctl enable {UNIT}")]
-    active = props["ActiveState"] == "active"
-    found.append(finding("service", UNIT, OK if active else FAILED, f"{props['ActiveState']}",
+    enabled, state = props.get("UnitFileState", ""), props.get("ActiveState", "")
+    found = [finding("service", UNIT, OK if enabled == "enabled" else WARN,
+                     f"unit file {enabled or 'state unknown'}",
+                     "" if enabled == "enabled" else f"systemctl enable {UNIT}")]
+    active = state == "active"
+    found.append(finding("service", UNIT, OK if active else FAILED, state or "state unknown",
                          "" if active else f"systemctl restart {UNIT}; journalctl -u {UNIT} -n 50"))
     user = props.get("User") or "root"
     found.append(finding("service", UNIT, OK if user == PROG else FAILED, f"runs as {user}",
@@ -4776,8 +4777,10 @@ def doctor_config(path):
         raw, notes = read_translated_config(path)
     except ConfigError:
         return None, found
+    if not isinstance(raw, dict):
+        return None, found
     kept = {}
-    for key, value in (raw or {}).items():
+    for key, value in raw.items():
         with contextlib.suppress(ConfigError):
             validate_config({key: value})
             kept[key] = value
