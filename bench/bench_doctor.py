@@ -67,7 +67,8 @@ def main():
                     times.append(seconds)
                 print(f"doctor, {len(nodes)} nodes, 1 black-holed (connect_timeout 5 s), "
                       f"{args.runs} runs: wall median {statistics.median(times):.2f} s, "
-                      f"max {max(times):.2f} s, {len(findings)} checks each")
+                      f"max {max(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)}), "
+                      f"{len(findings)} checks each")
             finally:
                 daemon.stop()
         finally:
