@@ -636,6 +636,8 @@ def read_config_file(path):
         raise ConfigError([f"{path}:{where}: invalid YAML: {problem}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
+    except ValueError as exc:       # PyYAML's scanner calls chr() on escapes such as "\U00110000"
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
 
 
 def read_optional_text(path):

@@ -103,6 +103,14 @@ def test_yaml_errors_point_at_the_line(tmp_path):
     assert f"{path}: line 3" in err.value.problems[0] and "invalid YAML" in err.value.problems[0]
 
 
+def test_a_yaml_escape_beyond_unicode_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b'"\\U00110000"')
+    with pytest.raises(psp.ConfigError) as err:
+        psp.load_config(str(path), environ={})
+    assert err.value.problems == [f"{path}: invalid YAML: chr() arg not in range(0x110000)"]
+
+
 def test_duplicate_yaml_keys_are_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("log_level: info\nlog_level: debug\n")
