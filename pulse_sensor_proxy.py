@@ -4685,8 +4685,10 @@ def doctor_summary(findings):
 
 def cpu_temperatures(sensors_json):
     """The CPU chips of a `sensors -j` document that hold at least one temperature reading."""
-    chips = []
-    for chip, features in json.loads(sensors_json).items():
+    chips, document = [], json.loads(sensors_json)
+    if isinstance(document.get("sensors"), dict) and "smart" in document:
+        document = document["sensors"]      # the daemon's answer with disk temperatures on
+    for chip, features in document.items():
         if not isinstance(features, dict) or not any(c in chip.lower() for c in CPU_CHIPS):
             continue
         if any(isinstance(sub, dict) and any(k.startswith("temp") and k.endswith("_input")
