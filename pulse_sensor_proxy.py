@@ -851,9 +851,10 @@ def translate_original(raw, read_text):
     def note(key, text):
         notes.append(f"{key}: {text}")
 
-    peers = list(doc.get("allowed_peers") or []) if isinstance(doc.get("allowed_peers"), list) \
-        else doc.get("allowed_peers")
-    if isinstance(peers, list):
+    listed = doc.get("allowed_peers")
+    # absent: the original's allowed_peer_uids/gids below become the whole list
+    peers = list(listed or []) if listed is None or isinstance(listed, list) else listed
+    if isinstance(listed, list):
         for index, entry in enumerate(peers):
             caps = entry.get("capabilities") if isinstance(entry, dict) else None
             if isinstance(caps, list) and "write" in caps:
@@ -876,6 +877,7 @@ def translate_original(raw, read_text):
             entry = {"uid": value} if field == "uid" else {"uids": ALL_UIDS, "gid": value}
             peers.append(dict(entry, capabilities=[CAP_READ, CAP_ADMIN]))
         if values:
+            doc["allowed_peers"] = peers
             note(key, f"now allowed_peers entries with read and admin, as the original granted "
                  f"({', '.join(map(str, values))})")
         else:
@@ -3545,18 +3547,24 @@ async def run_cleanup(admin):
     return ok
 
 
+async def read_node_keys(admin, node):
+    """(path, text) of the node's authorized_keys (behind its link), read as the admin; the
+    text is "" when there is no file."""
+    files = await admin.files(node)
+    try:
+        target, info = await resolve_authorized_keys(files)
+        return target, (await files.read(target)).decode("utf-8", "replace") if info else ""
+    finally:
+        await files.close()
+
+
 async def keys_status(admin):
     slots = {slot: admin.keys.public_line(slot) for slot in ("current", "next", "prev")}
     for slot, line in slots.items():
         admin.say(f"{slot:8} {key_fingerprint(line) if line else '-'}")
 
     async def status(node):
-        files = await admin.files(node)
-        try:
-            target, info = await resolve_authorized_keys(files)
-            data = (await files.read(target)).decode("utf-8", "replace") if info else ""
-        finally:
-            await files.close()
+        _, data = await read_node_keys(admin, node)
         installed = {parse_authorized_key(raw)[2] for raw in data.splitlines()
                      if parse_authorized_key(raw)}
         marks = [f"{slot}=" + ("-" if not line else
@@ -5206,12 +5214,7 @@ async def refusal_reason(admin, node, public_line, address):
     read-only); None when that cannot be read."""
     try:
         async with asyncio.timeout(admin.pool.ssh["connect_timeout"] + DOCTOR_STEP_TIMEOUT):
-            files = await admin.files(node)
-            try:
-                target, info = await resolve_authorized_keys(files)
-                data = (await files.read(target)).decode("utf-8", "replace") if info else ""
-            finally:
-                await files.close()
+            target, data = await read_node_keys(admin, node)
     except (FetchError, OSError, TimeoutError):
         return None
     lines = [parsed for parsed in map(parse_authorized_key, data.splitlines())

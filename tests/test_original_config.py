@@ -56,6 +56,18 @@ def test_translation_means_what_the_original_meant(base_dir):
     assert any(note.startswith("read_timeout: ignored") and "not 90 s" in note for note in notes)
 
 
+def test_peer_ids_of_a_config_without_allowed_peers_become_its_peers():
+    """The original's older configs grant by allowed_peer_uids/gids alone: those grants stay."""
+    doc, notes, problems = psp.translate_original({"allowed_peer_uids": [100000],
+                                                   "allowed_peer_gids": [33]}, lambda path: "")
+    assert problems == []
+    assert psp.validate_config(doc)["allowed_peers"] == [
+        {"uids": (100000, 100000), "gid": None, "capabilities": frozenset({"read", "admin"})},
+        {"uids": (0, 0xFFFFFFFF), "gid": 33, "capabilities": frozenset({"read", "admin"})}]
+    assert [note.split(":")[0] for note in notes] == ["allowed_peer_uids", "allowed_peer_gids"]
+    assert "allowed_peers" not in psp.translate_original({"log_level": "info"}, lambda path: "")[0]
+
+
 def test_bad_values_and_unknown_keys_are_still_errors(base_dir):
     for bad, expected in [({"read_timeout": "soon"}, "read_timeout: got 'soon', expected a duration"),
                           ({"allowed_peer_uids": ["x"]}, "allowed_peer_uids: got ['x']"),
