@@ -3970,8 +3970,13 @@ class Daemon:
         first = True
         task = asyncio.current_task()
         while True:
-            started = time.monotonic()
             self.waiting[task] = (writer, peer)
+            if not first:
+                # Lines a peer pipelined are already buffered: without this, one connection's
+                # backlog is answered back to back while every other connection waits. It
+                # yields as one waiting for a request, so at the cap it can give way meanwhile.
+                await asyncio.sleep(0)
+            started = time.monotonic()
             http = False
             try:
                 async with asyncio.timeout(READ_TIMEOUT):    # for the whole request, not the answer
@@ -4005,9 +4010,6 @@ class Daemon:
             if error == E_UNAUTHORIZED:
                 return
             first = False
-            # Lines a peer pipelined are already buffered: without this, one connection's
-            # backlog is answered back to back while every other connection waits.
-            await asyncio.sleep(0)
 
     async def drain(self, task, writer, peer):
         """Wait for the peer to take the reply; meanwhile the connection is idle, so at the
