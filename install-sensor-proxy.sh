@@ -118,8 +118,10 @@ readonly PVE_GROUP=www-data
 readonly SERVICE=pulse-sensor-proxy.service
 readonly ROTATION_TIMER=pulse-sensor-proxy-key-rotation.timer
 readonly CLEANUP_PATH=pulse-sensor-proxy-cleanup.path
+readonly SMART_SERVICE=pulse-sensor-proxy-smart.service
+readonly SMART_TIMER=pulse-sensor-proxy-smart.timer
 readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.service pulse-sensor-proxy-key-rotation.timer
-                pulse-sensor-proxy-cleanup.service "$CLEANUP_PATH")
+                pulse-sensor-proxy-cleanup.service "$CLEANUP_PATH" "$SMART_SERVICE" "$SMART_TIMER")
 readonly MIN_PYTHON=3.11   # the pyz needs it (asyncio.timeout); Proxmox VE 8 has 3.11
 readonly RUN_DIR=/run/pulse-sensor-proxy
 readonly SOCKET_NAME=pulse-sensor-proxy.sock
@@ -1000,6 +1002,70 @@ Unit=pulse-sensor-proxy-cleanup.service
 WantedBy=paths.target
 UNIT
         ;;
+        pulse-sensor-proxy-smart.service) cat <<'UNIT'
+[Unit]
+Description=Read this host's disk SMART data for pulse-sensor-proxy, without waking drives
+Documentation=man:smartctl(8)
+
+[Service]
+Type=oneshot
+# Root with two capabilities and the block devices only: smartctl's ATA and SCSI pass-through
+# needs CAP_SYS_RAWIO, NVMe's admin commands CAP_SYS_ADMIN, neither of which the daemon has.
+# It takes no input: the same fixed program the nodes' key line forces, in its smart mode.
+# The result is read by the daemon from StateDirectory; nothing here listens or connects.
+ExecStart=/usr/local/bin/pulse-sensor-proxy smart-local --config /etc/pulse-sensor-proxy/config.yaml
+Environment=SHIV_ROOT=%C/pulse-sensor-proxy-smart
+CacheDirectory=pulse-sensor-proxy-smart
+CacheDirectoryMode=0700
+StateDirectory=pulse-sensor-proxy-smart
+StateDirectoryMode=0755
+UMask=0022
+TimeoutStartSec=5min
+
+CapabilityBoundingSet=CAP_SYS_RAWIO CAP_SYS_ADMIN
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateNetwork=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+RestrictAddressFamilies=AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
+DeviceAllow=block-* rw
+UNIT
+        ;;
+        pulse-sensor-proxy-smart.timer) cat <<'UNIT'
+[Unit]
+Description=Read this host's disk SMART data for pulse-sensor-proxy every smart_interval
+
+[Timer]
+# smart-local itself skips a read until smart_interval has passed: this only looks often.
+OnBootSec=1min
+OnUnitActiveSec=5min
+
+[Install]
+WantedBy=timers.target
+UNIT
+        ;;
         *) err "no unit $1" ;;
     esac
 }
@@ -1084,6 +1150,19 @@ ensure_cleanup_path() {
         report_changed "$CLEANUP_PATH enabled"
         run systemctl enable --now --quiet "$CLEANUP_PATH"
     fi
+}
+
+# This host's disks are read as root by SMART_SERVICE (the daemon's sandbox opens none); its
+# timer keeps them fresh, and a first read before the daemon starts puts them in its first answer.
+ensure_smart_timer() {
+    if systemctl is-enabled --quiet "$SMART_TIMER" 2>/dev/null; then
+        report_ok "$SMART_TIMER enabled"
+    else
+        report_changed "$SMART_TIMER enabled"
+        run systemctl enable --quiet "$SMART_TIMER"
+    fi
+    run systemctl start "$SMART_SERVICE" "$SMART_TIMER" \
+        || note "$SMART_SERVICE failed, so this host's disks are left out; see: journalctl -u $SMART_SERVICE -n 20"
 }
 
 # ---------------------------------------------------------------- 7 nodes
@@ -1846,6 +1925,7 @@ do_install() {
     ensure_config
     ensure_https_mode
     install_units
+    ensure_smart_timer
     start_service
     ensure_rotation_timer
     ensure_cleanup_path
@@ -1977,7 +2057,8 @@ do_uninstall() {
         return 0
     fi
     local path
-    for path in "$STATE_DIR" "$CONF_DIR" "$ROOT/var/cache/pulse-sensor-proxy" "$ROOT/var/cache/pulse-sensor-proxy-rotation"; do
+    for path in "$STATE_DIR" "$CONF_DIR" "$ROOT/var/cache/pulse-sensor-proxy" "$ROOT/var/cache/pulse-sensor-proxy-rotation" \
+                "$ROOT/var/lib/pulse-sensor-proxy-smart" "$ROOT/var/cache/pulse-sensor-proxy-smart"; do
         if [ -e "$path" ]; then
             report_changed "$path removed"
             run rm -rf "$path"

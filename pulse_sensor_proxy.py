@@ -202,6 +202,7 @@ DEFAULT_CONFIG = {
     "http_allowed_clients": [],
     "disk_temperatures": True,
     "smart_interval": 1800.0,
+    "local_smart_file": "/var/lib/pulse-sensor-proxy-smart/local",
 }
 SENSORS_COMMAND = "sensors -j"
 # With disk_temperatures the key line forces this program instead of `sensors -j`. Its only
@@ -225,6 +226,12 @@ SMART_PROGRAM = (
 SMART_READ_TIMEOUT = 120.0         # one node's whole SMART read (disks x SMART_DISK_SECONDS)
 SMART_MAX_OUTPUT = 8 * 1024 * 1024  # --json=o carries the text output too: ~40 KB per disk
 SMART_RETRY = 60.0                 # after a failed SMART read, before the next try
+# This host's disks: the daemon's sandbox (no capabilities, a private /dev) opens none, so
+# pulse-sensor-proxy-smart.service reads them as root with only CAP_SYS_RAWIO/CAP_SYS_ADMIN
+# and block devices, into `local_smart_file`; the daemon re-reads that file when it changes.
+SMART_LOCAL_UNIT = "pulse-sensor-proxy-smart.service"
+LOCAL_SMART_RECHECK = 10.0         # seconds between looks at local_smart_file's mtime
+LOCAL_SMART_SLACK = 120.0          # smart-local reads again once the file is this near due
 BREAKER_THRESHOLD = 3              # consecutive failures that open a node's breaker
 BREAKER_MAX_FACTOR = 8             # the cool-down doubles per failed probe, up to this factor
 INVENTORY_RECHECK = 2.0            # seconds between mtime checks of the node sources
@@ -548,6 +555,7 @@ CONFIG_CHECKS = {
     "http_allowed_clients": _check_subnets,
     "disk_temperatures": _check_bool,
     "smart_interval": _check_interval,
+    "local_smart_file": _check_abs_path,
 }
 
 
@@ -2661,6 +2669,24 @@ async def run_local_smart():
     return stdout
 
 
+def read_local_smart_file(path):
+    """(smart-mode output, its mtime) that `smart-local` stored at `path`; None where there is
+    no such file (a daemon started by hand, or as root, reads the disks itself)."""
+    try:
+        with open(path, "rb") as handle:
+            mtime = os.fstat(handle.fileno()).st_mtime
+            data = handle.read(SMART_MAX_OUTPUT + 1)
+    except FileNotFoundError:
+        if os.path.isdir(os.path.dirname(path)):   # the service's directory: it ran, or will
+            raise FetchError(f"{path} is not there yet (systemctl start {SMART_LOCAL_UNIT})") from None
+        return None
+    except OSError as exc:
+        raise FetchError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > SMART_MAX_OUTPUT:
+        raise FetchError(f"{path}: {output_too_large(SMART_MAX_OUTPUT, 'smart read')}")
+    return data, mtime
+
+
 def _asyncssh_classes():
     """The asyncssh subclasses, built on first use so `version` never imports asyncssh."""
     import asyncssh
@@ -2855,14 +2881,27 @@ class NodePool:
                 pass
         return state.smart_json or "[]"
 
+    async def read_smart(self, node, state):
+        """(smart-mode output, when it was read, seconds to the next read); None when this
+        host's stored read is the one already parsed."""
+        if not node.local:
+            started = time.time()
+            stdout = await self.ssh_fetch(node, state, self.run_smart)
+            return stdout, started, self.config["smart_interval"]
+        stored = read_local_smart_file(self.config["local_smart_file"])
+        if stored is None:
+            started = time.time()
+            return await run_local_smart(), started, self.config["smart_interval"]
+        state.smart_due = self.clock() + LOCAL_SMART_RECHECK
+        return None if stored[1] == state.smart_read_at else (*stored, LOCAL_SMART_RECHECK)
+
     async def refresh_smart(self, node, state):
         label = sanitize_label(node.name)
-        started = time.time()
         try:
-            if node.local:
-                stdout = await run_local_smart()
-            else:
-                stdout = await self.ssh_fetch(node, state, self.run_smart)
+            read = await self.read_smart(node, state)
+            if read is None:
+                return
+            stdout, started, next_in = read
             disks, missing = parse_smart_report(stdout, started)
             if not disks and not missing and stdout.strip():
                 raise OutputError(E_OLD_KEY_LINE)
@@ -2874,7 +2913,7 @@ class NodePool:
             self.log.log("warning", "SMART read failed", node=label, error=error, retry_in_s=retry)
             return
         state.smart_json, state.smart_read_at = json.dumps(disks), started
-        state.smart_due = self.clock() + self.config["smart_interval"]
+        state.smart_due = self.clock() + next_in
         self.metrics.inc("pulse_proxy_smart_refresh_total", (label, "success"))
         if missing:
             self.log.log("info", "SMART: disks without a temperature", node=label,
@@ -3908,7 +3947,8 @@ class Daemon:
         node_config = {k: config[k] for k in ("nodes", "pve_dir", "strict_node_validation",
                                               "local_sensors", "host_key_policy", "ssh",
                                               "breaker_cooldown_seconds", "node_min_interval_seconds",
-                                              "ssh_dir", "disk_temperatures", "smart_interval")}
+                                              "ssh_dir", "disk_temperatures", "smart_interval",
+                                              "local_smart_file")}
         if node_config != previous:
             if previous is not None:
                 asyncio.ensure_future(self.pool.close())
@@ -5741,6 +5781,43 @@ def cmd_cleanup(args):
     return run_key_command(args, run_cleanup, args.dry_run)
 
 
+def cmd_smart_local(args):
+    """Read this host's disks into local_smart_file, unless the last read is still fresh."""
+    if os.geteuid() != 0:
+        return fail(f"smart-local must run as root: smartctl opens this host's disks (it is run "
+                    f"by {SMART_LOCAL_UNIT}; try: sudo {PROG} {' '.join(sys.argv[1:])})")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return config_failure(exc, prefix=f"{PROG}: ")
+    if not config["disk_temperatures"]:
+        print("disk temperatures are off (disk_temperatures: false): nothing read")
+        return 0
+    path, interval = config["local_smart_file"], config["smart_interval"]
+    try:
+        stored = read_local_smart_file(path)
+    except FetchError:
+        stored = None       # not there yet, or unreadable: this read replaces it
+    started = time.time()
+    if stored and not args.force and started - stored[1] < interval - LOCAL_SMART_SLACK:
+        print(f"{path} is {started - stored[1]:.0f} s old, smart_interval is {interval:g} s: "
+              "not read again (--force reads now)")
+        return 0
+    try:
+        stdout = asyncio.run(run_local_smart())
+        atomic_write(path, stdout, mode=0o644)
+        os.utime(path, (started, started))     # the daemon takes the read's time from it
+    except FetchError as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(f"cannot write {path}: {exc.strerror}")
+    disks, missing = parse_smart_report(stdout, started)
+    standby = sum(1 for disk in disks if disk["standbySkipped"])
+    print(f"{path}: {len(disks)} disks ({standby} in standby, not woken)"
+          + "".join(f"; {device} left out: {why}" for device, why in missing))
+    return 0
+
+
 def cmd_rotate_keys(args):
     if args.check:
         if args.rollback or args.dry_run:
@@ -5908,6 +5985,12 @@ def build_parser():
     rotate.add_argument("--rollback", action="store_true", help="make the previous key current again")
     rotate.add_argument("--config", help="config file")
     rotate.set_defaults(func=cmd_rotate_keys)
+
+    smart = sub.add_parser("smart-local", help="read this host's disks' SMART data into "
+                           "local_smart_file (root; run by " + SMART_LOCAL_UNIT + ")")
+    smart.add_argument("--force", action="store_true", help="read even if the last read is fresh")
+    smart.add_argument("--config", help="config file")
+    smart.set_defaults(func=cmd_smart_local)
 
     doctor = sub.add_parser("doctor", help="check every link from Pulse to each node's sensors; "
                             "one line per check with the fix, changing nothing (root)")

@@ -6,6 +6,7 @@ comes from. Lines starting with `#` are the citation, never part of the output.
 import asyncio
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import pulse_sensor_proxy as psp
-from conftest import metric_samples, temperature
+from conftest import (MODULE, PYTHON, STRANGER_UID, as_uid, metric_samples, run_cli,
+                      temperature)
 from pulse_temperature import parse_temperature
 from sshnodes import DEFAULT_FIXTURE, ssh_command
 
@@ -441,6 +443,110 @@ def test_the_local_node_gets_the_same_answer_without_ssh(daemon_factory, ssh_nod
     assert ssh_node.smartctl_calls() == [f"-n standby -i -A --json=o /dev/{name}"
                                          for name in READ_DISKS]
     assert ssh_node.execs() == [""], "sensors ran once, as a local program (no SSH command)"
+
+
+# -- this host under the shipped unit: read as root by smart-local, kept in local_smart_file -----
+
+TWO_DISKS = {"sda": (fixture("sata-temperature-current.out"), 0), "sdc": (fixture("standby.out"), 2)}
+
+
+def test_smart_local_reads_this_host_as_root_and_the_daemon_reads_its_file(daemon_factory, ssh_node,
+                                                                             tmp_path):
+    """The daemon's sandbox opens no disk, so pulse-sensor-proxy-smart.service runs smart-local
+    as root; the daemon takes this host's list from its file and never runs smartctl itself."""
+    ssh_node.set_disks("sda disk\nsdc disk\n", TWO_DISKS)
+    stored = tmp_path / "smart-state" / "local"
+    stored.parent.mkdir()
+    env = {"PATH": f"{ssh_node.lab.bin_dir}:/usr/bin:/bin", "USER": ssh_node.user}
+    daemon = daemon_factory({"disk_temperatures": True, "local_smart_file": str(stored)}, env=env,
+                            start=False)
+    daemon.write_config()
+    smart_local = ("smart-local", "--config", str(daemon.config_path))
+    first = run_cli(*smart_local, env=env)
+    assert first.returncode == 0 and first.stderr == ""
+    assert first.stdout == f"{stored}: 2 disks (1 in standby, not woken)\n"
+    assert stored.stat().st_mode & 0o777 == 0o644
+    assert len(ssh_node.smartctl_calls()) == 2
+    daemon.start()
+    reply = temperature(daemon, "localhost")
+    assert reply["data"]["source"] == "local"
+    read_at = psp.rfc3339(stored.stat().st_mtime)
+    assert answer_disks(reply) == [SATA, STANDBY]
+    assert json.loads(reply["data"]["temperature"])["smart"][0]["lastUpdated"] == read_at
+    assert len(ssh_node.smartctl_calls()) == 2, "the daemon ran no smartctl of its own"
+    fresh = run_cli(*smart_local, env=env)
+    assert fresh.returncode == 0 and "not read again (--force reads now)" in fresh.stdout
+    assert len(ssh_node.smartctl_calls()) == 2
+    assert run_cli(*smart_local, "--force", env=env).returncode == 0
+    assert len(ssh_node.smartctl_calls()) == 4
+
+
+def test_smart_local_refuses_a_caller_that_is_not_root(daemon, tmp_path):
+    out = subprocess.run(as_uid(STRANGER_UID) + [PYTHON, str(MODULE), "smart-local", "--config",
+                                                 str(daemon.config_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("pulse-sensor-proxy: error: smart-local must run as root: "
+                                 "smartctl opens this host's disks")
+    assert len(out.stderr.splitlines()) == 1
+
+
+def test_smart_local_with_disk_temperatures_off_reads_nothing(daemon_factory, ssh_node, tmp_path):
+    ssh_node.set_disks("sda disk\n", TWO_DISKS)
+    stored = tmp_path / "local"
+    daemon = daemon_factory({"disk_temperatures": False, "local_smart_file": str(stored)},
+                            start=False)
+    daemon.write_config()
+    out = run_cli("smart-local", "--config", str(daemon.config_path),
+                  env={"PATH": f"{ssh_node.lab.bin_dir}:/usr/bin:/bin", "USER": ssh_node.user})
+    assert out.returncode == 0 and "disk temperatures are off" in out.stdout
+    assert not stored.exists() and ssh_node.smartctl_calls() == []
+
+
+def test_the_daemon_follows_local_smart_file_as_it_changes(ssh_node, tmp_path, monkeypatch):
+    """In-process pool with its own clock: no file yet (its directory there) is a logged
+    miss; a new file is taken at the next look; an unchanged one is not parsed again."""
+    ssh_node.set_disks("", {})
+    monkeypatch.setenv("PATH", f"{ssh_node.lab.bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("USER", ssh_node.user)
+    stored = tmp_path / "local"
+    config = psp.validate_config({"disk_temperatures": True, "local_smart_file": str(stored)})
+    log, metrics, now = io.StringIO(), psp.new_metrics(), [1000.0]
+    sata = frame("sda", fixture("sata-temperature-current.out"), 0)
+
+    async def scenario():
+        pool = psp.NodePool(config, psp.AuditLog("info", stream=log), metrics, clock=lambda: now[0])
+        here = psp.Node("localhost", local=True)
+
+        async def disks():
+            await pool.fetch(here)
+            flight = pool.state(here).smart_flight
+            if flight is not None:
+                await flight
+            return [d["device"] for d in json.loads((await pool.fetch(here))[0])["smart"]]
+
+        try:
+            seen = [await disks()]
+            psp.atomic_write(str(stored), sata.encode(), mode=0o644)
+            now[0] += psp.SMART_RETRY
+            seen.append(await disks())
+            now[0] += psp.LOCAL_SMART_RECHECK
+            seen.append(await disks())
+            psp.atomic_write(str(stored), (sata + frame("sdc", fixture("standby.out"), 2)).encode(),
+                             mode=0o644)
+            os.utime(stored, (READ_AT, READ_AT))
+            now[0] += psp.LOCAL_SMART_RECHECK
+            seen.append(await disks())
+            return seen
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == [[], ["/dev/sda"], ["/dev/sda"], ["/dev/sda", "/dev/sdc"]]
+    assert metrics.values["pulse_proxy_smart_refresh_total"] == {
+        ("localhost", "error"): 1.0, ("localhost", "success"): 2.0}, \
+        "the unchanged file was not parsed again"
+    assert f"{stored} is not there yet (systemctl start pulse-sensor-proxy-smart.service)" in log.getvalue()
+    assert ssh_node.smartctl_calls() == [], "the disks were never read by the pool"
 
 
 # -- keys push and rotation carry the program ----------------------------------------------------

@@ -309,9 +309,15 @@ if [ "${sample##*/}" = no-sensors.json ]; then echo "No sensors found!" >&2; exi
 
 # smartctl and lsblk stand-ins (first on every PATH here): two disks, sda a SATA disk that
 # answers, sdb a drive in standby; a call without -n standby is refused (it would wake sdb).
+# The daemon's account opens no disk, as under the real unit (no capabilities, a private
+# /dev): smartctl's JSON answer to a failed open, exit status 2 (smartctl.8: bit 1).
 SMARTCTL = """#!/bin/sh
 case " $* " in *" -n standby "*) ;; *) echo "smartctl stand-in: no -n standby" >&2; exit 1 ;; esac
 for device; do :; done
+if [ "$(id -un)" = pulse-sensor-proxy ]; then
+    printf '{"smartctl": {"exit_status": 2, "messages": [{"string": "Smartctl open device: %s failed: Permission denied", "severity": "error"}]}, "device": {"name": "%s"}}\\n' "$device" "$device"
+    exit 2
+fi
 case $device in
     /dev/sda) grep -v '^#' /usr/local/share/smart/sata-temperature-current.out ;;
     /dev/sdb) grep -v '^#' /usr/local/share/smart/standby.out; exit 2 ;;

@@ -224,6 +224,12 @@ def test_container_uid_reads_every_node(guest, first_install):
             guest.run(f"pct exec {ctid} -- {CT_CALL} get_temperature --node {node}")
     reply = guest.out(f"pct exec 105 -- {CT_CALL} get_temperature --node pve1 --raw")
     assert "coretemp" in reply
+    # this host's disks: its daemon's account opens none (see guest.SMARTCTL); the root
+    # pulse-sensor-proxy-smart.service read them into its state dir, where the daemon takes them
+    answer = gojson.decode(gojson.decode(reply)["data"]["temperature"])
+    assert [(d["device"], d["temperature"], d["standbySkipped"]) for d in answer["smart"]] == GUEST_DISKS
+    assert guest.out("stat -c '%a %U' /var/lib/pulse-sensor-proxy-smart/local") == "644 root\n"
+    assert guest.out("systemctl is-enabled pulse-sensor-proxy-smart.timer").strip() == "enabled"
     # the nodes' keys came from the cluster's nodes/<node>/ssh_known_hosts: nothing was pinned
     assert not guest.path("/var/lib/pulse-sensor-proxy/known_hosts").exists()
 
@@ -471,6 +477,8 @@ def test_uninstall_leaves_nothing_behind(guest, first_install):
     for path in ("/etc/systemd/system/pulse-sensor-proxy.service",
                  "/etc/systemd/system/pulse-sensor-proxy-key-rotation.service",
                  "/etc/systemd/system/pulse-sensor-proxy-key-rotation.timer",
+                 "/etc/systemd/system/pulse-sensor-proxy-smart.service",
+                 "/etc/systemd/system/pulse-sensor-proxy-smart.timer",
                  "/usr/local/bin/pulse-sensor-proxy", "/run/pulse-sensor-proxy",
                  "/etc/pulse-sensor-proxy/http-token", "/etc/pulse-sensor-proxy/tls"):
         assert not guest.path(path).exists(), path
@@ -489,8 +497,9 @@ def test_uninstall_leaves_nothing_behind(guest, first_install):
 
 def test_purge_then_standalone_install(guest, first_install):
     guest.run("bash /root/install-sensor-proxy.sh --uninstall --purge")
-    for path in ("/var/lib/pulse-sensor-proxy", "/etc/pulse-sensor-proxy"):
-        assert not guest.path(path).exists()
+    for path in ("/var/lib/pulse-sensor-proxy", "/etc/pulse-sensor-proxy",
+                 "/var/lib/pulse-sensor-proxy-smart", "/var/cache/pulse-sensor-proxy-smart"):
+        assert not guest.path(path).exists(), path
     assert guest.run(f"getent passwd {ACCOUNT}", check=False).returncode == 2
     guest.run("mv /etc/pve /etc/pve.cluster && mv /usr/local/sbin/pvecm /usr/local/sbin/pvecm.off")
     try:
