@@ -1437,9 +1437,20 @@ def node_at(addresses, inventory):
     return next((node for node in inventory if node.host in addresses), None)
 
 
-class FetchError(Exception):
-    """Reading `sensors -j` failed; the message says `ssh` (the connection) or `sensors` (the
-    command). On the wire node_error_text puts the node's name first."""
+class ProxyError(Exception):
+    """A failure this program reports as one line of text; the subclasses say what failed.
+    Every boundary turns what a dependency raises (asyncssh, OSError, yaml) into one of them."""
+
+
+class NodeError(ProxyError):
+    """Reading a node failed: `sensors -j` or its SMART list; the message says `ssh` (the
+    connection) or `sensors` (the command). On the wire node_error_text puts the node's name
+    first."""
+
+
+class KeyCommandError(ProxyError):
+    """A key command (keys push/revoke/status, rotate-keys, cleanup) could not do its work:
+    the key slots on this host, the admin identity, or a node's authorized_keys."""
 
 
 def output_too_large(limit, what="sensors -j"):
@@ -1457,11 +1468,11 @@ def node_error_text(name, text):
     return f'node "{name}": ' + RATE_LIMIT_WORDS.sub("rate-limit", text)[:500]
 
 
-class BreakerOpen(FetchError):
+class BreakerOpen(NodeError):
     """The node failed repeatedly and is not tried until its cool-down ends."""
 
 
-class OutputError(FetchError):
+class OutputError(NodeError):
     """`sensors -j` ran but what it printed is unusable: the connection itself is fine."""
 
 
@@ -1480,7 +1491,7 @@ SENSORS_REPAIRS = (
 
 
 def interpret_sensors_output(stdout, stderr, status):
-    """(the `sensors -j` JSON text of a run, names of the repairs made), or FetchError.
+    """(the `sensors -j` JSON text of a run, names of the repairs made), or NodeError.
 
     lm-sensors on a machine without sensors prints `{}` (with a blank line), `No sensors
     found!` on stderr and exits 1: that is a node with no temperatures, not a failure. The
@@ -2206,7 +2217,7 @@ def public_key_of(private_pem):
     return public + b" " + KEY_COMMENT.encode() + b"\n"
 
 
-class UnsafePathError(FetchError):
+class UnsafePathError(KeyCommandError):
     """A path in the state directory is not what root may read or write (a symlink, a FIFO,
     another owner's file, a group-writable directory ...)."""
 
@@ -2365,11 +2376,11 @@ class KeyStore:
         import asyncssh
         keys = self.read(slot)
         if keys is None:
-            raise FetchError(f"no SSH key at {self.private_path(slot)}")
+            raise KeyCommandError(f"no SSH key at {self.private_path(slot)}")
         try:
             return asyncssh.import_private_key(keys[0])
         except asyncssh.KeyImportError as exc:
-            raise FetchError(f"cannot load the SSH key {self.private_path(slot)}: {exc}") from None
+            raise KeyCommandError(f"cannot load the SSH key {self.private_path(slot)}: {exc}") from None
 
     def public_line(self, slot):
         keys = self.read(slot)
@@ -2614,7 +2625,7 @@ def read_pvecm_nodes():
 
 
 async def read_capped(stream, limit, keep=None, what="sensors -j"):
-    """Read a stream to EOF; FetchError past `limit` bytes, or keep only the first `keep`."""
+    """Read a stream to EOF; NodeError past `limit` bytes, or keep only the first `keep`."""
     data = bytearray()
     while True:
         chunk = await stream.read(65536)
@@ -2623,7 +2634,7 @@ async def read_capped(stream, limit, keep=None, what="sensors -j"):
         if keep is None:
             data += chunk
             if len(data) > limit:
-                raise FetchError(output_too_large(limit, what))
+                raise NodeError(output_too_large(limit, what))
         elif len(data) < keep:
             data += chunk[:keep - len(data)]
 
@@ -2636,14 +2647,14 @@ async def run_local(argv, what, timeout, limit, env=None, missing=None):
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=env, start_new_session=True)
     except FileNotFoundError:
-        raise FetchError(missing or f"{argv[0]} is not installed on this host") from None
+        raise NodeError(missing or f"{argv[0]} is not installed on this host") from None
     try:
         async with asyncio.timeout(timeout):
             stdout, stderr = await asyncio.gather(read_capped(proc.stdout, limit, what=what),
                                                   read_capped(proc.stderr, limit, STDERR_KEEP))
             status = await proc.wait()
     except TimeoutError:
-        raise FetchError(f"{what} timed out after {timeout:g} s") from None
+        raise NodeError(f"{what} timed out after {timeout:g} s") from None
     finally:
         if proc.returncode is None:
             try:
@@ -2678,12 +2689,12 @@ def read_local_smart_file(path):
             data = handle.read(SMART_MAX_OUTPUT + 1)
     except FileNotFoundError:
         if os.path.isdir(os.path.dirname(path)):   # the service's directory: it ran, or will
-            raise FetchError(f"{path} is not there yet (systemctl start {SMART_LOCAL_UNIT})") from None
+            raise NodeError(f"{path} is not there yet (systemctl start {SMART_LOCAL_UNIT})") from None
         return None
     except OSError as exc:
-        raise FetchError(f"cannot read {path}: {exc.strerror}") from None
+        raise NodeError(f"cannot read {path}: {exc.strerror}") from None
     if len(data) > SMART_MAX_OUTPUT:
-        raise FetchError(f"{path}: {output_too_large(SMART_MAX_OUTPUT, 'smart read')}")
+        raise NodeError(f"{path}: {output_too_large(SMART_MAX_OUTPUT, 'smart read')}")
     return data, mtime
 
 
@@ -2778,7 +2789,7 @@ def load_private_key(path):
         with open(path, "rb") as handle:
             return asyncssh.import_private_key(handle.read(65536))
     except (OSError, asyncssh.KeyImportError) as exc:
-        raise FetchError(f"cannot load the SSH key {path}: {exc}") from None
+        raise NodeError(f"cannot load the SSH key {path}: {exc}") from None
 
 
 class NameResolver:
@@ -2909,7 +2920,7 @@ class NodePool:
             retry = min(SMART_RETRY, self.config["smart_interval"])
             state.smart_due = self.clock() + retry
             self.metrics.inc("pulse_proxy_smart_refresh_total", (label, "error"))
-            error = str(exc) if isinstance(exc, FetchError) else f"{type(exc).__name__}: {exc}"
+            error = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}"
             self.log.log("warning", "SMART read failed", node=label, error=error, retry_in_s=retry)
             return
         state.smart_json, state.smart_read_at = json.dumps(disks), started
@@ -2957,7 +2968,7 @@ class NodePool:
                                                         self.ssh["max_output_bytes"])
             else:
                 text, repairs = await self.ssh_fetch(node, state, self.run_sensors)
-        except FetchError as exc:
+        except NodeError as exc:
             state.failures += 1
             state.last_error = str(exc)
             if state.failures >= BREAKER_THRESHOLD:
@@ -2993,14 +3004,14 @@ class NodePool:
                 return await run(conn, node)
             except OutputError:
                 raise       # the node printed something unusable; keep the connection
-            except FetchError:
+            except NodeError:
                 self.drop(state)
                 raise
             except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
                     OSError) as exc:
                 self.drop(state)
                 if fresh or attempt == 2:
-                    raise FetchError(f"ssh: session to {node.name} failed: {exc}") from None
+                    raise NodeError(f"ssh: session to {node.name} failed: {exc}") from None
                 # a reused connection died since its last use (sshd restarted): reconnect once
 
     async def run_sensors(self, conn, node, command=SENSORS_COMMAND):
@@ -3026,12 +3037,12 @@ class NodePool:
                 chan.write_eof()
                 lost = await session.done
         except TimeoutError:
-            raise FetchError(f"{what} timed out after {timeout:g} s") from None
+            raise NodeError(f"{what} timed out after {timeout:g} s") from None
         if session.too_large:       # the remote side may still be writing: not OutputError
-            raise FetchError(output_too_large(limit, what))
+            raise NodeError(output_too_large(limit, what))
         if lost is not None and session.status is None:
             # the connection died while the command ran: an SSH failure, not the node's sensors
-            raise FetchError(f"ssh: session to {node.name} failed: {lost}")
+            raise NodeError(f"ssh: session to {node.name} failed: {lost}")
         return bytes(session.stdout), bytes(session.stderr), session.status
 
     def drop(self, state):
@@ -3044,7 +3055,7 @@ class NodePool:
         try:
             info = os.stat(self.key_path)
         except OSError as exc:
-            raise FetchError(f"no SSH key at {self.key_path}: {exc.strerror}") from None
+            raise NodeError(f"no SSH key at {self.key_path}: {exc.strerror}") from None
         stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         if stamp != self.key_stamp:
             self.key = load_private_key(self.key_path)
@@ -3114,19 +3125,19 @@ class NodePool:
                     keepalive_count_max=3, gss_host=None, password=None, kbdint_auth=False,
                     ignore_encrypted=True)
         except TimeoutError:
-            raise FetchError(f"ssh: cannot connect to {node.host}:{node.port}: no SSH answer within "
+            raise NodeError(f"ssh: cannot connect to {node.host}:{node.port}: no SSH answer within "
                              f"{timeout:g} s") from None
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise FetchError(verdict.get("error") or f"ssh: host key not verifiable: {exc}") from None
+            raise NodeError(verdict.get("error") or f"ssh: host key not verifiable: {exc}") from None
         except asyncssh.PermissionDenied:
-            raise FetchError(f"ssh: permission denied (publickey) on {node.name}: {whose} is not "
+            raise NodeError(f"ssh: permission denied (publickey) on {node.name}: {whose} is not "
                              "installed there") from None
         except (asyncssh.Error, OSError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and (exc.errno or 0) > 0:
                 reason = os.strerror(exc.errno)     # asyncio's text is "Connect call failed (addr)"
             else:
                 reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-            raise FetchError(f"ssh: cannot connect to {node.host}:{node.port}: {reason}") from None
+            raise NodeError(f"ssh: cannot connect to {node.host}:{node.port}: {reason}") from None
 
     def known_host_keys(self, node):
         """(trusted keys, revoked keys, whether any key is known) for a node.
@@ -3177,14 +3188,14 @@ class NodePool:
                 parsed = f"ssh: cannot use {path}: {exc}"
             cached = self.known_cache[path] = (stamp, parsed)
         if isinstance(cached[1], str):
-            raise FetchError(cached[1])    # fail closed: never re-pin over an unreadable file
+            raise NodeError(cached[1])    # fail closed: never re-pin over an unreadable file
         if cached[1] is None:
             return [], []
         matcher, skipped = cached[1]
         names = {node.name.lower(), node.host.lower()}
         for number, patterns in skipped:
             if fail_closed and names_host(patterns, names):
-                raise FetchError(f"ssh: cannot use {path} line {number}: the host key of {node.name} "
+                raise NodeError(f"ssh: cannot use {path} line {number}: the host key of {node.name} "
                                  "there does not decode")
         return known_host_keys(matcher, node, port)
 
@@ -3289,13 +3300,13 @@ class LocalFiles:
 def bounded_keys_file(name, data):
     """DATA, read with a limit of MAX_KEYS_FILE_BYTES + 1: what is longer is refused whole."""
     if len(data) > MAX_KEYS_FILE_BYTES:
-        raise FetchError(f"{name} is larger than {MAX_KEYS_FILE_BYTES} bytes; refusing to edit it")
+        raise KeyCommandError(f"{name} is larger than {MAX_KEYS_FILE_BYTES} bytes; refusing to edit it")
     return data
 
 
 class SftpFiles(LocalFiles):
     """The same operations on a node over SFTP: no remote shell is ever run. Each request is
-    bounded in time, a read in size, and a failure is the OSError or FetchError the local
+    bounded in time, a read in size, and a failure is the OSError or KeyCommandError the local
     operations give, never asyncssh's own."""
 
     def __init__(self, conn, sftp):
@@ -3307,11 +3318,11 @@ class SftpFiles(LocalFiles):
             async with asyncio.timeout(SFTP_STEP_TIMEOUT):
                 return await operation
         except TimeoutError:
-            raise FetchError(f"sftp: no answer within {SFTP_STEP_TIMEOUT:g} s to {what} {name}") from None
+            raise KeyCommandError(f"sftp: no answer within {SFTP_STEP_TIMEOUT:g} s to {what} {name}") from None
         except asyncssh.SFTPNoSuchFile:
             raise FileNotFoundError(errno.ENOENT, "No such file", name) from None
         except asyncssh.SFTPError as exc:
-            raise FetchError(f"sftp: cannot {what} {name}: {exc.reason}") from None
+            raise KeyCommandError(f"sftp: cannot {what} {name}: {exc.reason}") from None
 
     async def info(self, name):
         try:
@@ -3328,7 +3339,7 @@ class SftpFiles(LocalFiles):
         import asyncssh
         try:
             await self._request("create", name, self.sftp.mkdir(name, asyncssh.SFTPAttrs(permissions=mode)))
-        except FetchError:
+        except KeyCommandError:
             if await self.info(name):
                 raise FileExistsError(errno.EEXIST, "File exists", name) from None
             raise
@@ -3377,7 +3388,7 @@ async def resolve_authorized_keys(files):
             return target, info
         link = await files.readlink(target)
         target = link if link.startswith("/") else os.path.join(os.path.dirname(target), link)
-    raise FetchError(f"{AUTHORIZED_KEYS}: too many levels of symbolic links")
+    raise KeyCommandError(f"{AUTHORIZED_KEYS}: too many levels of symbolic links")
 
 
 async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
@@ -3404,12 +3415,12 @@ async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
         except OSError as exc:
             held = await files.info(lock)
             if held is None and not isinstance(exc, FileExistsError):
-                raise FetchError(f"cannot create {lock}: {exc.strerror or exc}") from None
+                raise KeyCommandError(f"cannot create {lock}: {exc.strerror or exc}") from None
             if held and time.time() - held.mtime > LOCK_STALE:
                 await files.rmdir(lock)
                 continue
             if time.monotonic() > deadline:
-                raise FetchError(f"{lock} is held by another editor; remove it if none is running") from None
+                raise KeyCommandError(f"{lock} is held by another editor; remove it if none is running") from None
             await asyncio.sleep(0.05)
     try:
         for _ in range(5):
@@ -3426,7 +3437,7 @@ async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
                 continue
             await files.rename(temp, target)
             return target, changes
-        raise FetchError(f"{target} keeps changing under us; try again")
+        raise KeyCommandError(f"{target} keeps changing under us; try again")
     finally:
         await files.rmdir(lock)
 
@@ -3458,7 +3469,7 @@ class KeyAdmin:
             try:
                 wanted.append(resolve_node(requested_node(name), nodes, set(), True))
             except RequestError as exc:
-                raise FetchError(f"--node {name}: {exc}") from None
+                raise KeyCommandError(f"--node {name}: {exc}") from None
         return wanted
 
     def admin_keys(self):
@@ -3471,9 +3482,9 @@ class KeyAdmin:
             except FileNotFoundError:
                 continue
             except (OSError, asyncssh.KeyImportError) as exc:
-                raise FetchError(f"admin identity {path}: {exc}") from None
+                raise KeyCommandError(f"admin identity {path}: {exc}") from None
         if not keys:
-            raise FetchError("no admin SSH identity found (tried " + ", ".join(paths) +
+            raise KeyCommandError("no admin SSH identity found (tried " + ", ".join(paths) +
                              "); set admin_identity in the config")
         return keys
 
@@ -3486,7 +3497,7 @@ class KeyAdmin:
             return SftpFiles(conn, await conn.start_sftp_client())
         except Exception as exc:
             conn.close()
-            raise FetchError(f"SFTP on {node.name} failed: {exc}") from None
+            raise KeyCommandError(f"SFTP on {node.name} failed: {exc}") from None
 
     async def edit(self, node, add_line=None, remove_keys=()):
         files = await self.files(node)
@@ -3509,7 +3520,7 @@ class KeyAdmin:
 
     def line(self, public_key):
         if not self.subnets:
-            raise FetchError("allowed_source_subnets is empty and no address of this host was "
+            raise KeyCommandError("allowed_source_subnets is empty and no address of this host was "
                              "found; set it in the config (an empty from= would lock the key out)")
         return authorized_keys_line(public_key, self.subnets, self.config["disk_temperatures"])
 
@@ -3522,7 +3533,7 @@ class KeyAdmin:
                 if detail:
                     self.say(f"  {node.name}: {detail}")
                 crash_point(f"{what}: {node.name}")
-            except (FetchError, OSError) as exc:
+            except (ProxyError, OSError) as exc:
                 ok = False
                 self.say(f"  {node.name}: FAILED to {what}: {exc}")
         return ok
@@ -3538,7 +3549,7 @@ def describe_changes(changes, path, dry_run):
 async def keys_push(admin, names):
     public = admin.keys.public_line("current")
     if not public:
-        raise FetchError(f"no key in {admin.config['ssh_dir']}; start the service once to create it")
+        raise KeyCommandError(f"no key in {admin.config['ssh_dir']}; start the service once to create it")
     admin.say(f"Installing {key_fingerprint(public)} on the nodes{' (dry run)' if admin.dry_run else ''}:")
 
     return await admin.for_each(admin.nodes(names), lambda n: _push_line(admin, n, public),
@@ -3575,7 +3586,7 @@ async def run_cleanup(admin):
         for fingerprint in fingerprints:
             try:
                 ok = await keys_revoke(admin, [host], fingerprint) and ok
-            except FetchError as exc:
+            except ProxyError as exc:
                 admin.say(f"  {host}: FAILED: {exc}")
                 ok = False
     if not admin.dry_run:
@@ -3615,7 +3626,7 @@ async def keys_status(admin):
             try:
                 await admin.verify(node, "current")
                 works = "restricted path works"
-            except FetchError as exc:
+            except ProxyError as exc:
                 works = f"restricted path FAILS: {exc}"
         return f"{' '.join(marks)}; {works}"
 
@@ -3640,7 +3651,7 @@ async def rotate_keys(admin, rollback=False):
         return await _rotate_keys(admin, rollback)
     except OSError as exc:      # the state dir filled up or turned read-only part way
         again = f"{PROG} rotate-keys" + (" --rollback" if rollback else "")
-        raise FetchError(f"{exc}\nEvery node still accepts the key the daemon uses. Once "
+        raise KeyCommandError(f"{exc}\nEvery node still accepts the key the daemon uses. Once "
                          f"{admin.keys.ssh_dir} can be written again, run `{again}` again: it "
                          "first finishes or undoes what this run left half done.") from None
 
@@ -3655,12 +3666,12 @@ async def _rotate_keys(admin, rollback):
             return True     # what the interrupted run was asked to do is now done
     old = keys.public_line("current")
     if old is None:
-        raise FetchError(f"no current key in {keys.ssh_dir}")
+        raise KeyCommandError(f"no current key in {keys.ssh_dir}")
     new, source, op = None, "next", "rotate"
     if rollback:
         new, source, op = keys.public_line("prev"), "prev", "rollback"
         if new is None:
-            raise FetchError(f"nothing to roll back to: {keys.dirs['prev']} holds no key")
+            raise KeyCommandError(f"nothing to roll back to: {keys.dirs['prev']} holds no key")
     old_fp = key_fingerprint(old)
     if admin.dry_run:
         new_fp = key_fingerprint(new) if new else "(a new Ed25519 key)"
@@ -3759,7 +3770,7 @@ async def recover_rotation(admin, journal, nodes):
     if step in ("swapping", "removing"):
         admin.say("Completing it: the new key is installed on every node.")
         return await finish_rotation(admin, journal, nodes)
-    raise FetchError(f"cannot understand {admin.keys.journal_path}; check the key slots by hand")
+    raise KeyCommandError(f"cannot understand {admin.keys.journal_path}; check the key slots by hand")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4290,7 +4301,7 @@ async def get_temperature(daemon, peer, params, corr_id):
     started = time.monotonic()
     try:
         text, cached = await daemon.pool.fetch(node)
-    except FetchError as exc:
+    except NodeError as exc:
         raise RequestError(node_error_text(node.name, str(exc))) from None
     return {"node": params["node"], "temperature": text, "source": "local" if node.local else "ssh",
             "cached": cached, "latency_ms": round((time.monotonic() - started) * 1000, 3)}
@@ -4304,7 +4315,7 @@ async def probe_nodes(daemon):
         try:
             await daemon.pool.fetch(node)
             return node, None
-        except FetchError as exc:
+        except NodeError as exc:
             return node, str(exc)
 
     return await asyncio.gather(*(probe(node) for node in nodes))
@@ -4559,7 +4570,7 @@ class HttpsFront:
                 text, _ = await self.daemon.pool.fetch(node)
         except BreakerOpen as exc:
             raise HttpRefusal(503, str(exc)) from None
-        except FetchError as exc:
+        except NodeError as exc:
             raise HttpRefusal(502, str(exc)) from None
         except TimeoutError:
             raise HttpRefusal(503, E_TIMEOUT) from None
@@ -4900,7 +4911,7 @@ def check_key(keys):
         pair = keys.read("current")
         line = keys.public_line("current")
         journal = keys.journal()
-    except (FetchError, OSError) as exc:
+    except (ProxyError, OSError) as exc:
         return [finding("key", where, FAILED, str(exc), f"chown -R {PROG}: {keys.state_dir}; "
                         f"chmod 0700 {keys.ssh_dir}; chmod 0600 {where}")]
     if pair is None:
@@ -5257,7 +5268,7 @@ async def refusal_reason(admin, node, public_line, address):
     try:
         async with asyncio.timeout(admin.pool.ssh["connect_timeout"] + DOCTOR_STEP_TIMEOUT):
             target, data = await read_node_keys(admin, node)
-    except (FetchError, OSError, TimeoutError):
+    except (ProxyError, OSError, TimeoutError):
         return None
     lines = [parsed for parsed in map(parse_authorized_key, data.splitlines())
              if parsed and parsed[2] == public_line.split()[1]]
@@ -5308,7 +5319,7 @@ async def check_node(admin, node, key, public_line):
     found.append(finding("reach", node.name, OK, f"TCP {node.host}:{node.port} answers"))
     try:
         conn = await pool.connect(node, [key])
-    except FetchError as exc:
+    except NodeError as exc:
         text = str(exc)
         check, fix = next(((c, f) for marker, (c, f) in NODE_FIXES.items() if marker in text),
                           ("ssh", "ssh -p {port} {user}@{host} from this host shows why"))
@@ -5329,7 +5340,7 @@ async def check_node(admin, node, key, public_line):
                                 f"a login asking for `id` got no sensors output ({exc}): the key's "
                                 "line does not force `sensors -j`",
                                 f"{PROG} keys push --node {node.name}")]
-    except FetchError as exc:
+    except NodeError as exc:
         return found + [finding("sensors", node.name, FAILED, str(exc),
                                 f"ssh {node.user}@{node.host} sensors -j shows why")]
     finally:
@@ -5362,7 +5373,7 @@ async def check_nodes(config, keys, names):
         nodes = [n for n in nodes if n.name in names]
     try:
         key, public_line = keys.private_key("current"), keys.public_line("current")
-    except (FetchError, OSError) as exc:
+    except (ProxyError, OSError) as exc:
         return unknown + [finding("node-key", node.name, FAILED, str(exc),
                                   f"systemctl restart {UNIT}") for node in nodes]
     limit = config["ssh"]["connect_timeout"] * 3 + config["ssh"]["command_timeout"] + \
@@ -5752,7 +5763,7 @@ def run_key_command(args, action, dry_run=False):
     admin = KeyAdmin(config, dry_run=dry_run)
     try:
         return 0 if asyncio.run(action(admin)) else 1
-    except (FetchError, OSError) as exc:
+    except (ProxyError, OSError) as exc:
         return fail(str(exc))
 
 
@@ -5796,7 +5807,7 @@ def cmd_smart_local(args):
     path, interval = config["local_smart_file"], config["smart_interval"]
     try:
         stored = read_local_smart_file(path)
-    except FetchError:
+    except NodeError:
         stored = None       # not there yet, or unreadable: this read replaces it
     started = time.time()
     if stored and not args.force and started - stored[1] < interval - LOCAL_SMART_SLACK:
@@ -5807,7 +5818,7 @@ def cmd_smart_local(args):
         stdout = asyncio.run(run_local_smart())
         atomic_write(path, stdout, mode=0o644)
         os.utime(path, (started, started))     # the daemon takes the read's time from it
-    except FetchError as exc:
+    except NodeError as exc:
         return fail(str(exc))
     except OSError as exc:
         return fail(f"cannot write {path}: {exc.strerror}")

@@ -221,7 +221,7 @@ def test_unwritable_directory_fails_at_once_with_the_reason(base_dir):
     program = ("import asyncio, sys, pulse_sensor_proxy as psp\n"
                "try:\n"
                f"    asyncio.run(psp.edit_node_keys(psp.LocalFiles({str(home)!r}), {OURS!r}))\n"
-               "except psp.FetchError as exc:\n"
+               "except psp.KeyCommandError as exc:\n"
                "    sys.exit(str(exc))\n")
     result = subprocess.run(as_uid(SERVICE_UID) + [PYTHON, "-c", program], capture_output=True,
                             text=True, timeout=60, cwd=str(MODULE.parent))
@@ -428,7 +428,7 @@ def test_no_subnets_means_no_line_rather_than_an_empty_from(base_dir):
     config = psp.validate_config({"ssh_dir": str(base_dir / "state" / "ssh")})
     admin = psp.KeyAdmin(dict(config, config_path=str(base_dir / "c.yaml")))
     admin.subnets = []
-    with pytest.raises(psp.FetchError, match="allowed_source_subnets is empty"):
+    with pytest.raises(psp.KeyCommandError, match="allowed_source_subnets is empty"):
         admin.line(PUBLIC)
 
 

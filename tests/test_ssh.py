@@ -404,11 +404,11 @@ def test_valid_node_names(value, expected):
 def test_sensors_output_interpretation():
     no_sensors = (FIXTURES_DIR / "no-sensors.json").read_bytes()
     assert psp.interpret_sensors_output(no_sensors, b"No sensors found!\n", 1) == ("{\n\n}", [])
-    with pytest.raises(psp.FetchError, match="exited with status 1: boom"):
+    with pytest.raises(psp.NodeError, match="exited with status 1: boom"):
         psp.interpret_sensors_output(b"{}", b"boom\n", 1)
-    with pytest.raises(psp.FetchError, match="invalid sensors output"):
+    with pytest.raises(psp.NodeError, match="invalid sensors output"):
         psp.interpret_sensors_output(b"[1, 2]", b"", 0)
-    with pytest.raises(psp.FetchError, match="without an exit status"):
+    with pytest.raises(psp.NodeError, match="without an exit status"):
         psp.interpret_sensors_output(b"{}", b"", None)
 
 
