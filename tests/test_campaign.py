@@ -1,7 +1,7 @@
 """The hostile-input campaign: fuzzing, floods, slow clients, bad configuration, resource bounds.
 
 Every suite is seeded and bounded. The default counts fit CI; `pytest --long` (or PSP_LONG=1)
-raises them to the figures published in README.md (Reliability). Timing figures live in
+raises them to the figures published in docs/reliability.md. Timing figures live in
 bench/bench_campaign.py; here only what must hold is asserted.
 """
 import json

@@ -1,6 +1,6 @@
 """The daemon against Pulse's client as it ships (v4.25 through v5.0.17): its error classes.
 
-`pulse_client.py` models that client from issue 11's description; README.md's error table
+`pulse_client.py` models that client from issue 11's description; docs/protocol.md's error table
 promises a class for every error; here the errors the daemon really produces (from real sshd
 nodes, real sockets and peers) are put through the model and held to that promise.
 """
@@ -15,11 +15,11 @@ from conftest import READER_UID, ROOT, rpc, send_raw, temperature
 PER_NODE = pulse.NODE
 
 
-def readme_error_table():
-    """[(regex for the error, class number)] from README.md's error table."""
-    text = (ROOT / "README.md").read_text()
+def documented_error_table():
+    """[(regex for the error, class number)] from docs/protocol.md's error table."""
+    text = (ROOT / "docs" / "protocol.md").read_text()
     rows = re.findall(r"^\| `([^`]+)` \| (\d) [a-z ]+ \|", text, re.MULTILINE)
-    assert len(rows) >= 10, "README's error table not found"
+    assert len(rows) >= 10, "the protocol's error table not found"
     table = []
     for pattern, kind in rows:
         parts = re.split(r"<[a-z]+>", pattern)
@@ -29,7 +29,7 @@ def readme_error_table():
 
 def promised_class(error, table):
     matches = {kind for regex, kind in table if regex.fullmatch(error)}
-    assert len(matches) == 1, f"README's error table has {len(matches)} classes for {error!r}"
+    assert len(matches) == 1, f"the error table has {len(matches)} classes for {error!r}"
     return matches.pop()
 
 
@@ -88,15 +88,15 @@ def wire_errors(daemon):
     return errors
 
 
-def test_every_error_lands_in_the_class_readme_promises(cluster):
+def test_every_error_lands_in_the_class_the_protocol_promises(cluster):
     daemon, per_node = node_errors(cluster)
-    table = readme_error_table()
+    table = documented_error_table()
     for what, error in per_node.items():
         kind = pulse.classify(error)
         print(f"{kind} {what}: {error}")
         assert kind == promised_class(error, table), (what, error)
         assert kind == PER_NODE, f"{what}: {error!r} is class {kind}, not a node error"
-    # The wire's fixed strings: every one the daemon has, each as README promises it.
+    # The wire's fixed strings: every one the daemon has, each as the protocol promises it.
     fixed = set(psp.ERROR_RESULTS) | {psp.E_INTERNAL}
     for error in fixed:
         kind = pulse.classify(error)
@@ -108,7 +108,7 @@ def test_every_error_lands_in_the_class_readme_promises(cluster):
 
 def test_peer_errors_on_the_socket_are_as_documented(cluster):
     daemon, _ = cluster(1, allowed_peers=[{"uid": READER_UID}])
-    table = readme_error_table()
+    table = documented_error_table()
     for what, error in wire_errors(daemon).items():
         assert error in psp.ERROR_RESULTS, (what, error)
         assert pulse.classify(error) == promised_class(error, table), (what, error)
