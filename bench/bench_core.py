@@ -4,9 +4,12 @@
 Starts its own daemon (temporary directory, limits raised so the limiter does not measure
 itself) and talks to it over its Unix socket only. Every figure is printed with the command
 that reproduces it. Targets: p50 <= 0.5 ms, >= 5,000 requests/s, socket ready <= 1 s,
-`version` <= 100 ms, idle RSS <= 45 MB.
+`version` <= 100 ms, idle RSS <= 40 MB; one connection per request >= 80 % of a
+minimal asyncio Protocol server's rate (bench/minimal_server.py), measured in the same run with
+the same client processes, alternating which server goes first.
 
-    python bench/bench_core.py [--requests 2000] [--clients 10] [--starts 10] [--versions 20]
+    python bench/bench_core.py [--requests 2000] [--clients 10] [--rounds 3]
+        [--before OLD/pulse_sensor_proxy.py] [--starts 10] [--versions 20]
 """
 import argparse
 import multiprocessing
@@ -93,35 +96,59 @@ def latencies(path, count, keep_alive):
     return samples
 
 
-def _client_worker(path, count, keep_alive, start_at, out):
-    client = KeepAlive(path) if keep_alive else None
-    while time.time() < start_at:
-        time.sleep(0.001)
-    began = time.perf_counter()
-    for _ in range(count):
+def _client_worker(tasks, out):
+    """One client process for every run: (path, count, keep_alive, start_at) in, span out."""
+    for path, count, keep_alive, start_at in iter(tasks.get, None):
+        client = KeepAlive(path) if keep_alive else None
+        while time.time() < start_at:
+            time.sleep(0.001)
+        began = time.perf_counter()
+        for _ in range(count):
+            if client:
+                client.request()
+            else:
+                one_shot(path)
         if client:
-            client.request()
-        else:
-            one_shot(path)
-    out.put((began, time.perf_counter()))
+            client.close()
+        out.put((began, time.perf_counter()))
 
 
-def throughput(path, clients, per_client, keep_alive):
-    """Requests/s of `clients` processes (each its own pid: its own limiter bucket) at once."""
-    out = multiprocessing.Queue()
-    start_at = time.time() + 0.5
-    procs = [multiprocessing.Process(target=_client_worker,
-                                     args=(path, per_client, keep_alive, start_at, out))
-             for _ in range(clients)]
-    for proc in procs:
-        proc.start()
-    spans = [out.get(timeout=120) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=30)
-        if proc.exitcode != 0:
-            raise RuntimeError("a client process failed")
-    elapsed = max(end for _, end in spans) - min(begin for begin, _ in spans)
-    return clients * per_client / elapsed
+class Clients:
+    """`count` client processes (each its own pid: its own limiter bucket), kept for all runs
+    so that every server is measured with the same processes."""
+
+    def __init__(self, count):
+        self.tasks = [multiprocessing.Queue() for _ in range(count)]
+        self.out = multiprocessing.Queue()
+        self.procs = [multiprocessing.Process(target=_client_worker, args=(tasks, self.out))
+                      for tasks in self.tasks]
+        for proc in self.procs:
+            proc.start()
+
+    def throughput(self, path, per_client, keep_alive):
+        """Requests/s of all the processes at once against `path`."""
+        start_at = time.time() + 0.3
+        for tasks in self.tasks:
+            tasks.put((path, per_client, keep_alive, start_at))
+        spans = [self.out.get(timeout=120) for _ in self.tasks]
+        elapsed = max(end for _, end in spans) - min(begin for begin, _ in spans)
+        return len(self.tasks) * per_client / elapsed
+
+    def close(self):
+        for tasks in self.tasks:
+            tasks.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+
+
+def alternating_rates(clients, servers, rounds, per_client, keep_alive):
+    """{name: [rate per round]} with the order of the servers rotated every round."""
+    names = list(servers)
+    rates = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            rates[name].append(clients.throughput(servers[name], per_client, keep_alive))
+    return rates
 
 
 def rss_kib(pid):
@@ -169,11 +196,54 @@ def version_times(runs):
     return samples
 
 
+def start_minimal_server(base):
+    path = base / "minimal.sock"
+    proc = subprocess.Popen([PYTHON, str(ROOT / "bench" / "minimal_server.py"), str(path)])
+    wait_for(lambda: _accepts(path), timeout=30, what="the minimal server")
+    return proc, str(path)
+
+
+def start_before_daemon(base, module):
+    """The same bench's daemon, but from another copy of the module (the code before a change)."""
+    import conftest
+    daemon = Daemon(base / "before", {"rate_limit": BENCH_LIMITS})
+    daemon.base.mkdir()
+    saved, conftest.MODULE = conftest.MODULE, Path(module)
+    try:
+        daemon.start()
+    finally:
+        conftest.MODULE = saved
+    return daemon
+
+
+def report_rates(rates, clients, label, keep_alive):
+    """Each server's median rate and rounds; the daemon's rate as a share of the others'."""
+    medians = {name: statistics.median(samples) for name, samples in rates.items()}
+    for name, samples in rates.items():
+        if name == "daemon":
+            report(f"throughput, {clients} client processes, {label}", f"{medians[name]:,.0f} req/s",
+                   ">= 5,000 req/s", medians[name] >= 5000)
+        else:
+            report(f"  {name}, {label}", f"{medians[name]:,.0f} req/s")
+        print(f"    rounds: {', '.join(f'{rate:,.0f}' for rate in samples)}")
+    share = 100 * medians["daemon"] / medians["minimal server"]
+    if keep_alive:
+        report(f"  daemon / minimal server, {label}", f"{share:.0f} %")
+    else:
+        report(f"  daemon / minimal server, {label}", f"{share:.0f} %", ">= 80 %", share >= 80)
+    if "before" in medians:
+        report(f"  daemon / before, {label}", f"{100 * medians['daemon'] / medians['before']:.0f} %")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--per-client", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput runs per server, alternating which goes first")
+    parser.add_argument("--before", metavar="MODULE",
+                        help="also measure a daemon run from this copy of pulse_sensor_proxy.py")
     parser.add_argument("--starts", type=int, default=10)
     parser.add_argument("--versions", type=int, default=20)
     args = parser.parse_args()
@@ -184,24 +254,36 @@ def main():
     daemon.base.mkdir()
     daemon.start()
     path = str(daemon.socket)
+    minimal, minimal_path = start_minimal_server(base)
+    before = start_before_daemon(base, args.before) if args.before else None
+    clients = Clients(args.clients)
     try:
         for _ in range(20):
             one_shot(path)
         report("idle RSS after start-up + 20 requests", f"{rss_kib(daemon.proc.pid) / 1024:.1f} MB",
-               "<= 45 MB", rss_kib(daemon.proc.pid) <= 45 * 1024)
+               "<= 40 MB", rss_kib(daemon.proc.pid) <= 40 * 1024)
         for keep_alive, label in ((False, "one connection per request"), (True, "keep-alive")):
             samples = latencies(path, args.requests, keep_alive)
             p50, p99 = percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
             report(f"get_status p50, {label}", f"{p50:.3f} ms", "<= 0.5 ms", p50 <= 0.5)
             report(f"get_status p99, {label}", f"{p99:.3f} ms")
         print(f"  command: {command(f' --requests {args.requests}')}")
+        servers = {"daemon": path, "minimal server": minimal_path}
+        if before:
+            servers["before"] = str(before.socket)
         for keep_alive, label in ((False, "one connection per request"), (True, "keep-alive")):
-            rate = throughput(path, args.clients, args.per_client, keep_alive)
-            report(f"throughput, {args.clients} client processes, {label}", f"{rate:,.0f} req/s",
-                   ">= 5,000 req/s", rate >= 5000)
-        print(f"  command: {command(f' --clients {args.clients} --per-client {args.per_client}')}")
+            rates = alternating_rates(clients, servers, args.rounds, args.per_client, keep_alive)
+            report_rates(rates, args.clients, label, keep_alive)
+        extra = f" --before {args.before}" if args.before else ""
+        print(f"  command: {command(f' --clients {args.clients} --per-client {args.per_client}')}"
+              f" --rounds {args.rounds}{extra}")
         report("RSS after the runs above", f"{rss_kib(daemon.proc.pid) / 1024:.1f} MB")
     finally:
+        clients.close()
+        minimal.terminate()
+        minimal.wait()
+        if before:
+            before.stop()
         daemon.stop()
     ready = statistics.median(time_to_ready(base, args.starts))
     report(f"process start -> socket accepts, median of {args.starts}", f"{ready * 1000:.0f} ms",

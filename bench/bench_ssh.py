@@ -3,16 +3,25 @@
 
   (a) a fresh `ssh` process per request (how the original proxy works),
   (b) the proxy's get_temperature end to end over its socket, warm (persistent connection),
+      interleaved one by one with
+  (f) the floor: the bench's own persistent asyncssh connection to the same sshd, a new exec
+      channel per request (what the proxy cannot do with less), alternating which goes first;
+      the proxy's overhead over it at p50 and p99, split into time inside its handler (its
+      audit record's latency_ms) and outside (accept, framing, reply), and the daemon's CPU
+      seconds per 1,000 readings,
   (c) 32 sshd nodes polled at once through the proxy, warm: wall time per round.
 
-Both (a) and (b) log in with a key whose forced command is a plain `cat` of a sensors sample,
+The proxy reads the node on every request here (node_min_interval_seconds 0). (a), (b) and (f)
+log in with a key whose forced command is a plain `cat` of a sensors sample,
 so the node's own cost is the same and small (the tests' stand-in script forks several
 processes per run). Needs root (test accounts, sshd). Loopback only; bounded loops.
 
     .venv/bin/python bench/bench_ssh.py [--requests 200] [--nodes 32] [--rounds 20]
 """
 import argparse
+import asyncio
 import concurrent.futures
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +37,7 @@ from conftest import Daemon, rpc  # noqa: E402
 from sshnodes import FIXTURES_DIR, NodeSet, SshLab, make_keypair, restricted_key_line, ssh_command  # noqa: E402
 
 LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
+CORR = "00000000-0000-4000-8000-{:012d}"
 
 
 SAMPLE = FIXTURES_DIR / "intel-coretemp-nvme.json"
@@ -66,7 +76,7 @@ def ms(seconds):
 def start_daemon(work, nodes):
     config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
                         for i, n in enumerate(nodes)},
-              "rate_limit": LIMITS, "log_level": "warning"}
+              "rate_limit": LIMITS, "log_level": "info", "node_min_interval_seconds": 0}
     work.mkdir()
     work.chmod(0o755)
     daemon = Daemon(work, config).start()
@@ -76,17 +86,73 @@ def start_daemon(work, nodes):
     return daemon
 
 
-def proxy_latencies(daemon, requests):
-    request = {"method": "get_temperature", "params": {"node": "n1"}}
-    for _ in range(5):                       # warm: connection made, host key pinned
-        assert rpc(daemon.socket, request)["success"]
-    samples = []
-    for _ in range(requests):
-        start = time.perf_counter()
-        reply = rpc(daemon.socket, request)
-        samples.append(time.perf_counter() - start)
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Floor:
+    """The bench's own persistent asyncssh connection: one exec channel per request."""
+
+    def __init__(self, node, work):
+        import asyncssh
+        key = make_keypair(work / "floor-key")
+        node.write_authorized_keys(node.authorized_keys_path.read_text()
+                                   + restricted_key_line(key.public_line, f"cat {SAMPLE}") + "\n")
+        self.loop = asyncio.new_event_loop()
+        known = asyncssh.import_known_hosts(node.known_hosts_text())
+        self.conn = self.loop.run_until_complete(asyncssh.connect(
+            node.host, node.port, username=node.user, client_keys=[str(key.private_path)],
+            known_hosts=known, agent_path=None))
+
+    def request(self):
+        result = self.loop.run_until_complete(self.conn.run("sensors -j", encoding=None))
+        if result.exit_status != 0 or not result.stdout:
+            raise SystemExit(f"floor request failed: {result.stderr!r}")
+
+    def close(self):
+        self.conn.close()
+        self.loop.run_until_complete(self.conn.wait_closed())
+        self.loop.close()
+
+
+def timed(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def proxy_and_floor(daemon, floor, requests):
+    """(proxy samples, floor samples, {corr id: proxy sample}, CPU s) interleaved one by one."""
+    def proxy(index):
+        reply = rpc(daemon.socket, {"correlation_id": CORR.format(index),
+                                    "method": "get_temperature", "params": {"node": "n1"}})
         assert reply["success"], reply
-    return samples
+    for index in range(5):                   # warm: connections made, host key pinned
+        proxy(index)
+        floor.request()
+    pooled, floors, by_id = [], [], {}
+    cpu_before = cpu_seconds(daemon.proc.pid)
+    for index in range(requests):
+        if index % 2:
+            floors.append(timed(floor.request))
+        pooled.append(timed(lambda: proxy(index)))
+        by_id[CORR.format(index)] = pooled[-1]
+        if not index % 2:
+            floors.append(timed(floor.request))
+    return pooled, floors, by_id, cpu_seconds(daemon.proc.pid) - cpu_before
+
+
+def handler_times(daemon, by_id):
+    """The handler's own time (audit latency_ms) of each of the requests in `by_id`."""
+    times = {}
+    for record in daemon.log_records():
+        if record.get("corr_id") in by_id and "latency_ms" in record:
+            times[record["corr_id"]] = record["latency_ms"] / 1000
+    missing = set(by_id) - set(times)
+    if missing:
+        raise SystemExit(f"{len(missing)} requests without an audit record")
+    return times
 
 
 def poll_rounds(daemon, count, rounds):
@@ -119,21 +185,34 @@ def main():
             start_nodes = time.perf_counter() - started
             fresh = fresh_ssh_latencies(nodes[0], work, args.requests)
             daemon = start_daemon(work / "daemon", nodes)
+            floor = Floor(nodes[0], work)
             try:
-                pooled = proxy_latencies(daemon, args.requests)
+                pooled, floors, by_id, cpu = proxy_and_floor(daemon, floor, args.requests)
                 rounds = poll_rounds(daemon, args.nodes, args.rounds)
             finally:
+                floor.close()
                 daemon.stop()
+            inside = handler_times(daemon, by_id)
+    outside = [by_id[corr] - inside[corr] for corr in by_id]
+    p50, p99 = statistics.median, lambda samples: percentile(samples, 99)
     print(f"command: {' '.join(sys.argv)}")
     print(f"starting {args.nodes} sshd nodes: {start_nodes:.2f} s")
-    print(f"(a) fresh ssh per request ({args.requests}): p50 {ms(statistics.median(fresh))}, "
-          f"p99 {ms(percentile(fresh, 99))}")
-    print(f"(b) proxy get_temperature, warm ({args.requests}): p50 {ms(statistics.median(pooled))}, "
-          f"p99 {ms(percentile(pooled, 99))}")
-    print(f"    speed-up at p50: {statistics.median(fresh) / statistics.median(pooled):.0f}x "
+    print(f"(a) fresh ssh per request ({args.requests}): p50 {ms(p50(fresh))}, "
+          f"p99 {ms(p99(fresh))}")
+    print(f"(f) floor: own asyncssh connection, new channel ({args.requests}, interleaved): "
+          f"p50 {ms(p50(floors))}, p99 {ms(p99(floors))}")
+    print(f"(b) proxy get_temperature, warm ({args.requests}, interleaved): "
+          f"p50 {ms(p50(pooled))}, p99 {ms(p99(pooled))}")
+    for name, stat in (("p50", p50), ("p99", p99)):
+        print(f"    overhead over the floor at {name}: {ms(stat(pooled) - stat(floors))} "
+              f"(inside the handler {ms(stat(list(inside.values())) - stat(floors))}, "
+              f"outside {ms(stat(outside))})" + ("  (target <= 1 ms)" if name == "p50" else ""))
+    print(f"    daemon CPU (user + sys) per 1,000 get_temperature: "
+          f"{cpu * 1000 / args.requests:.2f} s")
+    print(f"    speed-up over ssh per request at p50: {p50(fresh) / p50(pooled):.0f}x "
           "(target >= 30x)")
     print(f"(c) {args.nodes} nodes polled at once, warm ({args.rounds} rounds): "
-          f"p50 {ms(statistics.median(rounds))}, max {ms(max(rounds))} (target <= 150 ms)")
+          f"p50 {ms(p50(rounds))}, max {ms(max(rounds))} (target <= 150 ms)")
     return 0
 
 
