@@ -54,8 +54,10 @@ import base64
 import contextlib
 import difflib
 import errno
+import functools
 import hashlib
 import hmac
+import http
 import importlib
 import ipaddress
 import json
@@ -1127,7 +1129,12 @@ class RateLimiter:
 
 
 class RequestError(Exception):
-    """A request that is answered with success:false and this message."""
+    """A request that is answered with success:false and this message; `corr_id` is the
+    request's own correlation id when it could be read before the request was refused."""
+
+    def __init__(self, message, corr_id=None):
+        super().__init__(message)
+        self.corr_id = corr_id
 
 
 def _reject_constant(name):
@@ -1143,6 +1150,9 @@ def _unique_object(pairs):
     return obj
 
 
+STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+
+
 def parse_request(line):
     """Decode one request line: (correlation_id, method, params) or RequestError.
 
@@ -1154,8 +1164,7 @@ def parse_request(line):
     if not text:
         raise RequestError(E_EMPTY)
     try:
-        request = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_object,
-                             parse_constant=_reject_constant)
+        request = STRICT_JSON.decode(text.decode("utf-8"))
     except (ValueError, RecursionError):
         raise RequestError(E_INVALID) from None
     if not isinstance(request, dict):
@@ -1163,7 +1172,7 @@ def parse_request(line):
     corr_id = normalize_correlation_id(request.get("correlation_id"))
     method, params = request.get("method"), request.get("params")
     if not isinstance(method, str) or not (params is None or isinstance(params, dict)):
-        raise RequestError(E_INVALID, corr_id)
+        raise RequestError(E_INVALID, corr_id=corr_id)
     return corr_id, method, params or {}
 
 
@@ -1176,23 +1185,21 @@ def normalize_correlation_id(value):
     return str(uuid.uuid4())
 
 
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def response_line(corr_id, data=None, error=None):
+    """One reply line; `corr_id` is a normalized UUID, so it needs no escaping."""
     if error is None:
-        body = {"correlation_id": corr_id, "success": True, "data": data}
-    else:
-        body = {"correlation_id": corr_id, "success": False, "error": error}
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        return f'{{"correlation_id":"{corr_id}","success":true,"data":' \
+               f'{COMPACT_JSON.encode(data)}}}\n'.encode()
+    return f'{{"correlation_id":"{corr_id}","success":false,"error":' \
+           f'{COMPACT_JSON.encode(error)}}}\n'.encode()
 
 
 HTTP_REQUEST_LINE = re.compile(rb"(GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH) \S+ HTTP/1\.[01]\r?")
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-                413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-                500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
-
-
 def http_response(status, body, content_type="application/json"):
-    head = (f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'OK')}\r\n"
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n")
     return head.encode() + body
@@ -1265,7 +1272,7 @@ def address_allowed(address, networks):
 
 def https_response(status, data, keep_alive):
     body = json.dumps(data, separators=(",", ":")).encode() + b"\n"
-    head = (f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Error')}\r\n"
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
     return head.encode() + body
@@ -2698,8 +2705,10 @@ def read_local_smart_file(path):
     return data, mtime
 
 
+@functools.cache
 def _asyncssh_classes():
-    """The asyncssh subclasses, built on first use so `version` never imports asyncssh."""
+    """The asyncssh subclasses, built once on first use so `version` never imports asyncssh
+    (and a reading does not pay for building three classes)."""
     import asyncssh
 
     class GatedClient(asyncssh.SSHClient):
@@ -3940,6 +3949,7 @@ class Daemon:
         self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
         self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
         self.refusals = RefusalSummary(self.log, clock=clock)
+        self.public_key_stamp = self.public_key_line = None
         self.apply_config(config)
 
     def apply_config(self, config):
@@ -3980,6 +3990,20 @@ class Daemon:
                          subnets=detected)
         else:
             self.source_subnets = config["allowed_source_subnets"]
+
+    def public_key(self):
+        """The key's public line, read again only when the file changed (rotation writes a
+        new file), not on every get_status."""
+        path = os.path.join(self.config["ssh_dir"], KEY_NAME + ".pub")
+        try:
+            info = os.stat(path)
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None
+        if stamp is None or stamp != self.public_key_stamp:
+            self.public_key_stamp, self.public_key_line = stamp, read_public_key(
+                self.config["ssh_dir"])
+        return self.public_key_line
 
     def peer(self, sock):
         pid, uid, gid = peer_credentials(sock)
@@ -4028,12 +4052,12 @@ class Daemon:
                 # yields as one waiting for a request, so at the cap it can give way meanwhile.
                 await asyncio.sleep(0)
             started = time.monotonic()
-            http = False
+            http_form = False
             try:
                 async with asyncio.timeout(READ_TIMEOUT):    # for the whole request, not the answer
                     line = await lines.readline()
                     if first and HTTP_REQUEST_LINE.match(line):
-                        http = True
+                        http_form = True
                         line = (await self.read_http_body(lines, writer)).replace(b"\n", b" ")
             except ConnectionClosed as closed:
                 if closed.partial:
@@ -4041,18 +4065,18 @@ class Daemon:
                 return
             except TimeoutError:
                 if first or lines.buffer:
-                    await self.refuse(peer, writer, started, E_READ_TIMEOUT, http)
+                    await self.refuse(peer, writer, started, E_READ_TIMEOUT, http_form)
                 return
             except RequestError as exc:
                 # the rest of a refused request cannot be told from a new one: close
-                await self.refuse(peer, writer, started, exc.args[0], http)
+                await self.refuse(peer, writer, started, exc.args[0], http_form)
                 return
             if self.limiter.exhausted(peer.limit_key):
                 await self.pause_over_limit(task, writer, peer)
                 started = time.monotonic()
             self.waiting.pop(task, None)
             corr_id, error, reply = await self.handle(peer, line, started)
-            if http:        # always `Connection: close`
+            if http_form:       # always `Connection: close`
                 writer.write(http_response(status_for_error(error) if error else 200, reply))
                 await self.drain(task, writer, peer)
                 return
@@ -4092,11 +4116,11 @@ class Daemon:
         finally:
             self.pausing -= 1
 
-    async def refuse(self, peer, writer, started, error, http):
+    async def refuse(self, peer, writer, started, error, http_form):
         """Answer a request that could not be read, in the form it came in."""
         self.audit(peer, None, None, started, error)
         reply = response_line(str(uuid.uuid4()), error=error)
-        writer.write(http_response(status_for_error(error), reply) if http else reply)
+        writer.write(http_response(status_for_error(error), reply) if http_form else reply)
         await drain_within(writer)
 
     @staticmethod
@@ -4148,13 +4172,12 @@ class Daemon:
 
     async def handle(self, peer, line, started):
         """Answer one request line: (correlation_id, error or None, response bytes)."""
-        corr_id, method, node = str(uuid.uuid4()), None, None
+        corr_id, method, node = None, None, None
         try:
             try:
                 corr_id, method, params = parse_request(line)
             except RequestError as exc:
-                if len(exc.args) > 1:
-                    corr_id = exc.args[1]
+                corr_id = exc.corr_id or corr_id
                 raise
             node = params.get("node") if isinstance(params.get("node"), str) else None
             if not peer.capabilities:
@@ -4182,11 +4205,13 @@ class Daemon:
                 self.limiter.release(key)
         except RequestError as exc:
             error = exc.args[0]
+            corr_id = corr_id or str(uuid.uuid4())
             if error in CHARGED_REFUSALS:
                 self.charge_refusal(peer, error)
             self.audit(peer, corr_id, method, started, error, node)
             return corr_id, error, response_line(corr_id, error=error)
         except Exception:
+            corr_id = corr_id or str(uuid.uuid4())
             self.log.log("error", "Method failed", corr_id=corr_id,
                          error=traceback.format_exc(limit=5))
             self.audit(peer, corr_id, method, started, E_INTERNAL, node)
@@ -4281,7 +4306,7 @@ class Daemon:
 @rpc_method("get_status", CAP_READ)
 async def get_status(daemon, peer, params, corr_id):
     config = daemon.config
-    return {"version": __version__, "public_key": read_public_key(config["ssh_dir"]),
+    return {"version": __version__, "public_key": daemon.public_key(),
             "ssh_dir": config["ssh_dir"], "socket": config["socket_path"],
             "uptime_seconds": round(daemon.clock() - daemon.started, 3), "peer": peer.as_dict(),
             "capabilities": sorted(peer.capabilities)}     # where the original daemon put them

@@ -313,7 +313,7 @@ def test_bad_requests(line, error):
 def test_invalid_request_still_echoes_its_correlation_id():
     with pytest.raises(psp.RequestError) as err:
         psp.parse_request(json.dumps({"correlation_id": CID, "method": 1}).encode())
-    assert err.value.args == (psp.E_INVALID, CID)
+    assert (err.value.args, err.value.corr_id) == ((psp.E_INVALID,), CID)
 
 
 def test_response_shape():
