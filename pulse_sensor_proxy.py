@@ -123,10 +123,11 @@ ENV_HTTP = {"PULSE_SENSOR_PROXY_HTTP_ENABLED": "http_enabled",
 MAX_REQUEST_BYTES = 16 * 1024      # one request line (or HTTP head, or HTTP body)
 READ_TIMEOUT = 5.0                 # for a whole request to arrive
 HANDLER_TIMEOUT = 30.0             # for a method to answer
+READ_BUFFER_BYTES = 4 * MAX_REQUEST_BYTES   # read ahead of a connection, then it is held off
 MAX_CONNECTIONS = 256              # simultaneous socket connections
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
 RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
-WRITE_TIMEOUT = 10.0               # for a reply to be read by its peer: drain_within
+WRITE_TIMEOUT = 10.0               # for a reply to be read by its peer: Connection.drain
 REFUSAL_SUMMARY_INTERVAL = 10.0    # refusals of one peer are logged once per interval
 MAX_AUDIT_BUFFER = 1024 * 1024     # audit bytes waiting for the log pipe: AuditLog
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -3828,66 +3829,194 @@ class ConnectionClosed(Exception):
         self.partial = partial
 
 
-class LineReader:
-    """Bounded line reads from a StreamReader: the line's size and the time to read it."""
+class WriteTimeout(ConnectionError):
+    """The peer did not read what was written to it within WRITE_TIMEOUT."""
 
-    def __init__(self, reader):
-        self.reader = reader
+
+class Connection(asyncio.Protocol):
+    """One accepted connection of any listener: bounded reads from a buffer, and at most one
+    reply waiting for its peer (the write buffer's high mark is 0, so `drain` returns only
+    once the peer took all of it). `serve(connection)` runs as the connection's task.
+
+    This is what asyncio's streams do for a server, without their reader, writer and
+    protocol layers in between: a new connection costs its accept, one task and its reads.
+    """
+
+    def __init__(self, serve):
+        self.serve = serve
         self.buffer = bytearray()
+        self.transport = self.task = self.waiter = self.writable = None
+        self.eof = self.paused = self.over_ssl = self.gone = self.reading_paused = False
+        self.error = None           # what the connection was lost with, if not a clean close
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)
+        self.task = asyncio.get_running_loop().create_task(self.serve(self))
+
+    def data_received(self, data):
+        self.buffer += data
+        if len(self.buffer) > READ_BUFFER_BYTES and not self.reading_paused:
+            # the peer sends faster than requests are read: hold it off, as streams do
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake(self.waiter)
+
+    def _taken(self, count):
+        """`count` bytes of the buffer were read: the peer may send again if it was held off."""
+        del self.buffer[:count]
+        if self.reading_paused and len(self.buffer) <= READ_BUFFER_BYTES // 2:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        self.eof = True
+        self._wake(self.waiter)
+        return not self.over_ssl        # keep the socket open for the reply (TLS cannot)
+
+    def connection_lost(self, exc):
+        self.eof = self.gone = True
+        self.error = exc
+        self._wake(self.waiter)
+        self._wake(self.writable)
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        self._wake(self.writable)
+
+    @staticmethod
+    def _wake(future):
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read_more(self):
+        """Wait for more bytes; False at the end of the peer's data (an error if it was lost
+        with one, as a reset)."""
+        if not self.eof:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        if self.error is not None:
+            raise self.error
+        return not self.eof
 
     async def readline(self, limit=MAX_REQUEST_BYTES):
+        """The next line without its newline; RequestError(E_TOO_LARGE) past `limit`."""
         while True:
             end = self.buffer.find(b"\n")
             if end >= 0:
                 if end > limit:
                     raise RequestError(E_TOO_LARGE)
                 line = bytes(self.buffer[:end])
-                del self.buffer[:end + 1]
+                self._taken(end + 1)
                 return line
             if len(self.buffer) > limit:
                 raise RequestError(E_TOO_LARGE)
-            chunk = await self.reader.read(65536)
-            if not chunk:
+            if not await self.read_more() and self.buffer.find(b"\n") < 0:
                 raise ConnectionClosed(partial=bool(self.buffer))
-            self.buffer += chunk
 
     async def readexactly(self, count):
         while len(self.buffer) < count:
-            chunk = await self.reader.read(65536)
-            if not chunk:
+            if not await self.read_more() and len(self.buffer) < count:
                 raise ConnectionClosed(partial=True)
-            self.buffer += chunk
         data = bytes(self.buffer[:count])
-        del self.buffer[:count]
+        self._taken(count)
         return data
 
+    # -- writing -----------------------------------------------------------------------------
 
-class WriteTimeout(ConnectionError):
-    """The peer did not read what was written to it within WRITE_TIMEOUT."""
+    def write(self, data):
+        self.transport.write(data)
+
+    def unsent(self):
+        return self.transport.get_write_buffer_size()
+
+    async def drain(self, timeout=WRITE_TIMEOUT):
+        """Wait until the peer took what was written; one that does not read within `timeout`
+        loses the connection (WriteTimeout)."""
+        if self.gone:
+            raise ConnectionResetError("connection lost")
+        if not self.paused:
+            return
+        self.writable = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writable
+        except TimeoutError:
+            self.transport.abort()
+            raise WriteTimeout(f"reply not read within {timeout:g} s") from None
+        finally:
+            self.writable = None
+        if self.gone:
+            raise ConnectionResetError("connection lost")
+
+    async def start_tls(self, context, timeout):
+        self.over_ssl = True
+        self.transport = await asyncio.get_running_loop().start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout)
+        self.transport.set_write_buffer_limits(high=0)
+
+    def close(self):
+        """Close, or abort when unread output is left (a close would wait for it forever)."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
 
-def bound_output(writer):
-    """Let at most one reply wait in `writer`'s buffer: drain() then returns only once the
-    peer took all of it, so what a connection holds is bounded by one reply."""
-    writer.transport.set_write_buffer_limits(high=0)
+class ConnectionSlots:
+    """One listener's cap on open connections, and who gives way at it.
 
+    A full request arrives in one write; a connection still waiting for one is idle or slow
+    (or mid-handshake, or not reading its reply). When every slot is taken, the one that has
+    waited longest gives way, so that clients that connect and send nothing (or a byte at a
+    time) cannot lock everyone else out. `evict(task, holder)` does the listener's goodbye.
+    """
 
-async def drain_within(writer, timeout=WRITE_TIMEOUT):
-    """writer.drain() with a deadline: a peer that does not read loses the connection."""
-    try:
-        async with asyncio.timeout(timeout):
-            await writer.drain()
-    except TimeoutError:
-        writer.transport.abort()
-        raise WriteTimeout(f"reply not read within {timeout:g} s") from None
+    def __init__(self, cap, evict, on_count=None):
+        self.cap, self.evict, self.on_count = cap, evict, on_count
+        self.open = 0
+        self.waiting = {}       # task -> holder, longest waiting first
 
+    def take(self):
+        """Count a new connection in: False when it is over the cap and none could give way
+        (it stays counted until `leave`, as every connection does)."""
+        self.open += 1
+        if self.on_count:
+            self.on_count(self.open)
+        return self.open <= self.cap or self.give_way()
 
-def close_writer(writer):
-    """Close, or abort when unread output is left (a close would wait for it forever)."""
-    if writer.transport.get_write_buffer_size():
-        writer.transport.abort()
-    else:
-        writer.close()
+    def leave(self, task):
+        self.waiting.pop(task, None)
+        self.open -= 1
+        if self.on_count:
+            self.on_count(self.open)
+
+    def idle(self, task, holder):
+        """The connection waits (for a request, its reply to be read, or its pause): it may
+        be asked to give way. One already waiting keeps its place in the line."""
+        if task not in self.waiting:
+            self.waiting[task] = holder
+
+    def busy(self, task):
+        self.waiting.pop(task, None)
+
+    def give_way(self):
+        """Close the connection that has waited longest; False when none is waiting."""
+        if not self.waiting:
+            return False
+        task = next(iter(self.waiting))
+        self.evict(task, self.waiting.pop(task))
+        return True
 
 
 class RefusalSummary:
@@ -3941,13 +4070,12 @@ class Daemon:
         self.clock = clock
         self.started = clock()
         self.own_uid = os.geteuid()
-        self.connections = 0
-        self.metrics_connections = 0
         self.in_flight = 0
         self.handlers = set()
-        self.waiting = {}           # connection task -> (writer, peer), longest waiting first
+        self.slots = ConnectionSlots(MAX_CONNECTIONS, self.evicted, lambda count: self.metrics.set(
+            "pulse_proxy_connections", count))
+        self.metrics_slots = ConnectionSlots(MAX_METRICS_CONNECTIONS, lambda task, _: task.cancel())
         self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
-        self.metrics_waiting = {}   # the same for the metrics listener (task -> task)
         self.refusals = RefusalSummary(self.log, clock=clock)
         self.public_key_stamp = self.public_key_line = None
         self.apply_config(config)
@@ -4013,13 +4141,32 @@ class Daemon:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def serve_connection(self, reader, writer):
-        self.connections += 1
-        self.metrics.set("pulse_proxy_connections", self.connections)
+    @property
+    def waiting(self):
+        return self.slots.waiting
+
+    def evict_waiting(self):
+        return self.slots.give_way()
+
+    def evicted(self, task, holder):
+        """Giving way at the cap: the connection gets `server busy` (unless it is not reading,
+        then it gets nothing more) and is closed."""
+        connection, peer = holder
+        self.audit(peer, None, None, time.monotonic(), E_BUSY)
+        if not connection.transport.get_write_buffer_size():
+            connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+        task.cancel()
+
+    def connection(self):
+        """A new socket connection (the protocol factory of the socket's listener)."""
+        return Connection(self.serve_connection)
+
+    async def serve_connection(self, connection):
         task = asyncio.current_task()
         self.handlers.add(task)
+        admitted = self.slots.take()
         try:
-            await self._serve_connection(reader, writer)
+            await self._serve_connection(connection, task, admitted)
         except WriteTimeout:
             self.metrics.inc("pulse_proxy_write_timeouts_total", ("socket",))
         except (ConnectionError, asyncio.CancelledError):
@@ -4028,25 +4175,20 @@ class Daemon:
             self.log.log("error", "Connection handler failed", error=traceback.format_exc(limit=5))
         finally:
             self.handlers.discard(task)
-            self.waiting.pop(task, None)
-            self.connections -= 1
-            self.metrics.set("pulse_proxy_connections", self.connections)
-            close_writer(writer)
+            self.slots.leave(task)
+            connection.close()
 
-    async def _serve_connection(self, reader, writer):
-        peer = self.peer(writer.get_extra_info("socket"))
-        bound_output(writer)
-        if self.connections > MAX_CONNECTIONS and not self.evict_waiting():
+    async def _serve_connection(self, connection, task, admitted):
+        peer = self.peer(connection.transport.get_extra_info("socket"))
+        if not admitted:
             self.audit(peer, None, None, time.monotonic(), E_BUSY)
-            writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
-            await drain_within(writer)
+            connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+            await connection.drain()
             return
-        lines = LineReader(reader)
         first = True
-        task = asyncio.current_task()
         while True:
-            self.waiting[task] = (writer, peer)
-            if not first:
+            self.slots.idle(task, (connection, peer))
+            if not first and connection.buffer:
                 # Lines a peer pipelined are already buffered: without this, one connection's
                 # backlog is answered back to back while every other connection waits. It
                 # yields as one waiting for a request, so at the cap it can give way meanwhile.
@@ -4055,49 +4197,49 @@ class Daemon:
             http_form = False
             try:
                 async with asyncio.timeout(READ_TIMEOUT):    # for the whole request, not the answer
-                    line = await lines.readline()
+                    line = await connection.readline()
                     if first and HTTP_REQUEST_LINE.match(line):
                         http_form = True
-                        line = (await self.read_http_body(lines, writer)).replace(b"\n", b" ")
+                        line = (await self.read_http_body(connection)).replace(b"\n", b" ")
             except ConnectionClosed as closed:
                 if closed.partial:
                     self.audit(peer, None, None, started, E_INVALID)
                 return
             except TimeoutError:
-                if first or lines.buffer:
-                    await self.refuse(peer, writer, started, E_READ_TIMEOUT, http_form)
+                if first or connection.buffer:
+                    await self.refuse(peer, connection, started, E_READ_TIMEOUT, http_form)
                 return
             except RequestError as exc:
                 # the rest of a refused request cannot be told from a new one: close
-                await self.refuse(peer, writer, started, exc.args[0], http_form)
+                await self.refuse(peer, connection, started, exc.args[0], http_form)
                 return
             if self.limiter.exhausted(peer.limit_key):
-                await self.pause_over_limit(task, writer, peer)
+                await self.pause_over_limit(task, connection, peer)
                 started = time.monotonic()
-            self.waiting.pop(task, None)
+            self.slots.busy(task)
             corr_id, error, reply = await self.handle(peer, line, started)
             if http_form:       # always `Connection: close`
-                writer.write(http_response(status_for_error(error) if error else 200, reply))
-                await self.drain(task, writer, peer)
+                connection.write(http_response(status_for_error(error) if error else 200, reply))
+                await self.drain(task, connection, peer)
                 return
-            writer.write(reply)
-            await self.drain(task, writer, peer)
+            connection.write(reply)
+            await self.drain(task, connection, peer)
             if error == E_UNAUTHORIZED:
                 return
             first = False
 
-    async def drain(self, task, writer, peer):
+    async def drain(self, task, connection, peer):
         """Wait for the peer to take the reply; meanwhile the connection is idle, so at the
         connection cap it gives way like one waiting for a request."""
-        if not writer.transport.get_write_buffer_size():
+        if not connection.unsent():
             return
-        self.waiting[task] = (writer, peer)
+        self.slots.idle(task, (connection, peer))
         try:
-            await drain_within(writer)
+            await connection.drain()
         finally:
-            self.waiting.pop(task, None)
+            self.slots.busy(task)
 
-    async def pause_over_limit(self, task, writer, peer):
+    async def pause_over_limit(self, task, connection, peer):
         """Wait before handling a request of a peer whose bucket is empty (it will be refused).
 
         Answering a flood is what costs the loop, whether it comes on keep-alive connections or
@@ -4110,26 +4252,26 @@ class Daemon:
         connection cap it can give way like one waiting for a request.
         """
         self.pausing += 1
-        self.waiting[task] = (writer, peer)     # set by _serve_connection too; evictable alone
+        self.slots.idle(task, (connection, peer))   # set by _serve_connection too; evictable alone
         try:
             await asyncio.sleep(RATE_LIMIT_PAUSE * self.pausing * (0.5 + random.random()))
         finally:
             self.pausing -= 1
 
-    async def refuse(self, peer, writer, started, error, http_form):
+    async def refuse(self, peer, connection, started, error, http_form):
         """Answer a request that could not be read, in the form it came in."""
         self.audit(peer, None, None, started, error)
         reply = response_line(str(uuid.uuid4()), error=error)
-        writer.write(http_response(status_for_error(error), reply) if http_form else reply)
-        await drain_within(writer)
+        connection.write(http_response(status_for_error(error), reply) if http_form else reply)
+        await connection.drain()
 
     @staticmethod
-    async def read_http_body(lines, writer):
+    async def read_http_body(connection):
         """The body of an HTTP/1.x request whose request line was read: the JSON request."""
         head = []
         budget = MAX_REQUEST_BYTES
         while True:
-            raw = (await lines.readline(budget)).rstrip(b"\r")
+            raw = (await connection.readline(budget)).rstrip(b"\r")
             if not raw:
                 break
             budget -= len(raw) + 2
@@ -4147,26 +4289,8 @@ class Daemon:
         if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
             raise RequestError(E_TOO_LARGE)
         if headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await lines.readexactly(int(length))
-
-    def evict_waiting(self):
-        """Make room by closing the connection that has waited longest for its request.
-
-        A full request arrives in one write; a connection still waiting is idle or slow. When
-        all slots are taken, the longest waiting one gets `server busy` so that clients that
-        connect and send nothing (or a byte at a time) cannot lock everyone else out. False
-        when every connection is busy with a request.
-        """
-        if not self.waiting:
-            return False
-        task = next(iter(self.waiting))
-        writer, peer = self.waiting.pop(task)
-        self.audit(peer, None, None, time.monotonic(), E_BUSY)
-        if not writer.transport.get_write_buffer_size():    # one not reading gets no more
-            writer.write(response_line(str(uuid.uuid4()), error=E_BUSY))
-        task.cancel()
-        return True
+            connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await connection.readexactly(int(length))
 
     # -- one request -------------------------------------------------------------------------
 
@@ -4247,35 +4371,33 @@ class Daemon:
 
     # -- metrics and health over HTTP --------------------------------------------------------
 
-    async def serve_metrics_connection(self, reader, writer):
-        if self.metrics_connections >= MAX_METRICS_CONNECTIONS and not self.metrics_waiting:
-            writer.close()
-            return
-        if self.metrics_connections >= MAX_METRICS_CONNECTIONS:     # the longest waiting gives way
-            self.metrics_waiting.pop(next(iter(self.metrics_waiting))).cancel()
-        self.metrics_connections += 1
+    def metrics_connection(self):
+        return Connection(self.serve_metrics_connection)
+
+    async def serve_metrics_connection(self, connection):
         task = asyncio.current_task()
-        self.metrics_waiting[task] = task
+        if not self.metrics_slots.take():
+            self.metrics_slots.leave(task)
+            connection.transport.close()
+            return
+        self.metrics_slots.idle(task, None)
         try:
-            bound_output(writer)
-            lines = LineReader(reader)
             async with asyncio.timeout(READ_TIMEOUT):
-                request = (await lines.readline(8192)).rstrip(b"\r").split()
-                while (await lines.readline(8192)).rstrip(b"\r"):
+                request = (await connection.readline(8192)).rstrip(b"\r").split()
+                while (await connection.readline(8192)).rstrip(b"\r"):
                     pass
-            self.metrics_waiting.pop(task, None)
-            writer.write(self.metrics_response(request))
-            self.metrics_waiting[task] = task       # a scraper that does not read gives way
-            await drain_within(writer)
+            self.metrics_slots.busy(task)
+            connection.write(self.metrics_response(request))
+            self.metrics_slots.idle(task, None)     # a scraper that does not read gives way
+            await connection.drain()
         except WriteTimeout:
             self.metrics.inc("pulse_proxy_write_timeouts_total", ("metrics",))
         except (RequestError, ConnectionClosed, TimeoutError, ConnectionError,
                 asyncio.CancelledError):
             pass
         finally:
-            self.metrics_waiting.pop(task, None)
-            self.metrics_connections -= 1
-            close_writer(writer)
+            self.metrics_slots.leave(task)
+            connection.close()
 
     def metrics_response(self, request):
         if len(request) != 3 or not request[2].startswith(b"HTTP/1."):
@@ -4290,7 +4412,7 @@ class Daemon:
             return http_response(200, self.metrics.render().encode(),
                                  "text/plain; version=0.0.4; charset=utf-8")
         if path == b"/health":
-            healthy = bool(read_public_key(self.config["ssh_dir"]))
+            healthy = bool(self.public_key())
             body = json.dumps({"status": "ok" if healthy else "unavailable",
                                "version": __version__,
                                "uptime_seconds": round(self.clock() - self.started, 3)}).encode()
@@ -4410,7 +4532,7 @@ async def request_cleanup(daemon, peer, params, corr_id):
 async def ensure_cluster_keys(daemon, peer, params, corr_id):
     """Report where the key works. The daemon holds no credential that could change a node:
     installing the key is `pulse-sensor-proxy keys push`, run as root."""
-    public_key = read_public_key(daemon.config["ssh_dir"])
+    public_key = daemon.public_key()
     if not public_key:
         raise RequestError(f"ssh: no public key in {daemon.config['ssh_dir']}")
     results = {}
@@ -4443,8 +4565,9 @@ class HttpsFront:
 
     def __init__(self, daemon):
         self.daemon = daemon
-        self.connections = 0
-        self.waiting = {}           # task -> writer: in a handshake or between requests
+        # waiting: in a handshake or between requests; one giving way is dropped unanswered
+        self.slots = ConnectionSlots(MAX_HTTPS_CONNECTIONS, self.evicted, lambda count: (
+            daemon.metrics.set("pulse_proxy_http_connections", count)))
         self.load(daemon.config)
 
     def load(self, config):
@@ -4455,35 +4578,29 @@ class HttpsFront:
         self.context, self.token = context, token
         self.networks = [parse_network(n) for n in allowed]
 
-    def count(self, change):
-        self.connections += change
-        self.daemon.metrics.set("pulse_proxy_http_connections", self.connections)
-
-    def give_way(self):
-        """At the cap, the connection waiting longest (handshake or idle) makes room."""
-        if not self.waiting:
-            return False
-        task = next(iter(self.waiting))
-        self.waiting.pop(task).transport.abort()
+    @staticmethod
+    def evicted(task, connection):
+        connection.transport.abort()
         task.cancel()
-        return True
 
-    async def serve_connection(self, reader, writer):
-        if self.connections >= MAX_HTTPS_CONNECTIONS and not self.give_way():
-            writer.transport.abort()
-            return
+    def connection(self):
+        return Connection(self.serve_connection)
+
+    async def serve_connection(self, connection):
         task = asyncio.current_task()
-        self.count(1)
+        if not self.slots.take():
+            self.slots.leave(task)
+            connection.transport.abort()
+            return
         self.daemon.handlers.add(task)
-        self.waiting[task] = writer
-        client = str((writer.get_extra_info("peername") or ("unknown",))[0])
+        self.slots.idle(task, connection)
+        client = str((connection.transport.get_extra_info("peername") or ("unknown",))[0])
         clean = False
         try:
             # A handshake that never finishes holds its slot for READ_TIMEOUT at most.
             async with asyncio.timeout(READ_TIMEOUT):
-                await writer.start_tls(self.context, ssl_handshake_timeout=READ_TIMEOUT)
-            bound_output(writer)
-            clean = await self.serve_requests(client, LineReader(reader), writer, task)
+                await connection.start_tls(self.context, READ_TIMEOUT)
+            clean = await self.serve_requests(client, connection, task)
         except WriteTimeout:
             self.daemon.metrics.inc("pulse_proxy_write_timeouts_total", ("https",))
         except (ConnectionError, TimeoutError, ConnectionClosed, asyncio.CancelledError, OSError):
@@ -4492,51 +4609,48 @@ class HttpsFront:
             self.daemon.log.log("error", "HTTPS connection handler failed",
                                 error=traceback.format_exc(limit=5))
         finally:
-            self.waiting.pop(task, None)
             self.daemon.handlers.discard(task)
-            self.count(-1)
+            self.slots.leave(task)
             if clean:
-                writer.close()
+                connection.transport.close()
             else:
-                writer.transport.abort()
+                connection.transport.abort()
 
-    async def serve_requests(self, client, lines, writer, task):
+    async def serve_requests(self, client, connection, task):
         """Requests on one keep-alive connection; True when it ends in an orderly way."""
         idle = READ_TIMEOUT
         while True:
-            self.waiting[task] = writer
+            self.slots.idle(task, connection)
             async with asyncio.timeout(idle):
-                while not lines.buffer:
-                    chunk = await lines.reader.read(65536)
-                    if not chunk:
+                while not connection.buffer:
+                    if not await connection.read_more():
                         return True
-                    lines.buffer += chunk
             started = time.monotonic()
             method, path, keep_alive = "-", "-", False
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
-                    method, path, query, headers, keep_alive = await self.read_request(lines)
-                self.waiting.pop(task, None)
+                    method, path, query, headers, keep_alive = await self.read_request(connection)
+                self.slots.busy(task)
                 status, data, node = await self.answer(client, method, path, query, headers)
             except HttpRefusal as exc:
                 status, data, node, keep_alive = exc.status, {"error": str(exc)}, None, False
             except TimeoutError:
                 status, data, node, keep_alive = 408, {"error": "read timeout"}, None, False
             self.audit(client, method, path, status, data, node, started)
-            writer.write(https_response(status, data, keep_alive))
-            self.waiting[task] = writer     # a client that does not read gives way at the cap
-            await drain_within(writer)
+            connection.write(https_response(status, data, keep_alive))
+            self.slots.idle(task, connection)   # a client that does not read gives way at the cap
+            await connection.drain()
             if not keep_alive:
                 return True
             idle = HTTPS_IDLE_TIMEOUT
 
     @staticmethod
-    async def read_request(lines):
+    async def read_request(connection):
         """One request's head (bounded) and its body, which a GET may have and nobody reads."""
         head, budget = [], MAX_HTTP_HEAD_BYTES
         while True:
             try:
-                raw = (await lines.readline(budget)).rstrip(b"\r")
+                raw = (await connection.readline(budget)).rstrip(b"\r")
             except RequestError:
                 raise HttpRefusal(431, "request head too large") from None
             if not raw:
@@ -4555,7 +4669,7 @@ class HttpsFront:
             raise HttpRefusal(400, "invalid Content-Length")
         if int(length) > MAX_REQUEST_BYTES:
             raise HttpRefusal(413, "request body too large")
-        await lines.readexactly(int(length))
+        await connection.readexactly(int(length))
         return method, path, query, headers, keep_alive
 
     async def answer(self, client, method, path, query, headers):
@@ -4618,8 +4732,8 @@ class HttpsFront:
 
 async def start_https_server(front):
     host, port = parse_host_port(front.daemon.config["http_listen_addr"])
-    return await asyncio.start_server(front.serve_connection, host, port, backlog=512,
-                                      reuse_address=True, limit=MAX_REQUEST_BYTES * 2)
+    return await asyncio.get_running_loop().create_server(front.connection, host, port,
+                                                          backlog=512, reuse_address=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4632,8 +4746,13 @@ async def start_metrics_server(daemon):
     if address == "disabled":
         return None
     host, port = parse_host_port(address)
-    return await asyncio.start_server(daemon.serve_metrics_connection, host, port,
-                                      reuse_address=True)
+    return await asyncio.get_running_loop().create_server(daemon.metrics_connection, host, port,
+                                                          reuse_address=True)
+
+
+async def start_socket_server(daemon, path):
+    return await asyncio.get_running_loop().create_unix_server(daemon.connection, path=path,
+                                                               backlog=512)
 
 
 async def run_daemon(config, log, ready=None):
@@ -4708,8 +4827,7 @@ async def _run_daemon(daemon, config, log, loop, ready):
     prepare_socket_path(path)
     metrics_server = await start_metrics_server(daemon)
     https_server = await start_https_server(front) if front else None
-    server = await asyncio.start_unix_server(daemon.serve_connection, path=path, backlog=512,
-                                             limit=MAX_REQUEST_BYTES * 2)
+    server = await start_socket_server(daemon, path)
     os.chmod(path, SOCKET_MODE)
     socket_inode = os.stat(path).st_ino
     log.log("info", "Serving", socket=path, version=__version__, metrics=config["metrics_address"],

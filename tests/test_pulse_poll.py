@@ -46,8 +46,7 @@ class InProcessDaemon:
 
         async def start():
             self.daemon = psp.Daemon(self.config, log, clock=clock)
-            self.server = await asyncio.start_unix_server(self.daemon.serve_connection,
-                                                          path=self.config["socket_path"])
+            self.server = await psp.start_socket_server(self.daemon, self.config["socket_path"])
             os.chmod(self.config["socket_path"], psp.SOCKET_MODE)
 
         self.run(start())
