@@ -4061,6 +4061,13 @@ class RefusalSummary:
                 del self.peers[key]
 
 
+# The settings the node side (Inventory, NodePool, NameResolver) is built from: a reload that
+# changes one of them replaces it, with its connections and caches; any other change keeps it.
+NODE_SETTINGS = ("nodes", "pve_dir", "strict_node_validation", "local_sensors", "host_key_policy",
+                 "ssh", "breaker_cooldown_seconds", "node_min_interval_seconds", "ssh_dir",
+                 "disk_temperatures", "smart_interval", "local_smart_file")
+
+
 class Daemon:
     """State shared by every connection: config, limiter, metrics, log."""
 
@@ -4078,6 +4085,8 @@ class Daemon:
         self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
         self.refusals = RefusalSummary(self.log, clock=clock)
         self.public_key_stamp = self.public_key_line = None
+        self.config = self.node_settings = None
+        self.closing = set()        # pools of an older config, closing their connections
         self.apply_config(config)
 
     def apply_config(self, config):
@@ -4092,16 +4101,14 @@ class Daemon:
             except OSError:
                 pass
         self.idmapped_ranges = ranges
-        previous = getattr(self, "config_for_nodes", None)
-        node_config = {k: config[k] for k in ("nodes", "pve_dir", "strict_node_validation",
-                                              "local_sensors", "host_key_policy", "ssh",
-                                              "breaker_cooldown_seconds", "node_min_interval_seconds",
-                                              "ssh_dir", "disk_temperatures", "smart_interval",
-                                              "local_smart_file")}
-        if node_config != previous:
-            if previous is not None:
-                asyncio.ensure_future(self.pool.close())
-            self.config_for_nodes = node_config
+        node_settings = {key: config[key] for key in NODE_SETTINGS}
+        if node_settings != self.node_settings:
+            if self.node_settings is not None:
+                # kept until it is done, and awaited at shutdown with the running pool
+                closing = asyncio.ensure_future(self.pool.close())
+                self.closing.add(closing)
+                closing.add_done_callback(self.closing.discard)
+            self.node_settings = node_settings
             self.inventory = Inventory(config, self.log, self.clock)
             self.pool = NodePool(config, self.log, self.metrics, self.clock)
             self.names = NameResolver(self.clock)
@@ -4850,6 +4857,8 @@ async def _run_daemon(daemon, config, log, loop, ready):
         for task in pending:
             task.cancel()
     await daemon.pool.close()
+    if daemon.closing:
+        await asyncio.wait(list(daemon.closing), timeout=SHUTDOWN_GRACE)
     try:
         if os.stat(path).st_ino == socket_inode:
             os.unlink(path)
