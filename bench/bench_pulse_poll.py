@@ -52,7 +52,7 @@ def main():
             for node in sshds:
                 node.authorize(public)
             pulse = subprocess.Popen(as_uid(CONTAINER_ROOT) + [
-                "/usr/bin/python3", "-I", str(ROOT / "tests" / "pulse_client.py"),
+                "/usr/bin/python3", "-E", "-s", str(ROOT / "tests" / "pulse_client.py"),
                 str(daemon.socket)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             runs_before = {node.user: node.exec_count() for node in sshds}
             cpu_before, began = cpu_seconds(daemon.proc.pid), time.monotonic()
