@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import PYTHON, Daemon, command, one_shot, percentile, report, rss_kib  # noqa: E402
+from bench_core import PYTHON, DaemonProcess, command, one_shot, percentile, report, rss_kib  # noqa: E402
 from pulse_sensor_proxy import DEFAULT_CONFIG  # noqa: E402
 
 DEFAULT_LIMITS = DEFAULT_CONFIG["rate_limit"]
@@ -93,7 +93,7 @@ def main():
     limits = dict(DEFAULT_LIMITS, burst=args.burst, per_minute=args.per_minute)
     base = Path(tempfile.mkdtemp(prefix="psp-bench-"))
     base.chmod(0o755)
-    daemon = Daemon(base, {"rate_limit": limits, "allowed_peers": [{"uid": READ_ONLY_UID}]})
+    daemon = DaemonProcess(base, {"rate_limit": limits, "allowed_peers": [{"uid": READ_ONLY_UID}]})
     daemon.start()
     path = str(daemon.socket)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; rate_limit {limits}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import MODULE, PYTHON, Daemon, wait_for  # noqa: E402  (the tests' real-process daemon)
+from conftest import MODULE, PYTHON, DaemonProcess, wait_for  # noqa: E402  (the tests' real-process daemon)
 
 REQUEST = b'{"correlation_id":"5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69","method":"get_status","params":null}\n'
 BENCH_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
@@ -163,13 +163,13 @@ def time_to_ready(base, starts):
     """Seconds from spawning `serve` to the socket accepting (key already on disk)."""
     samples = []
     for index in range(starts):
-        daemon = Daemon(base / f"start{index % 2}", {"rate_limit": BENCH_LIMITS})
+        daemon = DaemonProcess(base / f"start{index % 2}", {"rate_limit": BENCH_LIMITS})
         daemon.base.mkdir(exist_ok=True)
         daemon.start(wait=False)    # warms the key on the first round of each dir
         daemon.wait_ready()
         daemon.stop()
     for index in range(starts):
-        daemon = Daemon(base / f"start{index % 2}", {"rate_limit": BENCH_LIMITS})
+        daemon = DaemonProcess(base / f"start{index % 2}", {"rate_limit": BENCH_LIMITS})
         began = time.perf_counter()
         daemon.start(wait=False)
         wait_for(lambda: _accepts(daemon.socket), timeout=30, what="the socket")
@@ -250,7 +250,7 @@ def main():
     base = Path(tempfile.mkdtemp(prefix="psp-bench-"))
     base.chmod(0o755)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; daemon {MODULE}")
-    daemon = Daemon(base / "serve", {"rate_limit": BENCH_LIMITS})
+    daemon = DaemonProcess(base / "serve", {"rate_limit": BENCH_LIMITS})
     daemon.base.mkdir()
     daemon.start()
     path = str(daemon.socket)

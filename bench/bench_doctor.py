@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from conftest import MODULE, PYTHON, Daemon  # noqa: E402
+from conftest import MODULE, PYTHON, DaemonProcess  # noqa: E402
 from sshnodes import NetNamespace, NodeSet, SshLab  # noqa: E402
 
 LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
@@ -49,7 +49,7 @@ def main():
             config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
                                 for i, n in enumerate(nodes)},
                       "rate_limit": LIMITS, "ssh": {"connect_timeout": 5, "command_timeout": 10}}
-            daemon = netns.run(Daemon(work, config).start)
+            daemon = netns.run(DaemonProcess(work, config).start)
             try:
                 public = (daemon.ssh_dir / "id_ed25519.pub").read_text().strip()
                 for node in nodes:

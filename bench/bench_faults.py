@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_core import Daemon, command, percentile, report  # noqa: E402
+from bench_core import DaemonProcess, command, percentile, report  # noqa: E402
 from bench_ssh import LIMITS, authorize  # noqa: E402
 from conftest import rpc  # noqa: E402
 from sshnodes import NetNamespace, NodeSet, SshLab  # noqa: E402
@@ -89,7 +89,7 @@ def start_daemon(work, nodes, args):
               "ssh": {"connect_timeout": args.timeout, "command_timeout": args.timeout}}
     work.mkdir()
     work.chmod(0o755)
-    daemon = Daemon(work, config).start()
+    daemon = DaemonProcess(work, config).start()
     public = (daemon.ssh_dir / "id_ed25519.pub").read_text()
     authorize(nodes[0], public)
     for node in nodes[1:]:

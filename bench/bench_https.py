@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 
 import pulse_sensor_proxy as psp  # noqa: E402
 from bench_ssh import LIMITS, authorize, ms, percentile, proxy_latencies  # noqa: E402
-from conftest import Daemon  # noqa: E402
+from conftest import DaemonProcess  # noqa: E402
 from pulse_https_client import PulseHttpClient  # noqa: E402
 from sshnodes import NodeSet, SshLab, free_port  # noqa: E402
 
@@ -48,7 +48,7 @@ def start_daemon(work, node):
               "http_tls_key": str(work / "tls" / "server.key"),
               "http_auth_token_file": str(work / "token"),
               "http_allowed_clients": ["127.0.0.1/32"]}
-    daemon = Daemon(work, config).start()
+    daemon = DaemonProcess(work, config).start()
     authorize(node, (daemon.ssh_dir / "id_ed25519.pub").read_text())
     return daemon, f"https://127.0.0.1:{port}", token
 

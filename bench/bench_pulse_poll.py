@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_core import command, report  # noqa: E402
-from conftest import ROOT, Daemon, as_uid  # noqa: E402
+from conftest import ROOT, DaemonProcess, as_uid  # noqa: E402
 from sshnodes import NodeSet, SshLab  # noqa: E402
 
 SSHDS, NAMES_PER_SSHD, CONTAINER_ROOT = 8, 8, 100000
@@ -44,7 +44,7 @@ def main():
     with NodeSet(SshLab(), SSHDS) as sshds:
         names = {f"pve{i + 1:02d}": sshds[i % SSHDS] for i in range(SSHDS * NAMES_PER_SSHD)}
         (work / "subuid").write_text(f"root:{CONTAINER_ROOT}:65536\n")
-        daemon = Daemon(work, {"log_level": "warning", "subuid_file": str(work / "subuid"),
+        daemon = DaemonProcess(work, {"log_level": "warning", "subuid_file": str(work / "subuid"),
                                "nodes": {name: {"host": n.host, "port": n.port, "user": n.user}
                                          for name, n in names.items()}}).start()
         try:

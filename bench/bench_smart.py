@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 import pulse_sensor_proxy as psp  # noqa: E402
-from conftest import Daemon, rpc  # noqa: E402
+from conftest import DaemonProcess, rpc  # noqa: E402
 from sshnodes import NodeSet, SshLab  # noqa: E402
 
 LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
@@ -44,7 +44,7 @@ def start(work, node, disk_temperatures, min_interval):
     config = {"nodes": {"n1": {"host": node.host, "port": node.port, "user": node.user}},
               "rate_limit": LIMITS, "log_level": "warning", "disk_temperatures": disk_temperatures,
               "node_min_interval_seconds": min_interval}
-    daemon = Daemon(work, config).start()
+    daemon = DaemonProcess(work, config).start()
     daemon.line = psp.authorized_keys_line((daemon.ssh_dir / "id_ed25519.pub").read_text(),
                                            ["127.0.0.1"], disk_temperatures=True)
     return daemon

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from conftest import Daemon, rpc  # noqa: E402
+from conftest import DaemonProcess, rpc  # noqa: E402
 from sshnodes import FIXTURES_DIR, NodeSet, SshLab, make_keypair, restricted_key_line, ssh_command  # noqa: E402
 
 LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
@@ -79,7 +79,7 @@ def start_daemon(work, nodes):
               "rate_limit": LIMITS, "log_level": "info", "node_min_interval_seconds": 0}
     work.mkdir()
     work.chmod(0o755)
-    daemon = Daemon(work, config).start()
+    daemon = DaemonProcess(work, config).start()
     public = (daemon.ssh_dir / "id_ed25519.pub").read_text()
     for node in nodes:
         authorize(node, public)

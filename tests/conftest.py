@@ -26,6 +26,8 @@ import pulse_sensor_proxy as psp  # noqa: E402  (the imports below need the path
 import gojson  # noqa: E402
 from sshnodes import free_port, make_keypair  # noqa: E402
 
+CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"    # a correlation id as Pulse sends one (a UUID4)
+
 
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true",
@@ -124,7 +126,7 @@ def as_uid(uid, gid=None, groups=()):
             f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]
 
 
-class Daemon:
+class DaemonProcess:
     """`pulse-sensor-proxy serve` as a real process with its own config, socket and key dir."""
 
     def __init__(self, base, config=None, uid=None, env=None):
@@ -219,7 +221,7 @@ def daemon_factory(base_dir):
         base = base_dir / subdir if subdir else base_dir
         base.mkdir(exist_ok=True)
         base.chmod(0o755)
-        daemon = Daemon(base, config, uid, env)
+        daemon = DaemonProcess(base, config, uid, env)
         started.append(daemon)
         return daemon.start() if start else daemon
 
@@ -272,9 +274,16 @@ def temperature(daemon, node, **extra):
     return daemon.rpc("get_temperature", dict({"node": node}, **extra))
 
 
-def metric_samples(daemon):
-    text = urllib.request.urlopen(f"http://{daemon.config['metrics_address']}/metrics",
-                                  timeout=10).read().decode()
+def metrics_text(daemon):
+    """GET /metrics of a daemon whose config has a metrics_address."""
+    url = f"http://{daemon.config['metrics_address']}/metrics"
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def metric_samples(daemon, text=None):
+    """{(name, ((label, value), ...)): value} of a scrape (or of `text`, one already taken);
+    an unlabelled metric is (name, ())."""
+    text = metrics_text(daemon) if text is None else text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 

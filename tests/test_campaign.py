@@ -11,21 +11,18 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 import uuid
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 import gojson
 import pulse_sensor_proxy as psp
-from conftest import (MODULE, PYTHON, READER_UID, STRANGER_UID, as_uid, fd_count, metric_samples, rpc, run_cli,
-                      send_raw, wait_for)
+from conftest import (CID, MODULE, PYTHON, READER_UID, STRANGER_UID, as_uid, fd_count, free_port,
+                      metric_samples, rpc, run_cli, send_raw, wait_for)
 
 OPEN_LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
-CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
 VALID = b'{"correlation_id":"%s","method":"get_status","params":null}' % CID.encode()
 ERRORS = set(psp.ERROR_RESULTS)
 
@@ -33,12 +30,6 @@ ERRORS = set(psp.ERROR_RESULTS)
 def seeded(examples):
     return settings(max_examples=examples, derandomize=True, database=None, deadline=None,
                     suppress_health_check=list(HealthCheck))
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def proc_status(pid, field):
@@ -49,10 +40,8 @@ def proc_status(pid, field):
     raise KeyError(field)
 
 
-def scrape(port):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if not s.labels}
+def unlabelled(daemon, name):
+    return metric_samples(daemon)[(name, ())]
 
 
 def assert_no_tracebacks(daemon):
@@ -396,7 +385,7 @@ def test_flood_is_limited_and_another_peer_is_served(daemon_factory, mode):
     per_minute, burst, _ = psp.peer_allowance(dict(psp.DEFAULT_CONFIG["rate_limit"], **FLOOD_LIMITS), 1)
     assert burst <= counts["served"] <= burst + per_minute / 60 * elapsed + 1
     assert during and all(reply["success"] for reply in during)
-    assert scrape(port)["pulse_proxy_rate_limit_hits_total"] == counts[psp.E_RATE_LIMITED]
+    assert unlabelled(daemon, "pulse_proxy_rate_limit_hits_total") == counts[psp.E_RATE_LIMITED]
     assert proc_status(pid, "VmRSS") - rss_before <= 5 * 1024, "RSS grew by more than 5 MB"
     assert daemon.rpc("get_status")["success"]
     assert_no_tracebacks(daemon)
@@ -537,7 +526,7 @@ def test_slow_clients_are_cut_off_and_others_are_served(daemon_factory, scale):
     port = free_port()
     daemon = daemon_factory({"rate_limit": OPEN_LIMITS, "metrics_address": f"127.0.0.1:{port}"})
     pid = daemon.proc.pid
-    wait_for(lambda: scrape(port)["pulse_proxy_connections"] == 0, what="no connections")
+    wait_for(lambda: unlabelled(daemon, "pulse_proxy_connections") == 0, what="no connections")
     baseline = fd_count(pid)
     peak, served = [baseline], []
 
@@ -551,7 +540,7 @@ def test_slow_clients_are_cut_off_and_others_are_served(daemon_factory, scale):
     def on_tick():
         peak.append(fd_count(pid))
         served.append(daemon.rpc("get_status")["success"])
-        assert scrape(port)["pulse_proxy_connections"] <= psp.MAX_CONNECTIONS + 1
+        assert unlabelled(daemon, "pulse_proxy_connections") <= psp.MAX_CONNECTIONS + 1
 
     count = scale(1000, 1000)
     received = hold_slow_clients(connect, count, on_tick)
@@ -574,7 +563,7 @@ def test_slow_metrics_clients_are_cut_off_and_scrapes_succeed(daemon_factory, sc
     port = free_port()
     daemon = daemon_factory({"metrics_address": f"127.0.0.1:{port}"})
     pid = daemon.proc.pid
-    wait_for(lambda: scrape(port)["pulse_proxy_connections"] == 0, what="no connections")
+    wait_for(lambda: unlabelled(daemon, "pulse_proxy_connections") == 0, what="no connections")
     baseline = fd_count(pid)
     peak, scrapes = [baseline], []
 
@@ -585,7 +574,7 @@ def test_slow_metrics_clients_are_cut_off_and_scrapes_succeed(daemon_factory, sc
 
     def on_tick():
         peak.append(fd_count(pid))
-        scrapes.append("pulse_proxy_connections" in scrape(port))
+        scrapes.append(("pulse_proxy_connections", ()) in metric_samples(daemon))
 
     received = hold_slow_clients(connect, scale(300, 1000), on_tick)
     print(f"slow metrics clients: fds baseline {baseline}, peak {max(peak)}; "
@@ -788,7 +777,7 @@ def test_no_growth_or_leak_under_many_requests_and_pids(daemon_factory, scale):
     conn = KeepAlive(daemon.socket)
     for _ in range(2000):           # warm up allocator arenas and caches
         assert conn.ask(VALID)["success"]
-    wait_for(lambda: scrape(port)["pulse_proxy_connections"] == 1, what="only our connection")
+    wait_for(lambda: unlabelled(daemon, "pulse_proxy_connections") == 1, what="only our connection")
     fds, threads, rss = fd_count(pid), proc_status(pid, "Threads"), proc_status(pid, "VmRSS")
 
     requests = scale(20_000, 100_000)
@@ -811,8 +800,8 @@ def test_no_growth_or_leak_under_many_requests_and_pids(daemon_factory, scale):
     assert rss_requests <= 5 * 1024 and rss_pids <= 5 * 1024
     wait_for(lambda: fd_count(pid) <= fds, what="the daemon's fds back to the baseline")
     assert proc_status(pid, "Threads") == threads
-    wait_for(lambda: scrape(port)["pulse_proxy_connections"] == 0, what="no connection tasks left")
-    assert scrape(port)["pulse_proxy_queue_depth"] == 0
+    wait_for(lambda: unlabelled(daemon, "pulse_proxy_connections") == 0, what="no connection tasks left")
+    assert unlabelled(daemon, "pulse_proxy_queue_depth") == 0
     assert_no_tracebacks(daemon)
 
 

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
-from conftest import ROOT
+from conftest import CID, ROOT
 
 # -- configuration ------------------------------------------------------------------------------
 
@@ -277,7 +277,6 @@ def test_busy_peers_are_kept_while_in_flight():
 
 # -- requests ------------------------------------------------------------------------------------
 
-CID = "0b0f3c3e-7d55-4e0a-9b43-6a6c4d1e2f30"
 
 
 def test_parse_a_pulse_request():

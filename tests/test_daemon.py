@@ -10,22 +10,12 @@ import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import pulse_sensor_proxy as psp
-from conftest import MODULE, PYTHON, rpc, run_cli, send_raw, wait_for
-
-CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"
-
+from conftest import CID, MODULE, PYTHON, free_port, metric_samples, metrics_text, rpc, run_cli, send_raw, wait_for
 
 def lines_of(data):
     return [json.loads(line) for line in data.decode().splitlines()]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- wire conformance -----------------------------------------------------------------------------
@@ -160,12 +150,9 @@ def test_http_read_timeout_is_an_http_answer(daemon):
 
 def test_257th_connection_displaces_the_longest_waiting_one(daemon_factory):
     daemon = daemon_factory({"metrics_address": f"127.0.0.1:{free_port()}"})
-    url = f"http://{daemon.config['metrics_address']}/metrics"
 
     def connections():
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return next(s.value for f in text_string_to_metric_families(text)
-                    for s in f.samples if s.name == "pulse_proxy_connections")
+        return metric_samples(daemon)[("pulse_proxy_connections", ())]
 
     wait_for(lambda: connections() == 0, what="the readiness probe's connection to close")
     held = []
@@ -290,12 +277,11 @@ def test_metrics_endpoint_with_promtool(daemon_factory):
     daemon.rpc("get_status")
     daemon.rpc("get_temp", {"node": "pve1"})
     daemon.rpc("made_up_method")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+    text = metrics_text(daemon)
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
                            timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    samples = metric_samples(daemon, text)
     assert samples[("pulse_proxy_rpc_requests_total", (("method", "get_status"), ("result", "success")))] == 1
     assert samples[("pulse_proxy_rpc_requests_total", (("method", "get_temperature"), ("result", "error")))] == 1
     assert samples[("pulse_proxy_rpc_requests_total", (("method", "unknown"), ("result", "invalid")))] == 1
