@@ -306,31 +306,20 @@ def test_failed_upgrade_rolls_back(guest, first_install):
 
 
 # Runs in container 105 (uid 100000): rounds of get_temperature for every node given, each
-# answer printed as one JSON line with the phase the test wrote into /tmp/poll.phase.
+# asked as Pulse's client asks it (pulse_client.call_once, copied next to it) and printed as one
+# JSON line with the phase the test wrote into /tmp/poll.phase.
 POLLER = r"""
-import json, os, socket, sys, time
+import json, os, sys, time
 sys.path.insert(0, "/tmp")
-import gojson   # the answer decoded as Pulse's Go client does
-def ask(node):
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(30)
-        sock.connect("/mnt/pulse-proxy/pulse-sensor-proxy.sock")
-        sock.sendall(json.dumps({"correlation_id": "poll", "method": "get_temperature",
-                                 "params": {"node": node}}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply = gojson.check_reply(data.decode())
-    return reply.get("success") is True, reply.get("error")
+from pulse_client import call_once   # Pulse's request, decoded as its Go client does
 while not os.path.exists("/tmp/poll.stop"):
     with open("/tmp/poll.phase") as handle:
         phase = handle.read().strip()
     for node in sys.argv[1:]:
         try:
-            ok, error = ask(node)
+            reply = call_once("/mnt/pulse-proxy/pulse-sensor-proxy.sock", "get_temperature",
+                              {"node": node})
+            ok, error = reply.get("success") is True, reply.get("error")
         except (OSError, ValueError) as exc:
             ok, error = False, repr(exc)
         print(json.dumps({"phase": phase, "node": node, "ok": ok, "error": error}), flush=True)
@@ -354,7 +343,8 @@ def test_rotation_service_rotates_while_temperatures_keep_flowing(guest, first_i
     reconnects = guest.out("journalctl -u pulse-sensor-proxy -o cat").count("SSH key changed on disk")
     ct_tmp = guest.path("/var/lib/pct-shim/105/rootfs/tmp")
     (ct_tmp / "poll.py").write_text(POLLER)
-    shutil.copy(REPO / "tests/gojson.py", ct_tmp / "gojson.py")
+    for helper in ("gojson.py", "pulse_client.py"):
+        shutil.copy(REPO / "tests" / helper, ct_tmp / helper)
     (ct_tmp / "poll.phase").write_text("before")
     guest.run(f"pct exec 105 -- python3 /tmp/poll.py {' '.join(NODES)} >/root/poll.out 2>&1 & "
               "echo $! >/root/poll.pid")
