@@ -206,7 +206,7 @@ def start_minimal_server(base):
 def start_before_daemon(base, module):
     """The same bench's daemon, but from another copy of the module (the code before a change)."""
     import conftest
-    daemon = Daemon(base / "before", {"rate_limit": BENCH_LIMITS})
+    daemon = DaemonProcess(base / "before", {"rate_limit": BENCH_LIMITS})
     daemon.base.mkdir()
     saved, conftest.MODULE = conftest.MODULE, Path(module)
     try:
