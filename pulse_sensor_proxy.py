@@ -3249,10 +3249,13 @@ SFTP_STEP_TIMEOUT = 20.0           # seconds for one SFTP request to a node: Sft
 
 
 class FileInfo:
-    __slots__ = ("is_link", "mode", "uid", "gid", "mtime")
+    """An lstat: `kind` as _file_kind names it ("a symlink", "a directory", ...), `mode` the
+    permission bits."""
+    __slots__ = ("kind", "mode", "uid", "gid", "mtime")
 
-    def __init__(self, is_link, mode, uid, gid, mtime):
-        self.is_link, self.mode, self.uid, self.gid, self.mtime = is_link, mode, uid, gid, mtime
+    def __init__(self, full_mode, uid, gid, mtime):
+        self.kind, self.mode = _file_kind(full_mode), stat.S_IMODE(full_mode)
+        self.uid, self.gid, self.mtime = uid, gid, mtime
 
 
 class LocalFiles:
@@ -3269,8 +3272,7 @@ class LocalFiles:
             st = os.lstat(self.path(name))
         except FileNotFoundError:
             return None
-        return FileInfo(stat.S_ISLNK(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        st.st_mtime)
+        return FileInfo(st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
 
     async def readlink(self, name):
         return os.readlink(self.path(name))
@@ -3331,6 +3333,10 @@ class SftpFiles(LocalFiles):
             raise KeyCommandError(f"sftp: no answer within {SFTP_STEP_TIMEOUT:g} s to {what} {name}") from None
         except asyncssh.SFTPNoSuchFile:
             raise FileNotFoundError(errno.ENOENT, "No such file", name) from None
+        except asyncssh.SFTPFailure as exc:
+            # sftp-server (protocol 3) sends "Failure" for every errno it has no code for
+            raise KeyCommandError(f"sftp: cannot {what} {name}: {exc.reason} (the node gives no "
+                                  "reason; a full or read-only file system is one)") from None
         except asyncssh.SFTPError as exc:
             raise KeyCommandError(f"sftp: cannot {what} {name}: {exc.reason}") from None
 
@@ -3339,8 +3345,7 @@ class SftpFiles(LocalFiles):
             attrs = await self._request("stat", name, self.sftp.lstat(name))
         except FileNotFoundError:
             return None
-        return FileInfo(stat.S_ISLNK(attrs.permissions or 0), stat.S_IMODE(attrs.permissions or 0),
-                        attrs.uid, attrs.gid, attrs.mtime or 0)
+        return FileInfo(attrs.permissions or 0, attrs.uid, attrs.gid, attrs.mtime or 0)
 
     async def readlink(self, name):
         return await self._request("read the link", name, self.sftp.readlink(name))
@@ -3390,12 +3395,15 @@ class SftpFiles(LocalFiles):
 
 async def resolve_authorized_keys(files):
     """The real file behind ~/.ssh/authorized_keys (on Proxmox a link into /etc/pve/priv):
-    edits go to the target, so the cluster-wide link is never replaced by a copy."""
+    edits go to the target, so the cluster-wide link is never replaced by a copy. Its
+    FileInfo, or None when there is none yet; anything but a regular file is refused."""
     target = AUTHORIZED_KEYS
     for _ in range(8):
         info = await files.info(target)
-        if info is None or not info.is_link:
+        if info is None or info.kind == "a regular file":
             return target, info
+        if info.kind != "a symlink":
+            raise KeyCommandError(f"{target} is {info.kind}, not a file; refusing to edit it")
         link = await files.readlink(target)
         target = link if link.startswith("/") else os.path.join(os.path.dirname(target), link)
     raise KeyCommandError(f"{AUTHORIZED_KEYS}: too many levels of symbolic links")
@@ -3440,7 +3448,12 @@ async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
             if new == data:
                 return target, changes
             temp = os.path.join(directory, f".authorized_keys.{uuid.uuid4().hex[:12]}.tmp")
-            await files.write_new(temp, new, info)
+            try:
+                await files.write_new(temp, new, info)
+            except (KeyCommandError, OSError) as exc:
+                with contextlib.suppress(KeyCommandError, OSError):
+                    await files.remove(temp)    # a half-written copy stays behind otherwise
+                raise KeyCommandError(f"cannot write the new {target}: {exc}") from None
             now = (await files.read(target)) if await files.info(target) else b""
             if now != data:       # someone without our lock changed it meanwhile: start over
                 await files.remove(temp)
@@ -3502,12 +3515,19 @@ class KeyAdmin:
         """Access to a node's authorized_keys as its admin (root): local, or SFTP."""
         if node.local:
             return LocalFiles(os.path.expanduser("~"))
+        import asyncssh
         conn = await self.pool.connect(node, self.admin_keys(), whose="the admin identity")
         try:
-            return SftpFiles(conn, await conn.start_sftp_client())
-        except Exception as exc:
+            async with asyncio.timeout(SFTP_STEP_TIMEOUT):
+                return SftpFiles(conn, await conn.start_sftp_client())
+        except asyncssh.ChannelOpenError as exc:
             conn.close()
-            raise KeyCommandError(f"SFTP on {node.name} failed: {exc}") from None
+            raise KeyCommandError(f"sftp: {node.name} offers no SFTP ({exc.reason}): "
+                                  f"{AUTHORIZED_KEYS} is edited over SFTP only (`Subsystem sftp` "
+                                  "in the node's sshd_config)") from None
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            conn.close()
+            raise KeyCommandError(f"sftp: cannot start on {node.name}: {exc or 'no answer'}") from None
 
     async def edit(self, node, add_line=None, remove_keys=()):
         files = await self.files(node)

@@ -32,7 +32,10 @@ Node faults: `node.stop()`/`start()`, `restart()`, `rotate_host_key()`, and
 `freeze()`/`thaw()` (SIGSTOP/SIGCONT of sshd and its sessions: connections are
 accepted by the kernel, nothing answers).  A `NetNamespace` runs code in a private
 network namespace where `black_hole(port)` drops that port's packets (iptables),
-without touching the host's network.
+without touching the host's network.  Set before `start()`: `sftp_subsystem = False` (an
+sshd without SFTP) and `mount_script` (shell run as root in the sshd's own mount namespace,
+e.g. a read-only bind mount or a small full tmpfs over ~/.ssh; `in_namespace(path)` reads
+through it).  `authorize_elsewhere(line)` puts a key in sshd's second AuthorizedKeysFile.
 
 The accounts are a machine-wide pool under one base dir, leased with flock, so
 concurrent test runs never share an account, home or node state.  Needs root.
@@ -478,6 +481,9 @@ class SshNode:
         self._proc: subprocess.Popen | None = None
         self._port_chosen = False
         self._log_offset = 0
+        # Node faults a test sets before start(): see the properties and launch() below.
+        self.sftp_subsystem = True
+        self.mount_script: str | None = None
         try:
             self._generate_host_key()
         except BaseException:
@@ -500,6 +506,22 @@ class SshNode:
     @property
     def authorized_keys_path(self) -> Path:
         return self.account.home / ".ssh" / "authorized_keys"
+
+    @property
+    def second_keys_path(self) -> Path:
+        """sshd's second AuthorizedKeysFile, outside the account's home and absent unless a test
+        writes it: an admin key there keeps the admin's login while the test breaks
+        authorized_keys itself (unreadable, a directory, a symlink loop)."""
+        return self.account.state_dir / "second_authorized_keys"
+
+    def authorize_elsewhere(self, line: str) -> None:
+        path = self.second_keys_path
+        path.write_text(line if line.endswith("\n") else line + "\n")
+        path.chmod(0o644)
+
+    def in_namespace(self, path: Path) -> Path:
+        """`path` as this node's sshd sees it (its own mount namespace under mount_script)."""
+        return Path(f"/proc/{self._proc.pid}/root") / Path(path).relative_to("/")
 
     @property
     def exec_log_path(self) -> Path:
@@ -603,15 +625,16 @@ class SshNode:
             "UsePAM no",
             "PermitRootLogin no",
             "StrictModes no",
-            "AuthorizedKeysFile .ssh/authorized_keys",
+            f"AuthorizedKeysFile .ssh/authorized_keys {self.second_keys_path}",
             "MaxStartups 256",
             "MaxSessions 64",
             "LoginGraceTime 30",
             "UseDNS no",
             "PrintMotd no",
             f"SetEnv {path_env}",
-            f"Subsystem sftp {SFTP_SERVER}",
         ]
+        if self.sftp_subsystem:
+            lines.append(f"Subsystem sftp {SFTP_SERVER}")
         if self.lab.sshd_version >= (9, 8):
             # Loopback tests make many failed and unauthenticated connections on purpose.
             lines.append("PerSourcePenalties no")
@@ -627,8 +650,13 @@ class SshNode:
         self._write_config()
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            self._proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config_path)],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            argv = [SSHD, "-D", "-e", "-f", str(self.config_path)]
+            if self.mount_script:
+                # The node's own mount namespace (a read-only or full file system there), set
+                # up by the shell that then becomes sshd: the mounts go with its last process.
+                argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-euc",
+                        self.mount_script + '\nexec "$@"', "sh", *argv]
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def _new_log(self) -> str:
         with open(self.log_path, "rb") as log:

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -476,3 +477,123 @@ def test_root_refuses_what_the_service_account_planted(lab, case):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and error in lines[0] and "refusing" in lines[0], out.stderr
     assert snapshot(*outside) == before, "a file outside the state dir changed"
+
+
+# -- what a node's SFTP can refuse, during push, revoke and rotation ----------------------------
+#
+# Each fault is made for real on n1 (n2 stays healthy) and returns (the error expected after
+# "n1: FAILED to ...: ", whether the proxy's key still logs in while the fault lasts, undo).
+# Where the fault breaks authorized_keys for sshd too, the admin key also sits in sshd's second
+# AuthorizedKeysFile, so the admin still logs in and reaches the broken file over SFTP.
+
+FAILURE_REASON = r"Failure \(the node gives no reason; a full or read-only file system is one\)"
+
+
+def restart_with(node, **settings):
+    node.stop()
+    for name, value in settings.items():
+        setattr(node, name, value)
+    node.start()
+
+
+def ssh_dir_not_writable(lab, node):
+    ssh_dir = node.authorized_keys_path.parent
+    ssh_dir.chmod(0o555)
+    return (r"sftp: cannot create \.ssh/\.pulse-sensor-proxy\.lock: Permission denied", True,
+            lambda: ssh_dir.chmod(0o700))
+
+
+def file_not_readable(lab, node):
+    node.authorize_elsewhere(lab.admin.public_line)
+    os.chown(node.authorized_keys_path, 0, 0)
+    return (r"sftp: cannot read \.ssh/authorized_keys: Permission denied", False,
+            lambda: os.chown(node.authorized_keys_path, node.uid, node.account.gid))
+
+
+def read_only_file_system(lab, node):
+    ssh_dir = node.authorized_keys_path.parent
+    restart_with(node, mount_script=f"mount --bind -o ro {ssh_dir} {ssh_dir}")
+    return (r"sftp: cannot create \.ssh/\.pulse-sensor-proxy\.lock: " + FAILURE_REASON, True,
+            lambda: restart_with(node, mount_script=None))
+
+
+def full_file_system(lab, node):
+    """A 64 KiB tmpfs over ~/.ssh, holding the node's files and filled up to the last block."""
+    ssh_dir = node.authorized_keys_path.parent
+    stash = node.account.state_dir / "ssh-stash"
+    subprocess.run(["cp", "-a", str(ssh_dir), str(stash)], check=True)   # owners and modes kept
+    restart_with(node, mount_script=(
+        f"mount -t tmpfs -o size=64k,mode=0700,uid={node.uid},gid={node.account.gid} "
+        f"full {ssh_dir}\ncp -a {stash}/. {ssh_dir}/\n"
+        f"dd if=/dev/zero of={ssh_dir}/.filler bs=4096 2>/dev/null || true"))
+    return (r"cannot write the new \.ssh/authorized_keys: sftp: cannot write "
+            r"\.ssh/\.authorized_keys\.[0-9a-f]{12}\.tmp: " + FAILURE_REASON, True,
+            lambda: restart_with(node, mount_script=None))
+
+
+def file_is_a_directory(lab, node):
+    node.authorize_elsewhere(lab.admin.public_line)
+    path = node.authorized_keys_path
+    original = path.read_text()
+    path.unlink()
+    path.mkdir(mode=0o700)
+    os.chown(path, node.uid, node.account.gid)
+
+    def undo():
+        path.rmdir()
+        node.write_authorized_keys(original)
+    return r"\.ssh/authorized_keys is a directory, not a file; refusing to edit it", False, undo
+
+
+def symlink_loop(lab, node):
+    node.authorize_elsewhere(lab.admin.public_line)
+    path = node.authorized_keys_path
+    original = path.read_text()
+    path.unlink()
+    path.symlink_to("authorized_keys")
+
+    def undo():
+        path.unlink()
+        node.write_authorized_keys(original)
+    return r"\.ssh/authorized_keys: too many levels of symbolic links", False, undo
+
+
+def no_sftp_subsystem(lab, node):
+    restart_with(node, sftp_subsystem=False)
+    return (r"sftp: n1 offers no SFTP \(Session request failed\): \.ssh/authorized_keys is "
+            r"edited over SFTP only \(`Subsystem sftp` in the node's sshd_config\)", True,
+            lambda: restart_with(node, sftp_subsystem=True))
+
+
+SFTP_FAULTS = [ssh_dir_not_writable, file_not_readable, read_only_file_system, full_file_system,
+               file_is_a_directory, symlink_loop, no_sftp_subsystem]
+KEY_COMMANDS = {"keys push": "install the key", "keys revoke": "remove the key",
+                "rotate-keys": "add the new key"}
+
+
+@pytest.mark.parametrize("command", KEY_COMMANDS)
+@pytest.mark.parametrize("fault", SFTP_FAULTS, ids=lambda fault: fault.__name__)
+def test_an_sftp_failure_on_a_node_is_one_line_and_changes_nothing_there(lab, fault, command):
+    lab = lab(count=2, push=command != "keys push")
+    broken, healthy = lab.nodes
+    current = lab.current_public()
+    error, key_works, undo = fault(lab, broken)
+    ssh_dir = broken.authorized_keys_path.parent
+    seen = (lambda: broken.in_namespace(ssh_dir)) if broken.mount_script else (lambda: ssh_dir)
+    before = snapshot(seen())
+    extra = ["--fingerprint", psp.key_fingerprint(current)] if command == "keys revoke" else []
+    out = lab.cli(*command.split(), *extra)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(rf"^  n1: FAILED to {KEY_COMMANDS[command]}: {error}$", out.stdout, re.M), \
+        out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert snapshot(seen()) == before, "the node's files changed"
+    proxy_keys = [k for k in lab.keys_on(healthy) if k != lab.admin.public_line.split()[1]]
+    assert proxy_keys == ([] if command == "keys revoke" else [current.split()[1]])
+    if command == "rotate-keys":
+        assert lab.current_public() == current
+        assert not (lab.state / "ssh.d" / "rotation.json").exists()
+        if key_works:
+            assert lab.all_temperatures_work()
+        undo()
+        assert lab.all_temperatures_work(), "the current key works on every node again"
