@@ -2713,7 +2713,7 @@ def _asyncssh_classes():
     import asyncssh
 
     class GatedClient(asyncssh.SSHClient):
-        """Our host-key policy for keys not already trusted; tells the pool when it drops."""
+        """HostKeys.judge for keys not already trusted; tells the pool when it drops."""
 
         def __init__(self, judge, on_lost):
             self.judge, self.on_lost = judge, on_lost
@@ -2834,6 +2834,228 @@ class NameResolver:
         return found
 
 
+class HostKeys:
+    """Host-key policy: which keys a node may present (the cluster's known_hosts files, then
+    our pins), trust on first use for a node nobody knows (pinned in our known_hosts, or
+    refused under host_key_policy: strict), and the changed-key alarm."""
+
+    def __init__(self, config, log, metrics=None, pin=True):
+        self.config, self.log, self.metrics = config, log, metrics
+        self.pin = pin                # keys commands with --dry-run: pin nothing
+        self.known_hosts_path = os.path.join(os.path.dirname(config["ssh_dir"]), "known_hosts")
+        self.pve_known_hosts_path = os.path.join(config["pve_dir"], "priv", "known_hosts")
+        self.known_cache = {}         # path -> (stamp, SSHKnownHosts or error text)
+        self.owner = state_owner(os.path.dirname(config["ssh_dir"]))
+
+    def judge(self, node, server_key, known):
+        """None to accept a key the node offers that no trusted key matched, else why not:
+        `known` (the node has a key on record) makes it the changed-key alarm."""
+        fingerprint = server_key.get_fingerprint()
+        if known:
+            if self.metrics:
+                self.metrics.inc("pulse_proxy_hostkey_changes_total", (sanitize_label(node.name),))
+            self.log.log("error", "HOST KEY CHANGED: refusing to connect; if the node was "
+                         "reinstalled, remove its old key from known_hosts", node=node.name,
+                         host=node.host, port=node.port, fingerprint=fingerprint,
+                         known_hosts=self.known_hosts_path)
+            return f"ssh: host key changed for {node.name}"
+        if self.config["host_key_policy"] == "strict":
+            self.log.log("warning", "Unknown host key refused", node=node.name,
+                         fingerprint=fingerprint)
+            return f"ssh: unknown host key for {node.name} (host_key_policy: strict)"
+        try:
+            self.pin_host_key(node, server_key)
+        except OSError as exc:      # a full or read-only state dir: trust nothing unpinned
+            return (f"ssh: cannot pin the host key of {node.name} in "
+                    f"{self.known_hosts_path}: {exc.strerror}")
+        return None
+
+    def for_node(self, node):
+        """(trusted keys, revoked keys, whether any key is known) for a node.
+
+        The cluster's own knowledge comes first: the node's `nodes/<node>/ssh_known_hosts`
+        (Proxmox VE >= 8.2 keeps each node's key there) and the older merged
+        `priv/known_hosts`, as sshd answers on port 22. Our pins (trust on first use) count
+        where the cluster knows nothing; where both know the node they must agree, or no key is
+        trusted and the connection is the changed-key alarm.
+        """
+        cluster, revoked = [], []
+        node_file = os.path.join(self.config["pve_dir"], "nodes", node.name, "ssh_known_hosts")
+        for path in (node_file, self.pve_known_hosts_path):
+            keys = self.file_entries(path, node, 22)
+            cluster.extend(keys[0])
+            revoked.extend(keys[1])
+        pinned, pin_revoked = self.file_entries(self.known_hosts_path, node, node.port,
+                                                       fail_closed=True)
+        revoked.extend(pin_revoked)
+        trusted = cluster or pinned
+        if cluster and pinned:
+            pins = {key.public_data for key in pinned}
+            trusted = [key for key in cluster if key.public_data in pins]
+        return trusted, revoked, bool(cluster or pinned)
+
+    def file_entries(self, path, node, port, fail_closed=False):
+        """(trusted, revoked) keys a known_hosts file holds for the node at `port`.
+
+        A line whose key does not decode is skipped with a warning; in our own pins
+        (`fail_closed`) such a line naming the node refuses the node rather than re-pin it.
+        """
+        try:
+            info = os.stat(path)
+        except OSError:
+            return [], []
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        cached = self.known_cache.get(path)
+        if cached is None or cached[0] != stamp:
+            try:
+                with open(path) as handle:
+                    parsed = parse_known_hosts(handle.read(MAX_CONFIG_BYTES))
+                for number, _ in parsed[1]:
+                    self.log.log("warning", "Skipped a known_hosts line whose key does not decode",
+                                 path=path, line=number)
+            except PermissionError:
+                parsed = None   # Proxmox's priv/ is root-only
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                parsed = f"ssh: cannot use {path}: {exc}"
+            cached = self.known_cache[path] = (stamp, parsed)
+        if isinstance(cached[1], str):
+            raise NodeError(cached[1])    # fail closed: never re-pin over an unreadable file
+        if cached[1] is None:
+            return [], []
+        matcher, skipped = cached[1]
+        names = {node.name.lower(), node.host.lower()}
+        for number, patterns in skipped:
+            if fail_closed and names_host(patterns, names):
+                raise NodeError(f"ssh: cannot use {path} line {number}: the host key of {node.name} "
+                                "there does not decode")
+        return known_host_keys(matcher, node, port)
+
+    def pin_host_key(self, node, server_key):
+        """Trust on first use: remember a new node's key in our known_hosts."""
+        if not self.pin:
+            self.log.log("info", "Would pin host key (dry run)", node=node.name,
+                         fingerprint=server_key.get_fingerprint())
+            return
+        key_type, key_data = server_key.export_public_key().decode().split()[:2]
+        names = dict.fromkeys([node.name, node.host])
+        patterns = ",".join(n if node.port == 22 else f"[{n}]:{node.port}" for n in names)
+        try:
+            with open(self.known_hosts_path, "rb") as handle:
+                existing = handle.read()
+        except FileNotFoundError:
+            existing = b""
+        if existing and not existing.endswith(b"\n"):
+            existing += b"\n"
+        atomic_write(self.known_hosts_path, existing + f"{patterns} {key_type} {key_data}\n".encode(),
+                     mode=0o640, owner=self.owner)
+        self.known_cache.pop(self.known_hosts_path, None)
+        self.log.log("info", "Pinned host key (trust on first use)", node=node.name,
+                     fingerprint=server_key.get_fingerprint(), known_hosts=self.known_hosts_path)
+
+
+class Connector:
+    """SSH to nodes: a new connection as node.user with the given client keys, the node's host
+    key judged by HostKeys; one bounded command per session on an open connection."""
+
+    def __init__(self, ssh, host_keys):
+        self.ssh, self.host_keys = ssh, host_keys
+
+    async def connect(self, node, client_keys, on_lost=None, whose="the proxy's key"):
+        """A new SSH connection to a node as node.user, its host key checked by our policy."""
+        asyncssh, client_class, _ = _asyncssh_classes()
+        trusted, revoked, known = self.host_keys.for_node(node)
+        verdict = {}
+
+        def judge(server_key):
+            verdict["error"] = self.host_keys.judge(node, server_key, known)
+            return verdict["error"] is None
+
+        timeout = self.ssh["connect_timeout"]
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncssh.connect(
+                    node.host, node.port, username=node.user, client_keys=client_keys,
+                    known_hosts=(trusted, [], revoked), config=[], agent_path=None,
+                    x509_trusted_certs=None, x509_trusted_cert_paths=[],   # nothing from ~/.ssh
+                    client_factory=lambda: client_class(judge, on_lost or (lambda: None)),
+                    preferred_auth=["publickey"], connect_timeout=timeout, keepalive_interval=15,
+                    keepalive_count_max=3, gss_host=None, password=None, kbdint_auth=False,
+                    ignore_encrypted=True)
+        except TimeoutError:
+            raise NodeError(f"ssh: cannot connect to {node.host}:{node.port}: no SSH answer within "
+                            f"{timeout:g} s") from None
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise NodeError(verdict.get("error") or f"ssh: host key not verifiable: {exc}") from None
+        except asyncssh.PermissionDenied:
+            raise NodeError(f"ssh: permission denied (publickey) on {node.name}: {whose} is not "
+                            "installed there") from None
+        except (asyncssh.Error, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and (exc.errno or 0) > 0:
+                reason = os.strerror(exc.errno)     # asyncio's text is "Connect call failed (addr)"
+            else:
+                reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise NodeError(f"ssh: cannot connect to {node.host}:{node.port}: {reason}") from None
+
+    async def run_sensors(self, conn, node, command=SENSORS_COMMAND):
+        """One `sensors -j` on an open connection, bounded in time and size (`doctor` asks
+        for another command to see the node's forced command answer instead)."""
+        return interpret_sensors_output(*await self.run_command(
+            conn, node, command, SENSORS_COMMAND, self.ssh["command_timeout"],
+            self.ssh["max_output_bytes"]))
+
+    async def run_command(self, conn, node, command, what, timeout, limit):
+        """(stdout, stderr, exit status) of one session asking for `command`."""
+        session_class = _asyncssh_classes()[2]
+        try:
+            async with asyncio.timeout(timeout):
+                chan, session = await conn.create_session(lambda: session_class(limit), command,
+                                                          encoding=None)
+                chan.write_eof()
+                lost = await session.done
+        except TimeoutError:
+            raise NodeError(f"{what} timed out after {timeout:g} s") from None
+        if session.too_large:       # the remote side may still be writing: not OutputError
+            raise NodeError(output_too_large(limit, what))
+        if lost is not None and session.status is None:
+            # the connection died while the command ran: an SSH failure, not the node's sensors
+            raise NodeError(f"ssh: session to {node.name} failed: {lost}")
+        return bytes(session.stdout), bytes(session.stderr), session.status
+
+
+class Breaker:
+    """A node's circuit breaker: after BREAKER_THRESHOLD failures in a row it stays open for a
+    cool-down, doubled each time it opens again (up to BREAKER_MAX_FACTOR), so a dead node
+    costs one connect timeout per cool-down, not one per request."""
+
+    def __init__(self):
+        self.failures = 0
+        self.opens = 0
+        self.open_until = 0.0
+        self.last_error = ""
+
+    def check(self, now):
+        """BreakerOpen while the breaker is open."""
+        if self.failures >= BREAKER_THRESHOLD and now < self.open_until:
+            raise BreakerOpen(f"unavailable (breaker open after {self.failures} failures in a "
+                              f"row): {self.last_error}")
+
+    def failed(self, error, now, cooldown):
+        """Count a failure; True when it (re)opened the breaker."""
+        self.failures += 1
+        self.last_error = error
+        if self.failures < BREAKER_THRESHOLD:
+            return False
+        self.opens += 1
+        self.open_until = now + cooldown * min(2 ** (self.opens - 1), BREAKER_MAX_FACTOR)
+        return True
+
+    def succeeded(self):
+        """Close it; True when it had been open (the node recovered)."""
+        recovered = self.opens > 0
+        self.failures = self.opens = 0
+        return recovered
+
+
 class NodeState:
     """Per node: its connection, the fetch in flight, its breaker and cache."""
 
@@ -2841,10 +3063,7 @@ class NodeState:
         self.conn = None
         self.conn_key = None          # the key generation the connection logged in with
         self.flight = None
-        self.failures = 0
-        self.opens = 0
-        self.open_until = 0.0
-        self.last_error = ""
+        self.breaker = Breaker()
         self.cache = None             # (answer from it until, the last reading)
         self.smart_json = None        # the last SMART list (JSON text), once one was read
         self.smart_read_at = None     # its wall-clock time
@@ -2861,13 +3080,9 @@ class NodePool:
         self.config, self.log, self.metrics, self.clock = config, log, metrics, clock
         self.ssh = config["ssh"]
         self.key_path = os.path.join(config["ssh_dir"], KEY_NAME)
-        self.known_hosts_path = os.path.join(os.path.dirname(config["ssh_dir"]), "known_hosts")
-        self.pve_known_hosts_path = os.path.join(config["pve_dir"], "priv", "known_hosts")
+        self.connector = Connector(self.ssh, HostKeys(config, log, metrics))
         self.states = {}
         self.key, self.key_stamp, self.key_generation = None, None, 0
-        self.known_cache = {}         # path -> (stamp, SSHKnownHosts or error text)
-        self.owner = state_owner(os.path.dirname(config["ssh_dir"]))
-        self.dry_run = False          # keys commands with --dry-run: pin nothing
 
     def state(self, node):
         key = (node.name, node.host, node.port, node.user, node.local)
@@ -2966,28 +3181,24 @@ class NodePool:
 
     async def fetch_through_breaker(self, node, state):
         label = sanitize_label(node.name)
-        now = self.clock()
-        if state.failures >= BREAKER_THRESHOLD and now < state.open_until:
+        breaker = state.breaker
+        try:
+            breaker.check(self.clock())
+        except BreakerOpen:
             self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "breaker_open"))
-            raise BreakerOpen(f"unavailable (breaker open after {state.failures} failures in a "
-                              f"row): {state.last_error}")
+            raise
         started = time.monotonic()
         try:
             if node.local:
                 text, repairs = await run_local_sensors(self.ssh["command_timeout"],
                                                         self.ssh["max_output_bytes"])
             else:
-                text, repairs = await self.ssh_fetch(node, state, self.run_sensors)
+                text, repairs = await self.ssh_fetch(node, state, self.connector.run_sensors)
         except NodeError as exc:
-            state.failures += 1
-            state.last_error = str(exc)
-            if state.failures >= BREAKER_THRESHOLD:
-                state.opens += 1
-                factor = min(2 ** (state.opens - 1), BREAKER_MAX_FACTOR)
-                state.open_until = self.clock() + self.config["breaker_cooldown_seconds"] * factor
+            if breaker.failed(str(exc), self.clock(), self.config["breaker_cooldown_seconds"]):
                 self.metrics.set("pulse_proxy_node_breaker_open", 1, (label,))
-                self.log.log("warning", "Node breaker open", node=label, error=state.last_error,
-                             retry_after_s=round(state.open_until - self.clock(), 1))
+                self.log.log("warning", "Node breaker open", node=label, error=breaker.last_error,
+                             retry_after_s=round(breaker.open_until - self.clock(), 1))
             self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "error"))
             self.metrics.set("pulse_proxy_node_up", 0, (label,))
             raise
@@ -2995,9 +3206,8 @@ class NodePool:
             self.metrics.observe("pulse_proxy_ssh_latency_seconds", time.monotonic() - started, (label,))
         for repair in repairs:
             self.metrics.inc("pulse_proxy_sensors_repairs_total", (label, repair))
-        if state.opens:
+        if breaker.succeeded():
             self.log.log("info", "Node recovered", node=label)
-        state.failures = state.opens = 0
         self.metrics.set("pulse_proxy_node_breaker_open", 0, (label,))
         self.metrics.inc("pulse_proxy_ssh_requests_total", (label, "success"))
         self.metrics.set("pulse_proxy_node_up", 1, (label,))
@@ -3024,36 +3234,11 @@ class NodePool:
                     raise NodeError(f"ssh: session to {node.name} failed: {exc}") from None
                 # a reused connection died since its last use (sshd restarted): reconnect once
 
-    async def run_sensors(self, conn, node, command=SENSORS_COMMAND):
-        """One `sensors -j` on an open connection, bounded in time and size (`doctor` asks
-        for another command to see the node's forced command answer instead)."""
-        return interpret_sensors_output(*await self.run_command(
-            conn, node, command, SENSORS_COMMAND, self.ssh["command_timeout"],
-            self.ssh["max_output_bytes"]))
-
     async def run_smart(self, conn, node):
         """The node program's smart mode: raw frames for parse_smart_report."""
-        stdout, _, _ = await self.run_command(conn, node, SMART_COMMAND, "smart read",
+        stdout, _, _ = await self.connector.run_command(conn, node, SMART_COMMAND, "smart read",
                                               SMART_READ_TIMEOUT, SMART_MAX_OUTPUT)
         return stdout
-
-    async def run_command(self, conn, node, command, what, timeout, limit):
-        """(stdout, stderr, exit status) of one session asking for `command`."""
-        session_class = _asyncssh_classes()[2]
-        try:
-            async with asyncio.timeout(timeout):
-                chan, session = await conn.create_session(lambda: session_class(limit), command,
-                                                          encoding=None)
-                chan.write_eof()
-                lost = await session.done
-        except TimeoutError:
-            raise NodeError(f"{what} timed out after {timeout:g} s") from None
-        if session.too_large:       # the remote side may still be writing: not OutputError
-            raise NodeError(output_too_large(limit, what))
-        if lost is not None and session.status is None:
-            # the connection died while the command ran: an SSH failure, not the node's sensors
-            raise NodeError(f"ssh: session to {node.name} failed: {lost}")
-        return bytes(session.stdout), bytes(session.stderr), session.status
 
     def drop(self, state):
         conn, state.conn = state.conn, None
@@ -3090,146 +3275,9 @@ class NodePool:
                 if state.conn is made.get("conn"):
                     state.conn = None
 
-            made["conn"] = await self.connect(node, [key], lost)
+            made["conn"] = await self.connector.connect(node, [key], lost)
             state.conn, state.conn_key = made["conn"], self.key_generation
             return made["conn"], True
-
-    async def connect(self, node, client_keys, on_lost=None, whose="the proxy's key"):
-        """A new SSH connection to a node as node.user, its host key checked by our policy."""
-        asyncssh, client_class, _ = _asyncssh_classes()
-        trusted, revoked, known = self.known_host_keys(node)
-        verdict = {}
-
-        def judge(server_key):
-            fingerprint = server_key.get_fingerprint()
-            if known:
-                verdict["error"] = f"ssh: host key changed for {node.name}"
-                self.metrics.inc("pulse_proxy_hostkey_changes_total", (sanitize_label(node.name),))
-                self.log.log("error", "HOST KEY CHANGED: refusing to connect; if the node was "
-                             "reinstalled, remove its old key from known_hosts", node=node.name,
-                             host=node.host, port=node.port, fingerprint=fingerprint,
-                             known_hosts=self.known_hosts_path)
-                return False
-            if self.config["host_key_policy"] == "strict":
-                verdict["error"] = f"ssh: unknown host key for {node.name} (host_key_policy: strict)"
-                self.log.log("warning", "Unknown host key refused", node=node.name,
-                             fingerprint=fingerprint)
-                return False
-            try:
-                self.pin_host_key(node, server_key)
-            except OSError as exc:      # a full or read-only state dir: trust nothing unpinned
-                verdict["error"] = (f"ssh: cannot pin the host key of {node.name} in "
-                                    f"{self.known_hosts_path}: {exc.strerror}")
-                return False
-            return True
-
-        timeout = self.ssh["connect_timeout"]
-        try:
-            async with asyncio.timeout(timeout):
-                return await asyncssh.connect(
-                    node.host, node.port, username=node.user, client_keys=client_keys,
-                    known_hosts=(trusted, [], revoked), config=[], agent_path=None,
-                    x509_trusted_certs=None, x509_trusted_cert_paths=[],   # nothing from ~/.ssh
-                    client_factory=lambda: client_class(judge, on_lost or (lambda: None)),
-                    preferred_auth=["publickey"], connect_timeout=timeout, keepalive_interval=15,
-                    keepalive_count_max=3, gss_host=None, password=None, kbdint_auth=False,
-                    ignore_encrypted=True)
-        except TimeoutError:
-            raise NodeError(f"ssh: cannot connect to {node.host}:{node.port}: no SSH answer within "
-                             f"{timeout:g} s") from None
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise NodeError(verdict.get("error") or f"ssh: host key not verifiable: {exc}") from None
-        except asyncssh.PermissionDenied:
-            raise NodeError(f"ssh: permission denied (publickey) on {node.name}: {whose} is not "
-                             "installed there") from None
-        except (asyncssh.Error, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and (exc.errno or 0) > 0:
-                reason = os.strerror(exc.errno)     # asyncio's text is "Connect call failed (addr)"
-            else:
-                reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-            raise NodeError(f"ssh: cannot connect to {node.host}:{node.port}: {reason}") from None
-
-    def known_host_keys(self, node):
-        """(trusted keys, revoked keys, whether any key is known) for a node.
-
-        The cluster's own knowledge comes first: the node's `nodes/<node>/ssh_known_hosts`
-        (Proxmox VE >= 8.2 keeps each node's key there) and the older merged
-        `priv/known_hosts`, as sshd answers on port 22. Our pins (trust on first use) count
-        where the cluster knows nothing; where both know the node they must agree, or no key is
-        trusted and the connection is the changed-key alarm.
-        """
-        cluster, revoked = [], []
-        node_file = os.path.join(self.config["pve_dir"], "nodes", node.name, "ssh_known_hosts")
-        for path in (node_file, self.pve_known_hosts_path):
-            keys = self.known_hosts_entries(path, node, 22)
-            cluster.extend(keys[0])
-            revoked.extend(keys[1])
-        pinned, pin_revoked = self.known_hosts_entries(self.known_hosts_path, node, node.port,
-                                                       fail_closed=True)
-        revoked.extend(pin_revoked)
-        trusted = cluster or pinned
-        if cluster and pinned:
-            pins = {key.public_data for key in pinned}
-            trusted = [key for key in cluster if key.public_data in pins]
-        return trusted, revoked, bool(cluster or pinned)
-
-    def known_hosts_entries(self, path, node, port, fail_closed=False):
-        """(trusted, revoked) keys a known_hosts file holds for the node at `port`.
-
-        A line whose key does not decode is skipped with a warning; in our own pins
-        (`fail_closed`) such a line naming the node refuses the node rather than re-pin it.
-        """
-        try:
-            info = os.stat(path)
-        except OSError:
-            return [], []
-        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-        cached = self.known_cache.get(path)
-        if cached is None or cached[0] != stamp:
-            try:
-                with open(path) as handle:
-                    parsed = parse_known_hosts(handle.read(MAX_CONFIG_BYTES))
-                for number, _ in parsed[1]:
-                    self.log.log("warning", "Skipped a known_hosts line whose key does not decode",
-                                 path=path, line=number)
-            except PermissionError:
-                parsed = None   # Proxmox's priv/ is root-only
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                parsed = f"ssh: cannot use {path}: {exc}"
-            cached = self.known_cache[path] = (stamp, parsed)
-        if isinstance(cached[1], str):
-            raise NodeError(cached[1])    # fail closed: never re-pin over an unreadable file
-        if cached[1] is None:
-            return [], []
-        matcher, skipped = cached[1]
-        names = {node.name.lower(), node.host.lower()}
-        for number, patterns in skipped:
-            if fail_closed and names_host(patterns, names):
-                raise NodeError(f"ssh: cannot use {path} line {number}: the host key of {node.name} "
-                                 "there does not decode")
-        return known_host_keys(matcher, node, port)
-
-    def pin_host_key(self, node, server_key):
-        """Trust on first use: remember a new node's key in our known_hosts."""
-        if self.dry_run:
-            self.log.log("info", "Would pin host key (dry run)", node=node.name,
-                         fingerprint=server_key.get_fingerprint())
-            return
-        key_type, key_data = server_key.export_public_key().decode().split()[:2]
-        names = dict.fromkeys([node.name, node.host])
-        patterns = ",".join(n if node.port == 22 else f"[{n}]:{node.port}" for n in names)
-        try:
-            with open(self.known_hosts_path, "rb") as handle:
-                existing = handle.read()
-        except FileNotFoundError:
-            existing = b""
-        if existing and not existing.endswith(b"\n"):
-            existing += b"\n"
-        atomic_write(self.known_hosts_path, existing + f"{patterns} {key_type} {key_data}\n".encode(),
-                     mode=0o640, owner=self.owner)
-        self.known_cache.pop(self.known_hosts_path, None)
-        self.log.log("info", "Pinned host key (trust on first use)", node=node.name,
-                     fingerprint=server_key.get_fingerprint(), known_hosts=self.known_hosts_path)
 
     async def close(self):
         for state in self.states.values():
@@ -3466,16 +3514,15 @@ async def edit_node_keys(files, add_line=None, remove_keys=(), dry_run=False):
 
 
 class KeyAdmin:
-    """What the root-only key commands share: config, inventory, pool, key slots, output."""
+    """What the root-only key commands share: config, inventory, SSH connector, key slots,
+    output. With dry_run nothing is written: no node's file, no key slot, no host-key pin."""
 
     def __init__(self, config, dry_run=False, out=None):
         self.config = config
         self.out = out or sys.stdout
         self.log = AuditLog("warning", stream=sys.stderr)
-        self.metrics = new_metrics()
         self.inventory = Inventory(config, self.log)
-        self.pool = NodePool(config, self.log, self.metrics)
-        self.pool.dry_run = dry_run
+        self.connector = Connector(config["ssh"], HostKeys(config, self.log, pin=not dry_run))
         self.dry_run = dry_run
         self.keys = KeyStore(config["ssh_dir"])
         self.subnets = config["allowed_source_subnets"] or detect_host_networks()
@@ -3508,7 +3555,7 @@ class KeyAdmin:
                 raise KeyCommandError(f"admin identity {path}: {exc}") from None
         if not keys:
             raise KeyCommandError("no admin SSH identity found (tried " + ", ".join(paths) +
-                             "); set admin_identity in the config")
+                                  "); set admin_identity in the config")
         return keys
 
     async def files(self, node):
@@ -3516,7 +3563,7 @@ class KeyAdmin:
         if node.local:
             return LocalFiles(os.path.expanduser("~"))
         import asyncssh
-        conn = await self.pool.connect(node, self.admin_keys(), whose="the admin identity")
+        conn = await self.connector.connect(node, self.admin_keys(), whose="the admin identity")
         try:
             async with asyncio.timeout(SFTP_STEP_TIMEOUT):
                 return SftpFiles(conn, await conn.start_sftp_client())
@@ -3541,9 +3588,9 @@ class KeyAdmin:
         if node.local:
             return None
         key = self.keys.private_key(slot)
-        conn = await self.pool.connect(node, [key])
+        conn = await self.connector.connect(node, [key])
         try:
-            await self.pool.run_sensors(conn, node)
+            await self.connector.run_sensors(conn, node)
         finally:
             conn.close()
         return None
@@ -3551,7 +3598,7 @@ class KeyAdmin:
     def line(self, public_key):
         if not self.subnets:
             raise KeyCommandError("allowed_source_subnets is empty and no address of this host was "
-                             "found; set it in the config (an empty from= would lock the key out)")
+                                  "found; set it in the config (an empty from= would lock the key out)")
         return authorized_keys_line(public_key, self.subnets, self.config["disk_temperatures"])
 
     async def for_each(self, nodes, action, what):
@@ -3682,8 +3729,8 @@ async def rotate_keys(admin, rollback=False):
     except OSError as exc:      # the state dir filled up or turned read-only part way
         again = f"{PROG} rotate-keys" + (" --rollback" if rollback else "")
         raise KeyCommandError(f"{exc}\nEvery node still accepts the key the daemon uses. Once "
-                         f"{admin.keys.ssh_dir} can be written again, run `{again}` again: it "
-                         "first finishes or undoes what this run left half done.") from None
+                              f"{admin.keys.ssh_dir} can be written again, run `{again}` again: it "
+                              "first finishes or undoes what this run left half done.") from None
 
 
 async def _rotate_keys(admin, rollback):
@@ -5438,7 +5485,7 @@ async def refusal_reason(admin, node, public_line, address):
     """Why a node refuses the proxy's key, from its authorized_keys read as the admin (SFTP,
     read-only); None when that cannot be read."""
     try:
-        async with asyncio.timeout(admin.pool.ssh["connect_timeout"] + DOCTOR_STEP_TIMEOUT):
+        async with asyncio.timeout(admin.connector.ssh["connect_timeout"] + DOCTOR_STEP_TIMEOUT):
             target, data = await read_node_keys(admin, node)
     except (ProxyError, OSError, TimeoutError):
         return None
@@ -5456,12 +5503,12 @@ async def refusal_reason(admin, node, public_line, address):
 
 async def check_node(admin, node, key, public_line):
     """The findings of one node: resolve, TCP, host key, the key and its forced command, sensors."""
-    pool = admin.pool
+    connector = admin.connector
     if node.local:      # read as the daemon reads it: as its account, asked through the socket
         try:
             answer = await asyncio.to_thread(socket_request, admin.config["socket_path"],
                                              "get_temperature", {"node": node.name},
-                                             pool.ssh["command_timeout"] + DOCTOR_STEP_TIMEOUT)
+                                             connector.ssh["command_timeout"] + DOCTOR_STEP_TIMEOUT)
             text = answer["data"]["temperature"] if answer.get("success") else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             answer, text = {"error": str(exc)}, None
@@ -5475,7 +5522,7 @@ async def check_node(admin, node, key, public_line):
                         f"add {node.host} to /etc/hosts, or set nodes: {{{node.name}: {{host: "
                         "ADDRESS}}} in the config")]
     found = [finding("resolve", node.name, OK, f"{node.host} is {', '.join(sorted(addresses))}")]
-    timeout = pool.ssh["connect_timeout"]
+    timeout = connector.ssh["connect_timeout"]
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(node.host, node.port)
@@ -5490,13 +5537,13 @@ async def check_node(admin, node, key, public_line):
                                 "(systemctl status ssh on the node)")]
     found.append(finding("reach", node.name, OK, f"TCP {node.host}:{node.port} answers"))
     try:
-        conn = await pool.connect(node, [key])
+        conn = await connector.connect(node, [key])
     except NodeError as exc:
         text = str(exc)
         check, fix = next(((c, f) for marker, (c, f) in NODE_FIXES.items() if marker in text),
                           ("ssh", "ssh -p {port} {user}@{host} from this host shows why"))
         pattern = node.host if node.port == 22 else f"[{node.host}]:{node.port}"
-        fix = fix.format(pattern=pattern, known_hosts=pool.known_hosts_path, prog=PROG,
+        fix = fix.format(pattern=pattern, known_hosts=connector.host_keys.known_hosts_path, prog=PROG,
                          name=node.name, port=node.port, user=node.user, host=node.host)
         reason = await refusal_reason(admin, node, public_line, address) \
             if check == "node-key" else None
@@ -5506,7 +5553,7 @@ async def check_node(admin, node, key, public_line):
     found.append(finding("host-key", node.name, OK, "known and matching"))
     try:
         # A login asking for `id` must still get sensors output: the forced command holds.
-        text, _ = await pool.run_sensors(conn, node, command="id")
+        text, _ = await connector.run_sensors(conn, node, command="id")
     except OutputError as exc:
         return found + [finding("node-key", node.name, FAILED, f"the proxy's key is accepted, but "
                                 f"a login asking for `id` got no sensors output ({exc}): the key's "
@@ -5560,7 +5607,6 @@ async def check_nodes(config, keys, names):
                             f"ssh -p {node.port} {node.user}@{node.host} from this host shows why")]
 
     results = await asyncio.gather(*(bounded(node) for node in nodes))
-    await admin.pool.close()
     return unknown + [item for found in results for item in found]
 
 
