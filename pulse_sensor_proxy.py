@@ -2194,15 +2194,9 @@ def atomic_write(path, data, mode=0o600, overwrite=True, owner=None, dir_fd=None
 
 def generate_keypair(comment=KEY_COMMENT):
     """A new Ed25519 key as (private OpenSSH PEM bytes, public `ssh-ed25519 AAAA... comment`)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    return private, public + b" " + comment.encode() + b"\n"
+    import asyncssh
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    return key.export_private_key("openssh"), key.export_public_key("openssh")
 
 
 def state_owner(state_dir):
@@ -2217,12 +2211,12 @@ def state_owner(state_dir):
 
 
 def public_key_of(private_pem):
-    """`ssh-ed25519 AAAA... pulse-sensor-proxy` derived from an OpenSSH private key."""
-    from cryptography.hazmat.primitives import serialization
-    key = serialization.load_ssh_private_key(private_pem, password=None)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    return public + b" " + KEY_COMMENT.encode() + b"\n"
+    """`ssh-ed25519 AAAA... pulse-sensor-proxy` derived from an OpenSSH private key (whatever
+    comment the key holds); ValueError (asyncssh's KeyImportError) if it is not one."""
+    import asyncssh
+    key = asyncssh.import_private_key(private_pem)
+    key.set_comment(KEY_COMMENT)
+    return key.export_public_key("openssh")
 
 
 class UnsafePathError(KeyCommandError):

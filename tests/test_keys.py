@@ -97,6 +97,23 @@ def test_remove_by_fingerprint():
     assert result == FOREIGN and changes == [("removed", PUBLIC.split()[1])]
 
 
+def test_a_generated_key_is_what_ssh_keygen_reads(base_dir):
+    """The key slots hold OpenSSH's formats: ssh-keygen derives the same public line from the
+    private key and prints the same SHA256 fingerprint."""
+    private, public = psp.generate_keypair()
+    assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    path = base_dir / "id_ed25519"
+    path.write_bytes(private)
+    path.chmod(0o600)
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], capture_output=True,
+                             text=True, check=True).stdout
+    assert public == (" ".join(derived.split()[:2]) + " pulse-sensor-proxy\n").encode()
+    assert psp.public_key_of(private) == public
+    listed = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True,
+                            text=True, check=True).stdout
+    assert listed.split()[1] == psp.key_fingerprint(public.decode())
+
+
 # -- push, revoke, status against real nodes -----------------------------------------------------
 
 
