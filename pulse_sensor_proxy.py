@@ -74,6 +74,7 @@ import subprocess
 import sys
 import time
 import traceback
+import typing
 import uuid
 
 __version__ = "0.1.0"
@@ -3727,53 +3728,159 @@ async def rotate_keys(admin, rollback=False):
                               "first finishes or undoes what this run left half done.") from None
 
 
+class Rotation:
+    """One rotation (op "rotate") or rollback: the key leaving, the key arriving, and the slot
+    the arriving key comes from. The journal on disk holds the same fields plus its step."""
+
+    def __init__(self, op, old, new):
+        self.op, self.old, self.new = op, old, new
+        self.source = "prev" if op == "rollback" else "next"
+
+
+class RotationStep(typing.NamedTuple):
+    """One step of a rotation, in ROTATION_STEPS order; `run(admin, rotation, nodes, step)`
+    does it and says whether it succeeded."""
+    run: typing.Callable
+    describe: str           # --dry-run's line: {old} {new} {next} {keep} filled in
+    journal: str = ""       # the journal's step, written before the step runs
+    journal_crash: str = ""         # crash point right after that journal is written
+    on_nodes: str = ""      # what it does on each node: its reports and crash points say it
+    done_crash: str = ""    # crash point once it ran, whether it succeeded or not
+    in_rollback: bool = True
+
+
+async def _generate_step(admin, rotation, nodes, step):
+    rotation.new = admin.keys.generate("next")
+    return True
+
+
+async def _push_step(admin, rotation, nodes, step):
+    admin.say(f"{rotation.op}: {key_fingerprint(rotation.old)} -> {key_fingerprint(rotation.new)}")
+    return await admin.for_each(nodes, lambda n: _push_line(admin, n, rotation.new), step.on_nodes)
+
+
+async def _verify_step(admin, rotation, nodes, step):
+    return await admin.for_each(nodes, lambda n: _verify(admin, n, rotation.source), step.on_nodes)
+
+
+async def _swap_step(admin, rotation, nodes, step):
+    """Swap the slots; idempotent, so a rerun after a crash redoes only what is missing."""
+    keys = admin.keys
+    current = keys.public_line("current")
+    if current and current.split()[1] == rotation.old.split()[1]:
+        # the old key stays in a slot until it is off the nodes: the journal may only name
+        # keys in the slots (prev after a rotation, next during a rollback)
+        keys.copy("current", "prev" if rotation.op == "rotate" else "next")
+        crash_point("prev saved")
+        keys.copy(rotation.source, "current")
+    elif keys.read(rotation.source):
+        keys.copy(rotation.source, "current")    # the private key was swapped; redo the .pub too
+    return True
+
+
+async def _remove_step(admin, rotation, nodes, step):
+    keys = admin.keys
+    admin.say(f"Now current: {key_fingerprint(rotation.new)}; removing "
+              f"{key_fingerprint(rotation.old)} from the nodes")
+    removed = await admin.for_each(nodes, lambda n: _remove_key(admin, n, rotation.old),
+                                   step.on_nodes)
+    if removed:
+        # the journal goes first: a crash between these steps must not leave it naming a key
+        # no slot holds any more (that journal would be refused)
+        keys.clear_journal()
+        keys.clear(rotation.source)
+        keys.clear("next")
+    else:
+        admin.say("The old key stays on the failed nodes; run rotate-keys again to remove it.")
+    return removed
+
+
+# The rotation: run in this order, journalled and crash-tested by these names, and described
+# by --dry-run from the same list. A journal "pushing" is undone after a crash (the new key
+# was not verified everywhere); "swapping" or "removing" is completed (SWAP_STEP on).
+ROTATION_STEPS = (
+    RotationStep(_generate_step, "generate the next key in {next}", in_rollback=False),
+    RotationStep(_push_step, "add {new} to every node, keeping {old}", journal="pushing",
+                 journal_crash="journal written", on_nodes="add the new key"),
+    RotationStep(_verify_step, "check that {new} reads sensors -j on every node",
+                 on_nodes="verify the new key", done_crash="verified"),
+    RotationStep(_swap_step, "make {new} current{keep}", journal="swapping"),
+    RotationStep(_remove_step, "remove {old} from every node", journal="removing",
+                 journal_crash="swapped", on_nodes="remove the old key"),
+)
+SWAP_STEP = 3
+UNDONE_JOURNAL_STEPS = {step.journal for step in ROTATION_STEPS[:SWAP_STEP] if step.journal}
+COMPLETED_JOURNAL_STEPS = {step.journal for step in ROTATION_STEPS[SWAP_STEP:]}
+
+
+async def run_rotation_steps(admin, rotation, nodes, steps):
+    """Run `steps` in order; False at the first that fails."""
+    for step in steps:
+        if step.journal:
+            admin.keys.set_journal(op=rotation.op, step=step.journal, old=rotation.old,
+                                   new=rotation.new)
+            if step.journal_crash:
+                crash_point(step.journal_crash)
+        ok = await step.run(admin, rotation, nodes, step)
+        if step.done_crash:
+            crash_point(step.done_crash)
+        if not ok:
+            return False
+    return True
+
+
+def describe_rotation(admin, rotation, nodes):
+    """--dry-run's account of ROTATION_STEPS, numbered as in a rotation."""
+    keys, rollback = admin.keys, rotation.op == "rollback"
+    old = key_fingerprint(rotation.old)
+    new = key_fingerprint(rotation.new) if rotation.new else "(a new Ed25519 key)"
+    admin.say(f"Would {rotation.op}: {old} -> {new} on " + ", ".join(n.name for n in nodes))
+    keep = "" if rollback else f", keep {old} in {keys.dirs['prev']}"
+    for number, step in enumerate(ROTATION_STEPS, 1):
+        if step.in_rollback or not rollback:
+            admin.say(f"  {number}. " + step.describe.format(old=old, new=new, keep=keep,
+                                                             next=keys.dirs["next"]))
+
+
 async def _rotate_keys(admin, rollback):
     keys, nodes = admin.keys, admin.inventory.current()
     journal = keys.journal()
     if journal:
         if not await recover_rotation(admin, journal, nodes):
             return False
-        if journal.get("step") in ("swapping", "removing"):
+        if journal.get("step") in COMPLETED_JOURNAL_STEPS:
             return True     # what the interrupted run was asked to do is now done
     old = keys.public_line("current")
     if old is None:
         raise KeyCommandError(f"no current key in {keys.ssh_dir}")
-    new, source, op = None, "next", "rotate"
+    rotation = Rotation("rotate", old, None)
     if rollback:
-        new, source, op = keys.public_line("prev"), "prev", "rollback"
-        if new is None:
+        rotation = Rotation("rollback", old, keys.public_line("prev"))
+        if rotation.new is None:
             raise KeyCommandError(f"nothing to roll back to: {keys.dirs['prev']} holds no key")
-    old_fp = key_fingerprint(old)
     if admin.dry_run:
-        new_fp = key_fingerprint(new) if new else "(a new Ed25519 key)"
-        admin.say(f"Would {op}: {old_fp} -> {new_fp} on " + ", ".join(n.name for n in nodes))
-        if not rollback:
-            admin.say(f"  1. generate the next key in {keys.dirs['next']}")
-        admin.say(f"  2. add {new_fp} to every node, keeping {old_fp}")
-        admin.say(f"  3. check that {new_fp} reads sensors -j on every node")
-        keep = "" if rollback else f", keep {old_fp} in {keys.dirs['prev']}"
-        admin.say(f"  4. make {new_fp} current{keep}")
-        admin.say(f"  5. remove {old_fp} from every node")
-        return await admin.for_each(nodes, lambda n: _push_line(admin, n, new or old), "preview")
-    if not rollback:
-        new = keys.generate("next")
-    new_fp = key_fingerprint(new)
-    keys.set_journal(op=op, step="pushing", old=old, new=new)
-    crash_point("journal written")
-    admin.say(f"{op}: {old_fp} -> {new_fp}")
-    pushed = await admin.for_each(nodes, lambda n: _push_line(admin, n, new), "add the new key")
-    verified = pushed and await admin.for_each(nodes, lambda n: _verify(admin, n, source),
-                                               "verify the new key")
-    crash_point("verified")
-    if not verified:
+        describe_rotation(admin, rotation, nodes)
+        return await admin.for_each(nodes, lambda n: _push_line(admin, n, rotation.new or old),
+                                    "preview")
+    until_verified = [step for step in ROTATION_STEPS[:SWAP_STEP]
+                      if step.in_rollback or not rollback]
+    if not await run_rotation_steps(admin, rotation, nodes, until_verified):
         admin.say("Undoing: removing the new key again; the current key stays in place.")
-        await admin.for_each(nodes, lambda n: _remove_key(admin, n, new), "remove the new key")
-        keys.clear_journal()
-        if not rollback:
-            keys.clear("next")
+        await undo_rotation(admin, rotation, nodes, forget=True)
         return False
-    await finish_rotation(admin, dict(op=op, old=old, new=new), nodes)
-    return True
+    return await run_rotation_steps(admin, rotation, nodes, ROTATION_STEPS[SWAP_STEP:])
+
+
+async def undo_rotation(admin, rotation, nodes, forget=False):
+    """Take the new key off the nodes and drop it: the current key never left them. The
+    journal stays for the next run where a node kept the key, unless `forget`."""
+    ok = await admin.for_each(nodes, lambda n: _remove_key(admin, n, rotation.new),
+                              "remove the new key")
+    if ok or forget:
+        admin.keys.clear_journal()
+        if rotation.op == "rotate":
+            admin.keys.clear("next")
+    return ok
 
 
 async def _push_line(admin, node, public):
@@ -3791,56 +3898,21 @@ async def _verify(admin, node, slot):
     return "local sensors" if node.local else "new key reads sensors -j"
 
 
-async def finish_rotation(admin, journal, nodes):
-    """Swap the slots (idempotent: a rerun after a crash redoes only what is missing), then
-    take the old key off the nodes."""
-    keys = admin.keys
-    old, new = journal["old"], journal["new"]
-    source = "prev" if journal["op"] == "rollback" else "next"
-    keys.set_journal(op=journal["op"], step="swapping", old=old, new=new)
-    current = keys.public_line("current")
-    if current and current.split()[1] == old.split()[1]:
-        # the old key stays in a slot until it is off the nodes: the journal may only name
-        # keys in the slots (prev after a rotation, next during a rollback)
-        keys.copy("current", "prev" if journal["op"] == "rotate" else "next")
-        crash_point("prev saved")
-        keys.copy(source, "current")
-    elif keys.read(source):
-        keys.copy(source, "current")       # the private key was swapped; redo the .pub too
-    keys.set_journal(op=journal["op"], step="removing", old=old, new=new)
-    crash_point("swapped")
-    admin.say(f"Now current: {key_fingerprint(new)}; removing {key_fingerprint(old)} from the nodes")
-    removed = await admin.for_each(nodes, lambda n: _remove_key(admin, n, old), "remove the old key")
-    if removed:
-        # the journal goes first: a crash between these steps must not leave it naming a key
-        # no slot holds any more (that journal would be refused)
-        keys.clear_journal()
-        keys.clear(source)
-        keys.clear("next")
-    else:
-        admin.say("The old key stays on the failed nodes; run rotate-keys again to remove it.")
-    return removed
-
-
 async def recover_rotation(admin, journal, nodes):
     """Complete or undo a rotation that a crash interrupted."""
     step = journal.get("step")
     admin.say(f"Found an interrupted {journal.get('op', 'rotation')} at step '{step}'.")
     if admin.dry_run:
-        admin.say("  (dry run: it would be " + ("undone" if step == "pushing" else "completed") + ")")
+        admin.say("  (dry run: it would be " + ("undone" if step in UNDONE_JOURNAL_STEPS
+                                                else "completed") + ")")
         return True
-    if step == "pushing":
-        new = journal["new"]
+    rotation = Rotation(journal.get("op"), journal.get("old"), journal.get("new"))
+    if step in UNDONE_JOURNAL_STEPS:
         admin.say("Undoing it: the new key had not been verified.")
-        ok = await admin.for_each(nodes, lambda n: _remove_key(admin, n, new), "remove the new key")
-        if ok:
-            admin.keys.clear_journal()
-            if journal["op"] == "rotate":
-                admin.keys.clear("next")
-        return ok
-    if step in ("swapping", "removing"):
+        return await undo_rotation(admin, rotation, nodes)
+    if step in COMPLETED_JOURNAL_STEPS:
         admin.say("Completing it: the new key is installed on every node.")
-        return await finish_rotation(admin, journal, nodes)
+        return await run_rotation_steps(admin, rotation, nodes, ROTATION_STEPS[SWAP_STEP:])
     raise KeyCommandError(f"cannot understand {admin.keys.journal_path}; check the key slots by hand")
 
 

@@ -305,6 +305,21 @@ def test_dry_run_changes_nothing(lab):
     assert snapshot(*roots) == before
 
 
+def test_dry_run_describes_the_steps_a_rotation_runs(lab):
+    """--dry-run's numbered lines are ROTATION_STEPS, in their order (a rollback has no step 1)."""
+    lab = lab(count=1)
+    for args, first in ((["rotate-keys", "--dry-run"], 1), (["rotate-keys", "--rollback", "--dry-run"], 2)):
+        if first == 2:
+            assert lab.cli("rotate-keys").returncode == 0
+        out = lab.cli(*args)
+        assert out.returncode == 0, out.stdout + out.stderr
+        numbered = [line.split(". ", 1) for line in out.stdout.splitlines()
+                    if re.match(r"  \d\. ", line)]
+        assert [int(n) for n, _ in numbered] == list(range(first, len(psp.ROTATION_STEPS) + 1))
+        words = [step.describe.split()[0] for step in psp.ROTATION_STEPS[first - 1:]]
+        assert [text.split()[0] for _, text in numbered] == words
+
+
 def test_revoke_by_fingerprint_only_on_chosen_nodes(lab):
     lab = lab(count=2)
     fingerprint = psp.key_fingerprint(lab.current_public())
