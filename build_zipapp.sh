@@ -168,7 +168,7 @@ source_date_epoch() {
 build_commit() {
     local commit
     commit=$(git -C "$ROOT" rev-parse --short=7 HEAD 2>/dev/null) || { echo unknown; return; }
-    if [ -n "$(git -C "$ROOT" status --porcelain -- "$MODULE" packaging requirements.txt build_zipapp.sh)" ]; then
+    if [ -n "$(git -C "$ROOT" status --porcelain -- "$MODULE" packaging units requirements.txt build_zipapp.sh)" ]; then
         commit+="-dirty"
     fi
     echo "$commit"
@@ -234,6 +234,8 @@ build_arch() {
         fi
     done
     stamp_module "$base" "$commit" "$date"
+    # The installer takes the unit files from the binary (`units --write`): units/ is their one source.
+    cp -rp "$ROOT/units" "$base/pulse-sensor-proxy-units"
     say "$arch: packing with shiv"
     SOURCE_DATE_EPOCH=$sde "$PY" -m shiv --site-packages "$base" --reproducible --compile-pyc \
         --entry-point pulse_sensor_proxy:main --python "$SHEBANG" \

@@ -120,8 +120,6 @@ readonly ROTATION_TIMER=pulse-sensor-proxy-key-rotation.timer
 readonly CLEANUP_PATH=pulse-sensor-proxy-cleanup.path
 readonly SMART_SERVICE=pulse-sensor-proxy-smart.service
 readonly SMART_TIMER=pulse-sensor-proxy-smart.timer
-readonly UNITS=(pulse-sensor-proxy.service pulse-sensor-proxy-key-rotation.service pulse-sensor-proxy-key-rotation.timer
-                pulse-sensor-proxy-cleanup.service "$CLEANUP_PATH" "$SMART_SERVICE" "$SMART_TIMER")
 readonly MIN_PYTHON=3.11   # the pyz needs it (asyncio.timeout); Proxmox VE 8 has 3.11
 readonly RUN_DIR=/run/pulse-sensor-proxy
 readonly SOCKET_NAME=pulse-sensor-proxy.sock
@@ -212,7 +210,14 @@ NOTES=()
 
 say() { [ "$QUIET" -eq 1 ] || printf '%s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
-err() { printf 'error: %s\n' "$*" >&2; roll_back_binary; original_backup_hint; exit 1; }
+# err MESSAGE: stop the whole script, also from a pipeline or $(...), which run in a subshell
+# whose exit alone would not: the subshell signals the script, whose trap stops it.
+err() {
+    printf 'error: %s\n' "$*" >&2
+    if [ "$BASHPID" != "$$" ]; then kill -USR1 "$$"; exit 1; fi
+    stop_failed
+}
+stop_failed() { roll_back_binary; original_backup_hint; exit 1; }
 usage_err() { printf 'error: %s (see --help)\n' "$*" >&2; exit 2; }
 
 # run CMD...: carry out one change, or under --dry-run only print it.
@@ -419,14 +424,15 @@ conf_uid_ranges() {
 
 # ---------------------------------------------------------------- files
 
-# write_file DEST MODE OWNER GROUP < CONTENT: replace DEST atomically when content or mode differ.
+# write_file DEST MODE OWNER GROUP WHAT < CONTENT: replace DEST atomically when content or mode
+# differ; a change counts in CHANGES (report_changed).
 write_file() {
     local dest=$1 mode=$2 owner=$3 group=$4 what=$5 tmp
     tmp=$(mktemp "$WORK/new.XXXXXX")
     cat >"$tmp"
     if [ -f "$dest" ] && cmp -s "$tmp" "$dest" && [ "$(stat -c '%a %U %G' "$dest")" = "$mode $owner $group" ]; then
         report_ok "$what"
-        return 1
+        return 0
     fi
     report_changed "$what"
     run install -m "$mode" -o "$owner" -g "$group" "$tmp" "$dest.new"
@@ -710,54 +716,14 @@ retire_original_wrappers() {
 
 # ---------------------------------------------------------------- 5 config
 
-# Keeps the addresses other hosts can see this one by: no loopback, link-local or multicast.
-# shellcheck disable=SC2016 # python program, not shell
-readonly ADDRESS_FILTER='import ipaddress, json, sys
-text = sys.stdin.read()
-if sys.argv[1] == "json":
-    words = [a.get("local", "") for link in json.loads(text or "[]") for a in link.get("addr_info", [])]
-else:
-    words = text.split()
-seen = []
-for word in words:
-    try:
-        address = ipaddress.ip_address(word.split("%")[0])
-    except ValueError:
-        continue
-    if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified:
-        continue
-    network = str(ipaddress.ip_network(address))
-    if network not in seen:
-        seen.append(network)
-        print(network)'
-
-# host_addresses: this host's addresses as /32 and /128 networks, one a line, read as root
-# (the daemon's sandbox hides /proc/net, so it cannot find them itself).
-host_addresses() {
-    local found=
-    if command -v ip >/dev/null; then
-        found=$(ip -j addr show 2>/dev/null | python3 -c "$ADDRESS_FILTER" json) || found=
-    fi
-    if [ -z "$found" ] && command -v hostname >/dev/null; then
-        found=$(hostname -I 2>/dev/null | python3 -c "$ADDRESS_FILTER" words) || found=
-    fi
-    [ -z "$found" ] || printf '%s\n' "$found"
-}
-
-# config_has_subnets FILE: whether the rendered config FILE lists allowed_source_subnets.
-config_has_subnets() {
-    awk '/^allowed_source_subnets:/ { inside = 1; next } inside && /^- / { found = 1 } /^[^- ]/ { inside = 0 }
-         END { exit !found }' "$1"
-}
-
 # choose_source_subnets CURRENT: without --allowed-subnets, and when the rendered config CURRENT
 # lists none, take this host's addresses. keys push writes the list into from="..." on every
 # node and the daemon reports the same list, so the config must always name it.
 choose_source_subnets() {
     local detected
     [ "${#SUBNETS[@]}" -eq 0 ] || return 0
-    config_has_subnets "$1" && return 0
-    detected=$(host_addresses)
+    [ -z "$(proxy config get allowed_source_subnets --config "$1")" ] || return 0
+    detected=$(proxy host-addresses) || err "could not read this host's addresses"
     if [ -z "$detected" ]; then
         [ "$IS_PVE" -eq 1 ] || return 0
         err "found no address of this host for the nodes' from=\"...\" restriction; give --allowed-subnets CIDR,..."
@@ -823,261 +789,18 @@ ensure_config() {
 
 # ---------------------------------------------------------------- 6 units
 
-# root_oneshot_hardening: the sandbox both root oneshots (key rotation, cleanup) run in; they
-# log in to the nodes with root's identity and write only the state dir and root's ~/.ssh.
-root_oneshot_hardening() {
-    cat <<'UNIT'
-CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE
-NoNewPrivileges=yes
-ProtectSystem=strict
-ReadWritePaths=/var/lib/pulse-sensor-proxy
-# Of the homes only root's ~/.ssh: the admin identity, and this node's authorized_keys, which
-# on Proxmox links into /etc/pve/priv.
-ProtectHome=tmpfs
-BindPaths=-/root/.ssh
-ReadWritePaths=-/root/.ssh -/etc/pve/priv
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectHostname=yes
-ProtectClock=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectProc=invisible
-ProcSubset=pid
-RestrictAddressFamilies=AF_INET AF_INET6
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-KeyringMode=private
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallFilter=@chown
-SystemCallErrorNumber=EPERM
-DevicePolicy=closed
-UNIT
-}
-
-# unit_text NAME: the unit file shipped in units/NAME (kept identical by the test suite).
-unit_text() {
-    case "$1" in
-        pulse-sensor-proxy.service) cat <<'UNIT'
-[Unit]
-Description=Pulse sensor proxy (temperature bridge for containers)
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=notify
-NotifyAccess=main
-User=pulse-sensor-proxy
-Group=pulse-sensor-proxy
-Environment=SHIV_ROOT=%C/pulse-sensor-proxy
-ExecStartPre=/usr/local/bin/pulse-sensor-proxy config validate --config /etc/pulse-sensor-proxy/config.yaml
-ExecStart=/usr/local/bin/pulse-sensor-proxy serve --config /etc/pulse-sensor-proxy/config.yaml
-ExecReload=/bin/kill -HUP $MAINPID
-Restart=on-failure
-RestartSec=5s
-TimeoutStopSec=30s
-# 256 socket connections, 32 metrics ones, SSH to every node: well above the default 1024 soft limit
-LimitNOFILE=4096
-
-RuntimeDirectory=pulse-sensor-proxy
-RuntimeDirectoryMode=0775
-RuntimeDirectoryPreserve=yes
-StateDirectory=pulse-sensor-proxy
-StateDirectoryMode=0750
-CacheDirectory=pulse-sensor-proxy
-CacheDirectoryMode=0700
-UMask=0077
-
-NoNewPrivileges=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectHostname=yes
-ProtectClock=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectProc=invisible
-ProcSubset=pid
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-KeyringMode=private
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-DevicePolicy=closed
-
-[Install]
-WantedBy=multi-user.target
-UNIT
-        ;;
-        pulse-sensor-proxy-key-rotation.service) cat <<'UNIT'
-[Unit]
-Description=Rotate the pulse-sensor-proxy SSH key on every cluster node
-After=pulse-sensor-proxy.service network-online.target
-Wants=network-online.target
-Requires=pulse-sensor-proxy.service
-
-[Service]
-Type=oneshot
-# Root: it logs in to the nodes with root's own SSH identity (read from ~/.ssh) and hands the
-# new key files to the service account (CAP_CHOWN, CAP_FOWNER; CAP_DAC_OVERRIDE to write into
-# the account's 0700 ssh/). The daemon needs no signal: it sees the new key file by itself.
-ExecStart=/usr/local/bin/pulse-sensor-proxy rotate-keys
-Environment=SHIV_ROOT=%C/pulse-sensor-proxy-rotation
-CacheDirectory=pulse-sensor-proxy-rotation
-CacheDirectoryMode=0700
-UMask=0077
-
-UNIT
-            root_oneshot_hardening
-        ;;
-        pulse-sensor-proxy-key-rotation.timer) cat <<'UNIT'
-[Unit]
-Description=Rotate the pulse-sensor-proxy SSH key every quarter
-
-[Timer]
-OnCalendar=quarterly
-RandomizedDelaySec=1h
-Persistent=true
-
-[Install]
-WantedBy=timers.target
-UNIT
-        ;;
-        pulse-sensor-proxy-cleanup.service) cat <<'UNIT'
-[Unit]
-Description=Remove the pulse-sensor-proxy key from the nodes a clean-up request names
-After=pulse-sensor-proxy.service network-online.target
-Wants=network-online.target
-
-[Service]
-Type=oneshot
-# Root: it logs in to the nodes with root's own SSH identity (read from ~/.ssh) to take
-# the proxy's key lines out of authorized_keys, and removes the request from the state
-# dir (CAP_DAC_OVERRIDE, CAP_FOWNER: the directory belongs to the service account).
-ExecStart=/usr/local/bin/pulse-sensor-proxy cleanup
-Environment=SHIV_ROOT=%C/pulse-sensor-proxy-cleanup
-CacheDirectory=pulse-sensor-proxy-cleanup
-CacheDirectoryMode=0700
-UMask=0077
-
-UNIT
-            root_oneshot_hardening
-        ;;
-        pulse-sensor-proxy-cleanup.path) cat <<'UNIT'
-[Unit]
-Description=Watch for pulse-sensor-proxy clean-up requests (Pulse's request_cleanup)
-
-[Path]
-# The daemon writes the request (atomically, by rename); the root service acts on it.
-# PathExists, not PathChanged: a request queued while this unit was stopped (an upgrade,
-# a reboot) is acted on when it starts; the service removes the file, so it fires once.
-PathExists=/var/lib/pulse-sensor-proxy/cleanup-request.json
-Unit=pulse-sensor-proxy-cleanup.service
-
-[Install]
-WantedBy=paths.target
-UNIT
-        ;;
-        pulse-sensor-proxy-smart.service) cat <<'UNIT'
-[Unit]
-Description=Read this host's disk SMART data for pulse-sensor-proxy, without waking drives
-Documentation=man:smartctl(8)
-
-[Service]
-Type=oneshot
-# Root with two capabilities and the block devices only: smartctl's ATA and SCSI pass-through
-# needs CAP_SYS_RAWIO, NVMe's admin commands CAP_SYS_ADMIN, neither of which the daemon has.
-# It takes no input: the same fixed program the nodes' key line forces, in its smart mode.
-# The result is read by the daemon from StateDirectory; nothing here listens or connects.
-ExecStart=/usr/local/bin/pulse-sensor-proxy smart-local --config /etc/pulse-sensor-proxy/config.yaml
-Environment=SHIV_ROOT=%C/pulse-sensor-proxy-smart
-CacheDirectory=pulse-sensor-proxy-smart
-CacheDirectoryMode=0700
-StateDirectory=pulse-sensor-proxy-smart
-StateDirectoryMode=0755
-UMask=0022
-TimeoutStartSec=5min
-
-CapabilityBoundingSet=CAP_SYS_RAWIO CAP_SYS_ADMIN
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-PrivateNetwork=yes
-PrivateIPC=yes
-PrivateMounts=yes
-ProtectHostname=yes
-ProtectClock=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectProc=invisible
-RestrictAddressFamilies=AF_UNIX
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-KeyringMode=private
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-DevicePolicy=closed
-DeviceAllow=block-* rw
-UNIT
-        ;;
-        pulse-sensor-proxy-smart.timer) cat <<'UNIT'
-[Unit]
-Description=Read this host's disk SMART data for pulse-sensor-proxy every smart_interval
-
-[Timer]
-# smart-local itself skips a read until smart_interval has passed: this only looks often.
-OnBootSec=1min
-OnUnitActiveSec=5min
-
-[Install]
-WantedBy=timers.target
-UNIT
-        ;;
-        *) err "no unit $1" ;;
-    esac
-}
-
+# The unit files come from the binary being installed (units/ of its build), every one of them.
 install_units() {
-    local unit
-    for unit in "${UNITS[@]}"; do
-        if unit_text "$unit" | write_file "$UNIT_DIR/$unit" 644 root root "unit $UNIT_DIR/$unit"; then
-            UNITS_CHANGED=1
-        fi
+    local unit changes_before=$CHANGES
+    mkdir "$WORK/units"
+    proxy units --write "$WORK/units" >/dev/null || err "the new binary gave no unit files"
+    for unit in "$WORK"/units/*; do
+        write_file "$UNIT_DIR/${unit##*/}" 644 root root "unit $UNIT_DIR/${unit##*/}" <"$unit"
     done
-    if [ "$UNITS_CHANGED" -eq 1 ]; then run systemctl daemon-reload; fi
+    if [ "$CHANGES" -gt "$changes_before" ]; then
+        UNITS_CHANGED=1
+        run systemctl daemon-reload
+    fi
 }
 
 wait_for_socket() {
@@ -1167,25 +890,8 @@ ensure_smart_timer() {
 
 # ---------------------------------------------------------------- 7 nodes
 
-# The node names in a .members file, one a line: its "nodelist", or on a standalone host (pmxcfs
-# then writes only "nodename" and "version") that name; nothing for an unreadable file.
-MEMBERS_NODES='
-import json, sys
-try:
-    with open(sys.argv[1]) as handle:
-        members = json.load(handle)
-    names = sorted(members.get("nodelist") or {}) or [members["nodename"]]
-except (OSError, ValueError, KeyError, TypeError, AttributeError):
-    sys.exit(1)
-print("\n".join(names))
-'
-
-# cluster_nodes: one node name a line, from the cluster membership Proxmox keeps.
-cluster_nodes() {
-    if ! python3 -c "$MEMBERS_NODES" "$PVE_DIR/.members" 2>/dev/null; then
-        hostname
-    fi
-}
+# cluster_nodes: one node name a line, as the daemon finds them (config, .members, pvecm).
+cluster_nodes() { proxy nodes --config "$CONFIG"; }
 
 push_keys() {
     local dry=()
@@ -1226,22 +932,21 @@ with_ct_lock() {
     return "$status"
 }
 
-# ct_rewrite_conf ID: put our mount entry into the container's config; 0 when it changed
-# what the container mounts, 1 when unchanged, 2 when only the options changed (the original's
-# line gains `optional`): a running container already has that mount.
+# ct_rewrite_conf ID: put our mount entry into the container's config (its new text also in
+# WORK/ID.conf, for connect_container to see whether what the container mounts changed).
 ct_rewrite_conf() {
     local id=$1 conf=$PVE_DIR/lxc/$1.conf legacy mounted
     conf_with_mount "$conf" >"$WORK/$id.conf"
     if cmp -s "$WORK/$id.conf" "$conf"; then
         report_ok "container $id: mount entry in $conf"
-        return 1
+        return 0
     fi
     mounted=$(ct_socket_paths "$conf")
     if [ -n "$mounted" ] && [ "$mounted" = "$(ct_socket_paths "$WORK/$id.conf")" ]; then
         report_changed "container $id: mount entry in $conf gains \`optional\` (the mount is unchanged: no restart)"
         run cp "$WORK/$id.conf" "$conf.tmp"
         run mv -f "$conf.tmp" "$conf"
-        return 2
+        return 0
     fi
     legacy=$(conf_legacy_lines "$conf")
     if [ -n "$legacy" ]; then
@@ -1252,6 +957,12 @@ ct_rewrite_conf() {
     run cp "$WORK/$id.conf" "$conf.tmp"
     run mv -f "$conf.tmp" "$conf"
 }
+
+# ct_mount_changed MOUNTED NEW_CONF: whether NEW_CONF mounts the socket elsewhere than MOUNTED
+# (ct_socket_paths of the config before). A running container keeps the mount it started with:
+# only a change of what it mounts needs a restart, not of the options (the original's line
+# gaining `optional`).
+ct_mount_changed() { [ -z "$1" ] || [ "$1" != "$(ct_socket_paths "$2")" ]; }
 
 # ct_socket_paths CONF: the socket's path inside the container, for every mount entry of ours.
 ct_socket_paths() {
@@ -1629,9 +1340,10 @@ check_container() {
 }
 
 connect_container() {
-    local id=$1 changed=0 may="may read temperatures" status=0
-    with_ct_lock "$id" ct_rewrite_conf "$id" || status=$?
-    if [ "$status" -eq 0 ]; then changed=1; fi
+    local id=$1 changed=0 may="may read temperatures" mounted
+    mounted=$(ct_socket_paths "$PVE_DIR/lxc/$id.conf")
+    with_ct_lock "$id" ct_rewrite_conf "$id"
+    if ct_mount_changed "$mounted" "$WORK/$id.conf"; then changed=1; fi
     if [ "$ALLOW_CLEANUP" -eq 1 ]; then
         may+=" and request clean-ups"
         note "container $id may call request_cleanup (--allow-cleanup): it can have the proxy's key removed from any node, switching that node's temperatures off"
@@ -1654,9 +1366,9 @@ connect_container() {
 
 metrics_url() {
     local address
-    address=$(sed -n 's/^metrics_address:[[:space:]]*["'\'']\{0,1\}\([^"'\'' ]*\).*/\1/p' "$CONFIG" 2>/dev/null)
+    address=$(proxy config get metrics_address --config "$CONFIG") || address=127.0.0.1:9127
     [ "$address" = disabled ] && { echo "(metrics disabled in $CONFIG)"; return 0; }
-    echo "http://${address:-127.0.0.1:9127}/metrics"
+    echo "http://$address/metrics"
 }
 
 node_reachability() {
@@ -1762,7 +1474,7 @@ advertised_url() {
     port=${addr##*:}
     host=${addr%:*}
     if [ "$host" = 0.0.0.0 ] || [ "$host" = "[::]" ]; then
-        first=$(host_addresses | head -n 1)
+        first=$(proxy host-addresses | head -n 1)
         [ -n "$first" ] || err "found no address of this host to advertise; give --proxy-url https://HOST:$port"
         host=${first%/*}
         [[ $host == *:* ]] && host="[$host]"
@@ -1849,7 +1561,7 @@ ensure_http_token() {
         token=$(new_token)
         TOKEN_TO_PASTE=1
     fi
-    printf '%s\n' "$token" | write_file "$TOKEN_FILE" 640 root "$ACCOUNT" "token $TOKEN_FILE" || true
+    printf '%s\n' "$token" | write_file "$TOKEN_FILE" 640 root "$ACCOUNT" "token $TOKEN_FILE"
     HTTPS_CHANGED=1
 }
 
@@ -2008,8 +1720,19 @@ restore_original() {
     run find "$dir" -depth -type d -empty -delete
 }
 
+# installed_units: this proxy's unit files in UNIT_DIR, one name a line, whichever version
+# wrote them (so a broken or missing binary does not stop the removal); not the original's.
+installed_units() {
+    local path name
+    for path in "$UNIT_DIR"/pulse-sensor-proxy.service "$UNIT_DIR"/pulse-sensor-proxy-*.{service,timer,path}; do
+        [ -f "$path" ] || continue
+        name=${path##*/}
+        printf '%s\n' "${ORIGINAL_UNITS[@]}" | grep -qxF "$name" || printf '%s\n' "$name"
+    done
+}
+
 do_uninstall() {
-    local unit original=
+    local unit units original=
     [ "$(id -u)" -eq 0 ] || err "run as root"
     if [ "$RESTORE_ORIGINAL" -eq 1 ]; then
         original=$(newest_original_backup) \
@@ -2017,7 +1740,8 @@ do_uninstall() {
         say "restoring the original proxy from $original"
     fi
     if command -v pvecm >/dev/null || [ -d "$PVE_DIR" ]; then IS_PVE=1; fi
-    for unit in "$ROTATION_TIMER" "${UNITS[@]}"; do
+    mapfile -t units < <(installed_units)
+    for unit in "${units[@]}"; do
         if [ -f "$UNIT_DIR/$unit" ]; then
             report_changed "$unit stopped and disabled"
             run systemctl disable --now --quiet "$unit"
@@ -2033,7 +1757,7 @@ do_uninstall() {
         revoke_proxy_keys
         [ "$IS_PVE" -eq 1 ] && unmount_from_containers
     fi
-    for unit in "${UNITS[@]}"; do
+    for unit in "${units[@]}"; do
         if [ -f "$UNIT_DIR/$unit" ]; then
             report_changed "unit $UNIT_DIR/$unit removed"
             run rm -f "$UNIT_DIR/$unit"
@@ -2041,7 +1765,7 @@ do_uninstall() {
     done
     run systemctl daemon-reload
     # A unit that failed once (a rotation with a node down) stays listed until this.
-    run systemctl reset-failed "${UNITS[@]}" 2>/dev/null || true
+    [ "${#units[@]}" -eq 0 ] || run systemctl reset-failed "${units[@]}" 2>/dev/null || true
     if [ -e "$BIN" ]; then
         report_changed "binary $BIN removed"
         run rm -f "$BIN" "$BIN.previous"
@@ -2073,6 +1797,8 @@ do_uninstall() {
 }
 
 cleanup() { [ -n "$WORK" ] && rm -rf "$WORK"; }
+# The work directory goes on any exit; an err from a subshell (its USR1) stops the script.
+set_traps() { trap cleanup EXIT; trap stop_failed USR1; }
 
 main() {
     parse_args "$@"
@@ -2081,7 +1807,7 @@ main() {
         choose_from_menu
     fi
     WORK=$(mktemp -d)
-    trap cleanup EXIT
+    set_traps
     [ "$DRY_RUN" -eq 1 ] && say "Dry run: printing what would be done; nothing is changed."
     "do_$ACTION"
     summary

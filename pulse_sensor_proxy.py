@@ -800,6 +800,12 @@ def detect_host_networks():
                     ipaddress.ip_address(":".join(raw[i:i + 4] for i in range(0, 32, 4)))))
     except OSError:
         pass
+    return usable_networks(networks)
+
+
+def usable_networks(networks):
+    """NETWORKS (host networks) other hosts can see this one by: no loopback, link-local,
+    multicast or unspecified address, each once, in their order."""
     usable = []
     for network in networks:
         address = network.network_address
@@ -807,6 +813,19 @@ def detect_host_networks():
                 or address.is_unspecified) and network not in usable:
             usable.append(network)
     return [str(n) for n in usable]
+
+
+def ip_addr_networks(text):
+    """The host networks in `ip -j addr show` output, in the order of the links (the first is
+    the one other hosts most likely know this host by)."""
+    networks = []
+    for link in json.loads(text or "[]"):
+        for info in link.get("addr_info", []):
+            try:
+                networks.append(ipaddress.ip_network(info.get("local", "").split("%")[0]))
+            except ValueError:
+                continue
+    return networks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5700,10 +5719,11 @@ def fail(message):
     return 1
 
 
-def config_failure(exc, prefix=""):
-    """Every problem of a ConfigError on stderr, one a line; the command's exit status."""
+def config_failure(exc, report=False):
+    """Every problem of a ConfigError, one a line, each naming its file and key; the command's
+    exit status. On stderr after the program's name, or as `config validate`'s report on stdout."""
     for problem in exc.problems:
-        print(prefix + problem, file=sys.stderr)
+        print(problem if report else f"{PROG}: {problem}", file=sys.stdout if report else sys.stderr)
     return 1
 
 
@@ -5711,7 +5731,7 @@ def cmd_serve(args):
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        return config_failure(exc, prefix=f"{PROG}: ")
+        return config_failure(exc)
     log = AuditLog(config["log_level"])
     for note in config["config_notes"]:
         log.log("warning", "Config key of the original proxy; run `config migrate --write`",
@@ -5719,7 +5739,7 @@ def cmd_serve(args):
     try:
         return asyncio.run(run_daemon(config, log))
     except ConfigError as exc:
-        return config_failure(exc, prefix=f"{PROG}: ")
+        return config_failure(exc)
     except (RuntimeError, OSError, UnsafePathError) as exc:
         return fail(str(exc))
 
@@ -5930,9 +5950,7 @@ def cmd_config_validate(args):
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem)
-        return 1
+        return config_failure(exc, report=True)
     if not os.path.exists(config["config_path"]):
         print(f"{config['config_path']}: no such file; the defaults apply")
     for note in config["config_notes"]:
@@ -6034,6 +6052,91 @@ def cmd_config_migrate(args):
     return 0
 
 
+# Where the unit files are: units/ beside the module in a checkout; inside the pyz,
+# build_zipapp.sh packs them as site-packages/PACKED_UNITS (not an importable name).
+PACKED_UNITS = "pulse-sensor-proxy-units"
+
+
+def unit_files():
+    """{name: bytes} of every unit file this build ships, read from a checkout or the pyz."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for directory in (os.path.join(here, PACKED_UNITS), os.path.join(here, "units")):
+        if os.path.isdir(directory):
+            files = {}
+            for name in sorted(os.listdir(directory)):
+                with open(os.path.join(directory, name), "rb") as handle:
+                    files[name] = handle.read()
+            return files
+    loader = globals().get("__loader__")
+    if hasattr(loader, "archive"):          # imported from the pyz by zipimport
+        import zipfile
+        prefix = f"{loader.prefix}{PACKED_UNITS}/"
+        with zipfile.ZipFile(loader.archive) as archive:
+            return {name[len(prefix):]: archive.read(name) for name in sorted(archive.namelist())
+                    if name.startswith(prefix) and name != prefix}
+    return {}
+
+
+def cmd_units(args):
+    files = unit_files()
+    if not files:
+        return fail("this build carries no unit files")
+    if args.write is None:
+        print("\n".join(files))
+        return 0
+    try:
+        for name, data in files.items():
+            atomic_write(os.path.join(args.write, name), data, mode=0o644)
+    except OSError as exc:
+        return fail(f"cannot write {exc.filename or args.write}: {exc.strerror or exc}")
+    print("\n".join(files))
+    return 0
+
+
+def cmd_host_addresses(args):
+    """This host's addresses other hosts can see it by, as /32 and /128 networks, one a line:
+    in the order of its links from `ip` where that runs, else from /proc."""
+    try:
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, timeout=10,
+                             text=True)
+        found = usable_networks(ip_addr_networks(out.stdout)) if out.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, ValueError, AttributeError):
+        found = []
+    print("\n".join(found or detect_host_networks()))
+    return 0
+
+
+def cmd_nodes(args):
+    """The nodes the daemon reads, one name a line, found as the daemon finds them."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return config_failure(exc)
+    for node in Inventory(config, AuditLog("warning", sys.stderr)).current():
+        print(node.name)
+    return 0
+
+
+def cmd_config_get(args):
+    """One key's effective value (defaults applied): a list one item a line, a mapping as JSON."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return config_failure(exc)
+    value = config[args.key]
+    if isinstance(value, (list, tuple)):
+        lines = [str(item) for item in value]
+    elif isinstance(value, dict):
+        lines = [json.dumps(value, sort_keys=True)]
+    elif isinstance(value, bool):
+        lines = [str(value).lower()]
+    else:
+        lines = [str(value)]
+    if lines:
+        print("\n".join(lines))
+    return 0
+
+
 def run_key_command(args, action, dry_run=False):
     """Common frame of the root-only key commands: root check, config, exit code."""
     if os.geteuid() != 0:
@@ -6084,7 +6187,7 @@ def cmd_smart_local(args):
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        return config_failure(exc, prefix=f"{PROG}: ")
+        return config_failure(exc)
     if not config["disk_temperatures"]:
         print("disk temperatures are off (disk_temperatures: false): nothing read")
         return 0
@@ -6250,6 +6353,20 @@ def build_parser():
     migrate.add_argument("--write", action="store_true",
                          help="write the result (default: print it, change nothing)")
     migrate.set_defaults(func=cmd_config_migrate)
+    get = config_sub.add_parser("get", help="print one key's effective value (defaults applied; "
+                                "a list one item a line)")
+    get.add_argument("key", choices=sorted(CONFIG_CHECKS), metavar="KEY", help="a config key")
+    get.add_argument("--config", help="config file")
+    get.set_defaults(func=cmd_config_get)
+
+    units = sub.add_parser("units", help="list the systemd unit files this build ships")
+    units.add_argument("--write", metavar="DIR", help="write every one into DIR (mode 0644)")
+    units.set_defaults(func=cmd_units)
+    sub.add_parser("host-addresses", help="this host's addresses other hosts see, as /32 and "
+                   "/128 networks, one a line").set_defaults(func=cmd_host_addresses)
+    nodes = sub.add_parser("nodes", help="the nodes the daemon reads, one a line")
+    nodes.add_argument("--config", help="config file")
+    nodes.set_defaults(func=cmd_nodes)
 
     keys = sub.add_parser("keys", help="the proxy's key on the nodes (root)")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

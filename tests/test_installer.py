@@ -28,6 +28,13 @@ OLD_ENTRY = ENTRY.format("run/pulse-sensor-proxy")  # hidden by the container's 
 PENDING_FIXTURE = REPO / "tests/fixtures/pve/lxc/105-pending-snapshot.conf"
 
 
+def stand_in_pyz(dest):
+    """This checkout's module at DEST, with units/ beside it as in a checkout (a pyz carries
+    them inside): what the installer installs and asks in place of a built pyz."""
+    shutil.copy(REPO / "pulse_sensor_proxy.py", dest)
+    shutil.copytree(UNITS, Path(dest).parent / "units", dirs_exist_ok=True)
+
+
 def without_traceback(result):
     """An installer run's result, after checking no Python traceback reached its output."""
     output = result.stdout + result.stderr
@@ -64,19 +71,79 @@ def installer(*args, env=None, **kwargs):
                                             text=True, env={**os.environ, **(env or {})}, **kwargs))
 
 
+def proxy_stub(directory, addresses=None):
+    """A PROXY for the sourced installer: this checkout's module, with `host-addresses`
+    answering ADDRESSES (lines) when given; returns its path."""
+    path = directory / "proxy"
+    directory.mkdir(exist_ok=True)
+    fixed = ("" if addresses is None else
+             f'[ "$1" = host-addresses ] && {{ printf "%s" "{addresses}"; exit 0; }}\n')
+    path.write_text(f'#!/bin/sh\n{fixed}exec "{sys.executable}" "{REPO / "pulse_sensor_proxy.py"}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
 @pytest.mark.parametrize("members, expected", [
     ("cluster.json", "pve1\npve2\npve3\n"), ("standalone.json", "pve\n"),
-    (None, f"{socket.gethostname()}\n"), ("not json", f"{socket.gethostname()}\n"),
+    (None, f"{socket.gethostname()}\n"),
 ])
-def test_cluster_nodes_on_every_host(tmp_path, members, expected):
+def test_cluster_nodes_are_what_the_binary_reads(tmp_path, members, expected):
+    """The installer asks the binary (`nodes`) instead of reading .members itself."""
     pve = tmp_path / "etc/pve"
     pve.mkdir(parents=True)
-    if members == "not json":
-        (pve / ".members").write_text("{")
-    elif members:
+    if members:
         shutil.copy(PVE_FIXTURES / "members" / members, pve / ".members")
-    result = lib("cluster_nodes", env={"PULSE_INSTALL_ROOT": str(tmp_path)})
-    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, expected, b"")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"pve_dir: {pve}\n")
+    empty = stub(tmp_path / "bin", "pvecm", "exit 1")
+    result = sourced(f'PROXY="{proxy_stub(tmp_path)}"; CONFIG="{config}"; cluster_nodes',
+                     env={"PATH": f"{empty}:{os.environ['PATH']}"})
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+
+
+def test_host_addresses_from_ip_in_link_order(tmp_path):
+    """`host-addresses` keeps `ip`'s order (the first is what HTTPS mode advertises)."""
+    bins = stub(tmp_path / "bin", "ip", f'cat "{IP_ADDR_PVE}"')
+    result = subprocess.run([sys.executable, str(REPO / "pulse_sensor_proxy.py"), "host-addresses"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{bins}:{os.environ['PATH']}"})
+    assert (result.returncode, result.stdout) == (0, "192.168.1.10/32\n2001:db8:1::10/128\n10.10.10.1/32\n")
+
+
+def test_host_addresses_keep_only_what_other_hosts_can_see(tmp_path):
+    """`host-addresses` in a network namespace with real addresses on a real link."""
+    script = ("ip link set lo up; ip link add v0 type veth peer name v1; "
+              "ip addr add 192.168.1.10/24 dev v0; ip -6 addr add 2001:db8:1::10/64 dev v0 nodad; "
+              "ip -6 addr add fe80::10/64 dev v0 nodad; ip addr add 10.10.10.1/24 dev v0; "
+              'ip link set v0 up; exec "$0" "$1" host-addresses')
+    result = subprocess.run(["unshare", "-n", "sh", "-ec", script, sys.executable,
+                             str(REPO / "pulse_sensor_proxy.py")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == ["10.10.10.1/32", "192.168.1.10/32", "2001:db8:1::10/128"]
+
+
+@pytest.mark.parametrize("where", ["echo x | { err stop; }", 'x=$(err stop)', "err stop | cat"])
+def test_err_in_a_subshell_stops_the_script(where):
+    result = sourced(f'set -euo pipefail; set_traps; roll_back_binary() {{ echo rolled back; }}; '
+                     f'{where} || true; echo went on')
+    assert result.returncode == 1
+    assert result.stderr.count("error: stop\n") == 1
+    assert "went on" not in result.stdout and "rolled back" in result.stdout
+
+
+def test_install_units_writes_every_file_the_binary_ships(tmp_path):
+    """No second copy in the script: install_units writes what `units --write` gives, every file
+    of units/, and a second run changes nothing."""
+    units = tmp_path / "etc/systemd/system"
+    units.mkdir(parents=True)
+    script = (f'PROXY="{proxy_stub(tmp_path)}"; UNIT_DIR="{units}"; write_file() {{ '
+              f'cat >"$1"; report_changed "$5"; }}; systemctl() {{ echo "systemctl $*"; }}; '
+              'install_units; echo "UNITS_CHANGED=$UNITS_CHANGED"')
+    result = sourced(script)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: p.read_bytes() for p in units.iterdir()} == \
+        {p.name: p.read_bytes() for p in UNITS.iterdir()}
+    assert "systemctl daemon-reload\nUNITS_CHANGED=1\n" in result.stdout
 
 
 PLAIN = """arch: amd64
@@ -317,59 +384,48 @@ def stub(directory, name, body):
     return directory
 
 
-def choose_subnets(bin_dir, config_text, *, pve=1, given=()):
-    """choose_source_subnets on a rendered config, with bin_dir first on PATH; returns the
+def choose_subnets(tmp_path, config_text, *, pve=1, given=(), addresses=""):
+    """choose_source_subnets on a rendered config, the binary finding ADDRESSES; returns the
     CompletedProcess, whose stdout ends with the chosen SUBNETS after a "--" line."""
-    config = bin_dir.parent / "rendered.yaml"
+    config = tmp_path / "rendered.yaml"
     config.write_text(config_text)
-    script = (f'. "{SCRIPT}"; IS_PVE={pve}; SUBNETS=({" ".join(given)}); '
-              f'choose_source_subnets "{config}"; echo --; printf "%s\\n" "${{SUBNETS[@]}}"')
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PULSE_INSTALLER_LIB": "1",
-                               "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    script = (f'PROXY="{proxy_stub(tmp_path / "bin", addresses)}"; IS_PVE={pve}; '
+              f'SUBNETS=({" ".join(given)}); choose_source_subnets "{config}"; echo --; '
+              'printf "%s\\n" "${SUBNETS[@]}"')
+    return sourced(script)
 
 
 class TestSourceSubnets:
     """The config always ends with explicit allowed_source_subnets: the daemon, sandboxed
     without /proc/net, cannot find this host's addresses, and keys push writes them into
-    from="..." on every node."""
+    from="..." on every node. The binary (`host-addresses`, `config get`) answers both questions."""
 
-    def test_host_addresses_from_ip_keep_only_what_other_hosts_can_see(self, tmp_path):
-        bins = stub(tmp_path / "bin", "ip", f'cat "{IP_ADDR_PVE}"')
-        result = choose_subnets(bins, "log_level: info\n")
+    ADDRESSES = "192.168.1.10/32\n2001:db8:1::10/128\n10.10.10.1/32\n"
+
+    def test_this_hosts_addresses_when_the_config_has_none(self, tmp_path):
+        result = choose_subnets(tmp_path, "log_level: info\n", addresses=self.ADDRESSES)
         assert result.returncode == 0, result.stderr
         chosen = result.stdout.split("--\n")[1].split()
         assert chosen == ["192.168.1.10/32", "2001:db8:1::10/128", "10.10.10.1/32"]
         assert "this host's addresses 192.168.1.10/32 2001:db8:1::10/128 10.10.10.1/32" in result.stdout
 
-    def test_hostname_dash_i_when_ip_fails(self, tmp_path):
-        bins = stub(tmp_path / "bin", "ip", "exit 1")
-        stub(bins, "hostname", 'echo "192.168.1.10 fe80::1 2001:db8:1::10 192.168.1.10 "')
-        result = choose_subnets(bins, "log_level: info\n")
-        assert result.stdout.split("--\n")[1].split() == ["192.168.1.10/32", "2001:db8:1::10/128"]
-
     def test_subnets_in_the_config_are_kept_as_they_are(self, tmp_path):
-        bins = stub(tmp_path / "bin", "ip", f'cat "{IP_ADDR_PVE}"')
-        result = choose_subnets(bins, "allowed_source_subnets:\n- 10.0.0.0/24\nlog_level: info\n")
+        result = choose_subnets(tmp_path, "allowed_source_subnets:\n- 10.0.0.0/24\nlog_level: info\n",
+                                addresses=self.ADDRESSES)
         assert result.stdout == "--\n\n"
 
     def test_allowed_subnets_flag_wins(self, tmp_path):
-        bins = stub(tmp_path / "bin", "ip", "echo ip must not run >&2; exit 1")
-        result = choose_subnets(bins, "log_level: info\n", given=("10.0.0.0/24",))
+        result = choose_subnets(tmp_path, "log_level: info\n", given=("10.0.0.0/24",))
         assert result.stdout.split("--\n")[1].split() == ["10.0.0.0/24"]
         assert result.stderr == ""
 
     def test_no_address_found_on_proxmox_is_an_error(self, tmp_path):
-        bins = stub(tmp_path / "bin", "ip", "echo '[]'")
-        stub(bins, "hostname", "echo 127.0.1.1")
-        result = choose_subnets(bins, "allowed_source_subnets: []\n")
+        result = choose_subnets(tmp_path, "allowed_source_subnets: []\n")
         assert result.returncode == 1
         assert "give --allowed-subnets" in result.stderr
 
     def test_no_address_found_standalone_is_fine(self, tmp_path):
-        bins = stub(tmp_path / "bin", "ip", "echo '[]'")
-        stub(bins, "hostname", "echo 127.0.1.1")
-        result = choose_subnets(bins, "log_level: info\n", pve=0)
+        result = choose_subnets(tmp_path, "log_level: info\n", pve=0)
         assert result.returncode == 0 and result.stdout == "--\n\n"
 
 
@@ -377,11 +433,6 @@ def test_shellcheck_clean():
     scripts = [SCRIPT, PVE_BIN / "pct", PVE_BIN / "pvecm", *sorted((REPO / "tests/fixtures/original/bin").glob("*.sh"))]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
-
-
-@pytest.mark.parametrize("unit", sorted(p.name for p in UNITS.iterdir()))
-def test_embedded_units_are_the_shipped_units(unit):
-    assert lib("unit_text", unit).stdout.decode() == (UNITS / unit).read_text()
 
 
 def test_service_unit_exposure_is_at_most_1_2():
@@ -433,7 +484,7 @@ def test_dry_run_changes_nothing(tmp_path):
     """--dry-run reports the changes it would make and leaves every byte and mtime as it was."""
     root, env = host_tree(tmp_path)
     pyz = tmp_path / "pulse-sensor-proxy.pyz"
-    shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+    stand_in_pyz(pyz)
     before = snapshot_tree(root)
     result = installer("--dry-run", "--ctid", "105", "--pyz", str(pyz), env=env)
     assert snapshot_tree(root) == before
@@ -449,7 +500,7 @@ def test_dry_run_changes_nothing(tmp_path):
 def test_http_mode_dry_run_changes_nothing_and_registers_nowhere(tmp_path):
     root, env = host_tree(tmp_path)
     pyz = tmp_path / "pulse-sensor-proxy.pyz"
-    shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+    stand_in_pyz(pyz)
     before = snapshot_tree(root)
     # a port nothing listens on: a registration attempt would fail the run
     result = installer("--dry-run", "--http-mode", "--pulse-server", "http://127.0.0.1:9",
@@ -881,7 +932,7 @@ class TestOriginalConfig:
         root, env = host_tree(tmp_path)
         config = original_config(root)
         pyz = tmp_path / "pulse-sensor-proxy.pyz"
-        shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+        stand_in_pyz(pyz)
         before = snapshot_tree(root)
         result = installer("--dry-run", "--ctid", "105", "--allow-cleanup", "--pyz", str(pyz), env=env)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -1065,7 +1116,7 @@ class TestTakeOverTheOriginal:
         root = tmp_path / "root"
         original_host(root)
         first, _ = takeover(root, 'take_over_original; '
-                                  'unit_text pulse-sensor-proxy.service >"$UNIT_DIR/$SERVICE"; '
+                                  f'cp "{UNITS}/pulse-sensor-proxy.service" "$UNIT_DIR/$SERVICE"; '
                                   'KEYS_PUSHED=1; retire_original_wrappers')
         assert first.returncode == 0, first.stderr
         for path in ORIGINAL_WRAPPERS:
@@ -1121,7 +1172,7 @@ class TestTakeOverTheOriginal:
     def test_our_own_binary_and_unit_are_not_the_original(self, tmp_path):
         root = tmp_path / "root"
         (root / "usr/local/bin").mkdir(parents=True)
-        shutil.copy(REPO / "pulse_sensor_proxy.py", root / "usr/local/bin/pulse-sensor-proxy")
+        stand_in_pyz(root / "usr/local/bin/pulse-sensor-proxy")
         (root / "etc/systemd/system").mkdir(parents=True)
         shutil.copy(UNITS / "pulse-sensor-proxy.service", root / "etc/systemd/system")
         tree = snapshot_tree(root)
@@ -1144,7 +1195,7 @@ class TestTakeOverTheOriginal:
         root, env = host_tree(tmp_path)
         original_host(root)
         pyz = tmp_path / "pulse-sensor-proxy.pyz"
-        shutil.copy(REPO / "pulse_sensor_proxy.py", pyz)
+        stand_in_pyz(pyz)
         before = snapshot_tree(root)
         result = installer("--dry-run", "--ctid", "105", "--pyz", str(pyz), env=env)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -1184,7 +1235,7 @@ class TestRestoreOriginal:
         shutil.copy(config, f"{config}.bak")
         config.write_text("log_level: info\n")
         (root / "usr/local/bin").mkdir(parents=True)
-        shutil.copy(REPO / "pulse_sensor_proxy.py", root / "usr/local/bin/pulse-sensor-proxy")
+        stand_in_pyz(root / "usr/local/bin/pulse-sensor-proxy")
         (root / "run/pulse-sensor-proxy").mkdir(parents=True)
         return root, originals, key
 
@@ -1245,25 +1296,26 @@ class TestOriginalMountLine:
         (root / "etc/pve/lxc").mkdir(parents=True)
         conf = root / "etc/pve/lxc/105.conf"
         conf.write_text(text)
-        result = sourced('status=0; ct_rewrite_conf 105 || status=$?; echo "status=$status"',
-                         env={"PULSE_INSTALL_ROOT": str(root)})
+        result = sourced('mounted=$(ct_socket_paths "$PVE_DIR/lxc/105.conf"); ct_rewrite_conf 105; '
+                         'if ct_mount_changed "$mounted" "$WORK/105.conf"; then echo restart; '
+                         'else echo no-restart; fi', env={"PULSE_INSTALL_ROOT": str(root)})
         return result, conf.read_text()
 
     def test_only_optional_added_means_no_restart(self, tmp_path):
         original = "lxc.mount.entry: /run/pulse-sensor-proxy mnt/pulse-proxy none bind,create=dir 0 0\n"
         result, text = self.rewrite(tmp_path, PLAIN + original)
         assert text == PLAIN + DEFAULT_ENTRY + "\n"
-        assert "status=2" in result.stdout
+        assert result.stdout.endswith("\nno-restart\n")
         assert "gains `optional` (the mount is unchanged: no restart)" in result.stdout
 
     def test_a_mount_point_line_still_restarts(self, tmp_path):
         result, text = self.rewrite(tmp_path, PLAIN + "mp0: /run/pulse-sensor-proxy,mp=/mnt/pulse-proxy\n")
-        assert text == PLAIN + DEFAULT_ENTRY + "\n" and "status=0" in result.stdout
+        assert text == PLAIN + DEFAULT_ENTRY + "\n" and result.stdout.endswith("\nrestart\n")
 
     def test_a_path_under_run_still_restarts(self, tmp_path):
         result, text = self.rewrite(tmp_path, PLAIN + OLD_ENTRY.replace(",optional", "") + "\n")
-        assert text == PLAIN + DEFAULT_ENTRY + "\n" and "status=0" in result.stdout
+        assert text == PLAIN + DEFAULT_ENTRY + "\n" and result.stdout.endswith("\nrestart\n")
 
     def test_in_place_already(self, tmp_path):
         result, _ = self.rewrite(tmp_path, PLAIN + DEFAULT_ENTRY + "\n")
-        assert "status=1" in result.stdout
+        assert result.stdout.endswith("\nno-restart\n")

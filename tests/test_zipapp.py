@@ -309,3 +309,16 @@ def test_accepts_a_private_dir_under_a_root_owned_sticky_parent(pyz, tmp_path):
     assert result.returncode == 2 and "usage:" in result.stderr, result.stderr
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
     unpacked_site_packages(root)
+
+
+def test_units_written_from_the_pyz_are_every_file_of_units(pyz, tmp_path):
+    """The installer takes its unit files from the binary: units/ is their one source."""
+    out = tmp_path / "units"
+    out.mkdir()
+    result = run_pyz(pyz, "units", "--write", str(out), env={"SHIV_ROOT": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    shipped = sorted(p.name for p in (ROOT / "units").iterdir())
+    assert result.stdout.split() == shipped
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == \
+        {name: (ROOT / "units" / name).read_bytes() for name in shipped}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())
