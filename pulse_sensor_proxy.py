@@ -5754,17 +5754,17 @@ def build_call_request(method, node, params):
     """The request object `call` sends; params are KEY=VALUE strings or KEY:=JSON values."""
     body = {}
     for item in params:
-        if ":=" in item and item.index(":=") < item.index("=") + 1:
-            key, _, raw = item.partition(":=")
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item}: expected KEY=VALUE or KEY:=JSON")
+        if key.endswith(":"):                   # KEY:=JSON
+            key = key[:-1]
             try:
                 body[key] = json.loads(raw)
             except ValueError:
                 raise ValueError(f"--param {item}: the value after := is not JSON") from None
-        elif "=" in item:
-            key, _, value = item.partition("=")
-            body[key] = value
         else:
-            raise ValueError(f"--param {item}: expected KEY=VALUE or KEY:=JSON")
+            body[key] = raw
         if not key:
             raise ValueError(f"--param {item}: empty key")
     if node is not None:
@@ -5776,13 +5776,11 @@ def cmd_call(args):
     try:
         request = build_call_request(args.method, args.node, args.param)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        args.parser.error(str(exc))
     if args.url:
         return call_https(args)
     if args.token_file or args.fingerprint:
-        print(f"{PROG}: error: --token-file and --fingerprint go with --url", file=sys.stderr)
-        return 2
+        args.parser.error("--token-file and --fingerprint go with --url")
     path = args.socket or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET_PATH
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -5856,8 +5854,7 @@ def call_https(args):
             raise ValueError("--url needs --token-file (the file with the proxy's token)")
         port = url.port or 8443
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        args.parser.error(str(exc))
     try:
         with open(args.token_file) as handle:
             token = handle.read(4096).strip()
@@ -5902,8 +5899,7 @@ def cmd_tls_init(args):
     except ConfigError as exc:
         return config_failure(exc)
     except ValueError as exc:
-        print(f"{PROG}: error: --address: {exc}", file=sys.stderr)
-        return 2
+        args.parser.error(f"--address: {exc}")
     cert_path, key_path = config["http_tls_cert"], config["http_tls_key"]
     present = [p for p in (cert_path, key_path) if os.path.exists(p)]
     if len(present) == 1:
@@ -6084,11 +6080,12 @@ def cmd_units(args):
     if args.write is None:
         print("\n".join(files))
         return 0
-    try:
-        for name, data in files.items():
-            atomic_write(os.path.join(args.write, name), data, mode=0o644)
-    except OSError as exc:
-        return fail(f"cannot write {exc.filename or args.write}: {exc.strerror or exc}")
+    for name, data in files.items():
+        path = os.path.join(args.write, name)
+        try:
+            atomic_write(path, data, mode=0o644)
+        except OSError as exc:
+            return fail(f"cannot write {path}: {exc.strerror or exc}")
     print("\n".join(files))
     return 0
 
@@ -6162,9 +6159,8 @@ def cmd_keys(args):
     if args.fingerprint:
         fingerprint = args.fingerprint
         if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fingerprint):
-            print(f"{PROG}: error: --fingerprint: expected SHA256: and 43 base64 characters, as "
-                  "`ssh-keygen -lf KEY.pub` prints it", file=sys.stderr)
-            return 2
+            args.parser.error("--fingerprint: expected SHA256: and 43 base64 characters, as "
+                              "`ssh-keygen -lf KEY.pub` prints it")
     else:
         try:
             with open(args.public_key) as handle:
@@ -6219,8 +6215,7 @@ def cmd_smart_local(args):
 def cmd_rotate_keys(args):
     if args.check:
         if args.rollback or args.dry_run:
-            print(f"{PROG}: error: --check runs alone (it changes nothing anyway)", file=sys.stderr)
-            return 2
+            args.parser.error("--check runs alone (it changes nothing anyway)")
         return run_key_command(args, rotation_check)
     return run_key_command(args, lambda admin: rotate_keys(admin, args.rollback), args.dry_run)
 
@@ -6315,7 +6310,7 @@ def build_parser():
     call.add_argument("--token-file", help="with --url: file holding the bearer token")
     call.add_argument("--fingerprint", help="with --url: the certificate's SHA256:... that "
                       "`tls init` printed; nothing is sent to any other")
-    call.set_defaults(func=cmd_call)
+    call.set_defaults(func=cmd_call, parser=call)
 
     tls = sub.add_parser("tls", help="the HTTPS mode's certificate")
     tls_sub = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
@@ -6327,7 +6322,7 @@ def build_parser():
     tls_init.add_argument("--group", default=PROG, help="group that may read the key "
                           f"(default {PROG})")
     tls_init.add_argument("--dry-run", action="store_true", help="say what would be created")
-    tls_init.set_defaults(func=cmd_tls_init)
+    tls_init.set_defaults(func=cmd_tls_init, parser=tls_init)
 
     config = sub.add_parser("config", help="validate or merge a config file")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -6383,6 +6378,7 @@ def build_parser():
     for parser_ in (status, push, revoke):
         parser_.add_argument("--config", help="config file")
     keys.set_defaults(func=cmd_keys)
+    revoke.set_defaults(parser=revoke)
 
     cleanup = sub.add_parser("cleanup", help="act on a pending request_cleanup: remove the "
                              "proxy's keys from the hosts it names (root; run by "
@@ -6396,7 +6392,7 @@ def build_parser():
     rotate.add_argument("--check", action="store_true", help="preflight only; exit 0 when ready")
     rotate.add_argument("--rollback", action="store_true", help="make the previous key current again")
     rotate.add_argument("--config", help="config file")
-    rotate.set_defaults(func=cmd_rotate_keys)
+    rotate.set_defaults(func=cmd_rotate_keys, parser=rotate)
 
     smart = sub.add_parser("smart-local", help="read this host's disks' SMART data into "
                            "local_smart_file (root; run by " + SMART_LOCAL_UNIT + ")")
@@ -6462,7 +6458,10 @@ def main(argv=None):
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as exc:          # what a command did not expect still ends in one line
+        return fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 
 
 if __name__ == "__main__":

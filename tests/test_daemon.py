@@ -525,3 +525,38 @@ def test_a_full_log_pipe_never_blocks_the_loop_and_every_drop_is_reported():
     written = [line["number"] for line in lines[:-1]]
     assert len(written) + dropped == records and written == sorted(written)
     assert log.dropped_total == dropped
+
+
+@pytest.mark.parametrize("command", [["serve"], ["config", "merge"], ["config", "migrate"],
+                                     ["config", "get", "log_level"], ["nodes"], ["keys", "status"],
+                                     ["tls", "init"]])
+def test_config_problems_are_printed_one_way(base_dir, command):
+    """Every command names a config problem the same way: the program, the file, the key."""
+    bad = base_dir / "bad.yaml"
+    bad.write_text("log_level: chatty\n")
+    out = run_cli(*command, "--config", str(bad))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"pulse-sensor-proxy: {bad}: log_level: got 'chatty', expected one of debug, info, " \
+        "warning, error\n" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["call", "m", "--param", "novalue"], "--param novalue: expected KEY=VALUE or KEY:=JSON"),
+    (["call", "m", "--token-file", "t"], "--token-file and --fingerprint go with --url"),
+    (["call", "m", "--url", "http://x", "--token-file", "t"], "--url: expected https://HOST:PORT"),
+    (["keys", "revoke", "--fingerprint", "MD5:x"], "--fingerprint: expected SHA256: and 43 base64"),
+    (["rotate-keys", "--check", "--dry-run"], "--check runs alone"),
+    (["tls", "init", "--address", "nope"], "--address: 'nope' does not appear to be an IPv4"),
+])
+def test_usage_errors_are_argparses(args, message):
+    """Exit 2 with the subcommand's usage line, as argparse reports every other usage error."""
+    out = run_cli(*args)
+    assert out.returncode == 2 and out.stderr.startswith("usage: pulse-sensor-proxy "), out.stderr
+    assert f"error: {message}" in out.stderr
+
+
+def test_units_without_a_writable_dir_is_one_line(base_dir):
+    out = run_cli("units", "--write", str(base_dir / "missing"))
+    assert (out.returncode, out.stderr) == (1, f"pulse-sensor-proxy: error: cannot write "
+                                            f"{base_dir / 'missing'}/pulse-sensor-proxy-cleanup.path: "
+                                            "No such file or directory\n")
