@@ -234,8 +234,10 @@ SMART_RETRY = 60.0                 # after a failed SMART read, before the next 
 # pulse-sensor-proxy-smart.service reads them as root with only CAP_SYS_RAWIO/CAP_SYS_ADMIN
 # and block devices, into `local_smart_file`; the daemon re-reads that file when it changes.
 SMART_LOCAL_UNIT = "pulse-sensor-proxy-smart.service"
+SMART_LOCAL_TIMER = "pulse-sensor-proxy-smart.timer"
 LOCAL_SMART_RECHECK = 10.0         # seconds between looks at local_smart_file's mtime
 LOCAL_SMART_SLACK = 120.0          # smart-local reads again once the file is this near due
+LOCAL_SMART_STALE = 900.0          # past smart_interval: the timer (every 5 min) has stopped
 BREAKER_THRESHOLD = 3              # consecutive failures that open a node's breaker
 BREAKER_MAX_FACTOR = 8             # the cool-down doubles per failed probe, up to this factor
 INVENTORY_RECHECK = 2.0            # seconds between mtime checks of the node sources
@@ -1831,6 +1833,9 @@ def edit_authorized_keys(data, add_line=None, remove_keys=()):
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
+# The *_recent gauges: what a counter gained in the last RECENT_SECONDS, kept in one-minute
+# slots, so `doctor` can tell a flood going on now from one last week without a Prometheus.
+RECENT_SECONDS, RECENT_SLOT = 600, 60
 
 
 class Metrics:
@@ -1840,14 +1845,39 @@ class Metrics:
     `max_label_values` per metric, then "other") so a hostile peer cannot grow it.
     """
 
-    def __init__(self, max_label_values=256):
+    def __init__(self, max_label_values=256, clock=time.monotonic):
         self.families = {}          # name -> (type, help, label_names)
         self.values = {}            # name -> {label_values: number | [bucket_counts, sum, count]}
         self.max_label_values = max_label_values
+        self.clock = clock
+        self.recent = {}            # counter name -> (gauge name, {label_values: {slot: amount}})
 
     def declare(self, kind, name, help_text, labels=()):
         self.families[name] = (kind, help_text, tuple(labels))
         self.values[name] = {}
+
+    def declare_recent(self, counter, gauge, help_text):
+        """GAUGE, with COUNTER's labels: what COUNTER gained in the last RECENT_SECONDS."""
+        self.declare("gauge", gauge, help_text, self.families[counter][2])
+        self.recent[counter] = (gauge, {})
+
+    def _oldest_slot(self):
+        return int(self.clock() // RECENT_SLOT) - RECENT_SECONDS // RECENT_SLOT + 1
+
+    def _remember(self, name, labels, amount):
+        slots = self.recent[name][1].setdefault(labels, {})
+        slot = int(self.clock() // RECENT_SLOT)
+        slots[slot] = slots.get(slot, 0.0) + amount
+        if len(slots) > RECENT_SECONDS // RECENT_SLOT:
+            oldest = self._oldest_slot()
+            for gone in [s for s in slots if s < oldest]:
+                del slots[gone]
+
+    def _update_recent(self):
+        oldest = self._oldest_slot()
+        for gauge, by_labels in self.recent.values():
+            self.values[gauge] = {labels: sum(v for s, v in slots.items() if s >= oldest)
+                                  for labels, slots in by_labels.items()}
 
     def _series(self, name, labels):
         series = self.values[name]
@@ -1858,6 +1888,8 @@ class Metrics:
     def inc(self, name, labels=(), amount=1.0):
         series, labels = self._series(name, labels)
         series[labels] = series.get(labels, 0.0) + amount
+        if amount and name in self.recent:
+            self._remember(name, labels, amount)
 
     def set(self, name, value, labels=()):
         series, labels = self._series(name, labels)
@@ -1875,6 +1907,7 @@ class Metrics:
         entry[2] += 1
 
     def render(self):
+        self._update_recent()
         out = []
         for name, (kind, help_text, label_names) in self.families.items():
             out.append(f"# HELP {name} {help_text}")
@@ -1915,9 +1948,14 @@ def new_metrics():
     metrics.declare("histogram", "pulse_proxy_rpc_latency_seconds", "RPC handling time", ("method",))
     metrics.declare("counter", "pulse_proxy_ssh_requests_total", "sensors -j fetches by node and result",
                     ("node", "result"))
+    metrics.declare_recent("pulse_proxy_ssh_requests_total", "pulse_proxy_ssh_requests_recent",
+                           f"sensors -j fetches by node and result in the last {RECENT_SECONDS // 60} "
+                           "minutes")
     metrics.declare("histogram", "pulse_proxy_ssh_latency_seconds", "sensors -j fetch time", ("node",))
     metrics.declare("gauge", "pulse_proxy_queue_depth", "RPC requests being handled now")
     metrics.declare("counter", "pulse_proxy_rate_limit_hits_total", "Requests refused by rate limits")
+    metrics.declare_recent("pulse_proxy_rate_limit_hits_total", "pulse_proxy_rate_limit_hits_recent",
+                           f"Requests refused by rate limits in the last {RECENT_SECONDS // 60} minutes")
     metrics.declare("counter", "pulse_proxy_refused_requests_total", "Invalid, unknown, "
                     "forbidden and unauthorized requests (each costs its peer a token)",
                     ("result",))
@@ -2973,6 +3011,15 @@ class Connector:
 
     def __init__(self, ssh, host_keys):
         self.ssh, self.host_keys = ssh, host_keys
+        self.sessions = {}            # connection -> sessions running on it now
+        self.closing = set()          # connections given up, closed once their sessions end
+
+    def close_when_idle(self, conn):
+        """Close CONN now, or, while sessions run on it, once the last of them ends."""
+        if conn in self.sessions:
+            self.closing.add(conn)
+        else:
+            conn.close()
 
     async def connect(self, node, client_keys, on_lost=None, whose="the proxy's key"):
         """A new SSH connection to a node as node.user, its host key checked by our policy."""
@@ -3017,9 +3064,16 @@ class Connector:
             conn, node, command, SENSORS_COMMAND, self.ssh["command_timeout"],
             self.ssh["max_output_bytes"]))
 
+    async def run_smart(self, conn, node):
+        """The node program's smart mode: raw frames for parse_smart_report."""
+        stdout, _, _ = await self.run_command(conn, node, SMART_COMMAND, "smart read",
+                                              SMART_READ_TIMEOUT, SMART_MAX_OUTPUT)
+        return stdout
+
     async def run_command(self, conn, node, command, what, timeout, limit):
         """(stdout, stderr, exit status) of one session asking for `command`."""
         session_class = _asyncssh_classes()[2]
+        self.sessions[conn] = self.sessions.get(conn, 0) + 1
         try:
             async with asyncio.timeout(timeout):
                 chan, session = await conn.create_session(lambda: session_class(limit), command,
@@ -3028,6 +3082,13 @@ class Connector:
                 lost = await session.done
         except TimeoutError:
             raise NodeError(f"{what} timed out after {timeout:g} s") from None
+        finally:
+            self.sessions[conn] -= 1
+            if not self.sessions[conn]:
+                del self.sessions[conn]
+                if conn in self.closing:
+                    self.closing.discard(conn)
+                    conn.close()
         if session.too_large:       # the remote side may still be writing: not OutputError
             raise NodeError(output_too_large(limit, what))
         if lost is not None and session.status is None:
@@ -3136,7 +3197,7 @@ class NodePool:
         host's stored read is the one already parsed."""
         if not node.local:
             started = time.time()
-            stdout = await self.ssh_fetch(node, state, self.run_smart)
+            stdout = await self.ssh_fetch(node, state, self.connector.run_smart)
             return stdout, started, self.config["smart_interval"]
         stored = read_local_smart_file(self.config["local_smart_file"])
         if stored is None:
@@ -3239,25 +3300,27 @@ class NodePool:
             except OutputError:
                 raise       # the node printed something unusable; keep the connection
             except NodeError:
-                self.drop(state)
+                self.discard(state, conn)
                 raise
             except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
                     OSError) as exc:
-                self.drop(state)
+                self.discard(state, conn)
                 if fresh or attempt == 2:
                     raise NodeError(f"ssh: session to {node.name} failed: {exc}") from None
                 # a reused connection died since its last use (sshd restarted): reconnect once
-
-    async def run_smart(self, conn, node):
-        """The node program's smart mode: raw frames for parse_smart_report."""
-        stdout, _, _ = await self.connector.run_command(conn, node, SMART_COMMAND, "smart read",
-                                              SMART_READ_TIMEOUT, SMART_MAX_OUTPUT)
-        return stdout
 
     def drop(self, state):
         conn, state.conn = state.conn, None
         if conn is not None:
             conn.close()
+
+    def discard(self, state, conn):
+        """Give up CONN (a read on it failed, or a new key replaced it): never the node's
+        newer connection, and closed only once the reads still running on it end, so that
+        neither a rotation nor a failed SMART read cuts a sensors read beside it."""
+        if state.conn is conn:
+            state.conn = None
+        self.connector.close_when_idle(conn)
 
     def client_key(self):
         """The private key, re-read when the file changes (rotation)."""
@@ -3282,7 +3345,8 @@ class NodePool:
             key = self.client_key()
             if state.conn is not None and state.conn_key == self.key_generation:
                 return state.conn, False
-            self.drop(state)
+            if state.conn is not None:      # logged in with a key since replaced
+                self.discard(state, state.conn)
             made = {}
 
             def lost():
@@ -3296,6 +3360,9 @@ class NodePool:
     async def close(self):
         for state in self.states.values():
             self.drop(state)
+        for conn in self.connector.closing:
+            conn.close()
+        self.connector.closing.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5255,6 +5322,10 @@ CT_UNITS_PROBE = """for u in "$@"; do
            /usr/lib/systemd/system/$u.d/*.conf /etc/systemd/system/$u.d/*.conf; do
     [ -f "$f" ] && { echo "### $u $f"; cat "$f"; echo; }
   done
+  for f in /etc/systemd/system/$u /usr/lib/systemd/system/$u /lib/systemd/system/$u \
+           /usr/lib/systemd/system/$u.d/*.conf /etc/systemd/system/$u.d/*.conf; do
+    [ -f "$f" ] && sed -n 's/^[[:space:]]*EnvironmentFile=-\\{0,1\\}//p' "$f"
+  done | while read -r e; do [ -f "$e" ] && { echo "### $u envfile $e"; cat "$e"; echo; }; done
 done; true"""
 
 
@@ -5285,20 +5356,28 @@ def ct_root_range(lines):
 
 
 def pulse_socket_settings(probe_output):
-    """{unit: PULSE_SENSOR_PROXY_SOCKET} of Pulse's units in CT_UNITS_PROBE's output, the later
-    Environment= line winning as in systemd; units that do not set it are left out."""
-    settings, unit = {}, None
+    """{unit: (PULSE_SENSOR_PROXY_SOCKET, the EnvironmentFile that set it or None)} of Pulse's
+    units in CT_UNITS_PROBE's output, as systemd resolves it: the later Environment= line
+    wins, and an EnvironmentFile= setting (Pulse's install.sh writes /etc/pulse/.env) beats
+    every Environment= one; units that do not set it are left out."""
+    from_units, from_files, unit, env_file = {}, {}, None, None
     for line in probe_output.splitlines():
         if line.startswith("### "):
-            unit = line.split()[1]
+            _, unit, *rest = line.split(maxsplit=3)
+            env_file = rest[1] if rest[:1] == ["envfile"] and len(rest) == 2 else None
             continue
         key, _, value = line.strip().partition("=")
-        if unit and key.strip() == "Environment":
+        if unit is None:
+            continue
+        if env_file is not None:
+            if key.strip() == ENV_SOCKET:
+                from_files[unit] = (value.strip().strip("'\""), env_file)
+        elif key.strip() == "Environment":
             for word in value.replace('"', " ").split():
                 name, _, setting = word.partition("=")
                 if name == ENV_SOCKET:
-                    settings[unit] = setting
-    return {unit: path for unit, path in settings.items() if path}
+                    from_units[unit] = (setting, None)
+    return {unit: found for unit, found in {**from_units, **from_files}.items() if found[0]}
 
 
 def pct(*args):
@@ -5389,13 +5468,17 @@ def check_container(config, ctid, text, granted):
                                 f"pct reboot {ctid} (mounts the socket's directory again)")]
     found.append(finding("ct-socket", target, OK, f"{inside}: get_status answers with read"))
     status, out = pct("exec", ctid, "--", "sh", "-c", CT_UNITS_PROBE, "sh", *PULSE_UNITS)
-    for unit, setting in sorted(pulse_socket_settings(out if status == 0 else "").items()):
-        if pct("exec", ctid, "--", "test", "-S", setting)[0] != 0:
-            found.append(finding("ct-env", target, FAILED, f"{unit}: {ENV_SOCKET}={setting} is no "
-                                 "socket in the CT", f"{installer} (it sets {ENV_SOCKET}={inside}), "
-                                 f"then pct exec {ctid} -- systemctl restart {unit}"))
-        else:
-            found.append(finding("ct-env", target, OK, f"{unit}: {ENV_SOCKET}={setting}"))
+    for unit, (setting, env_file) in sorted(pulse_socket_settings(out if status == 0 else "").items()):
+        where = f"{unit} ({env_file})" if env_file else unit
+        if pct("exec", ctid, "--", "test", "-S", setting)[0] == 0:
+            found.append(finding("ct-env", target, OK, f"{where}: {ENV_SOCKET}={setting}"))
+            continue
+        # an EnvironmentFile= beats the installer's Environment= drop-in: fix the file itself
+        fix = (f"pct exec {ctid} -- sed -i 's|^{ENV_SOCKET}=.*|{ENV_SOCKET}={inside}|' {env_file}"
+               if env_file else f"{installer} (it sets {ENV_SOCKET}={inside})")
+        found.append(finding("ct-env", target, FAILED, f"{where}: {ENV_SOCKET}={setting} is no "
+                             f"socket in the CT", f"{fix}, then pct exec {ctid} -- systemctl "
+                             f"restart {unit}"))
     return found
 
 
@@ -5518,17 +5601,29 @@ def check_metrics(config):
         return [finding("metrics", url, FAILED, f"no answer: {getattr(exc, 'reason', exc)}",
                         f"journalctl -u {UNIT} -n 50 (is metrics_address {address} in use?)")]
     found = [finding("metrics", url, OK, "answers")]
-    hits = sum(metric_values(text, "pulse_proxy_rate_limit_hits_total").values())
+    minutes = RECENT_SECONDS // 60
+    hits = sum(metric_values(text, "pulse_proxy_rate_limit_hits_recent").values())
+    total = sum(metric_values(text, "pulse_proxy_rate_limit_hits_total").values())
     found.append(finding("metrics", "rate limits", OK if not hits else WARN,
-                         f"{hits:g} requests refused by rate limits since the daemon started",
+                         f"{hits:g} requests refused by rate limits in the last {minutes} minutes "
+                         f"({total:g} since the daemon started)",
                          "" if not hits else "raise rate_limit.per_minute/burst in the config if "
                          "Pulse is the one refused (see the audit log's peer)"))
-    open_nodes = sorted(re.sub(r'.*node="([^"]*)".*', r"\1", labels) for labels, value in
+    def node_of(labels):
+        return re.sub(r'.*node="([^"]*)".*', r"\1", labels)
+
+    open_nodes = sorted(node_of(labels) for labels, value in
                         metric_values(text, "pulse_proxy_node_breaker_open").items() if value)
-    found.append(finding("metrics", "breakers", OK if not open_nodes else WARN,
-                         f"open for {', '.join(open_nodes)}" if open_nodes else "none open",
-                         "" if not open_nodes else "see the node lines above; the breaker closes "
-                         "by itself after the first read that works"))
+    refused = sorted((node_of(labels), value) for labels, value in
+                     metric_values(text, "pulse_proxy_ssh_requests_recent").items()
+                     if value and 'result="breaker_open"' in labels)
+    detail = f"open now for {', '.join(open_nodes)}" if open_nodes else "none open now"
+    if refused:
+        detail += f"; reads refused by an open breaker in the last {minutes} minutes: " + \
+            ", ".join(f"{node} ({count:g})" for node, count in refused)
+    found.append(finding("metrics", "breakers", OK if not open_nodes and not refused else WARN,
+                         detail, "" if not open_nodes and not refused else "see the node lines "
+                         "above; a breaker closes by itself after the first read that works"))
     return found
 
 
@@ -5600,7 +5695,11 @@ async def check_node(admin, node, key, public_line):
         if not isinstance(text, str):
             return [finding("sensors", node.name, FAILED, f"this host's sensors through the "
                             f"daemon: {answer.get('error')}", "apt install lm-sensors")]
-        return [sensors_finding(node, text)]
+        if not admin.config["disk_temperatures"]:
+            return [sensors_finding(node, text)]
+        props = await asyncio.to_thread(unit_properties, SMART_LOCAL_UNIT)
+        return [sensors_finding(node, text), local_smart_finding(
+            admin.config, node, time.time(), bool(props) and props.get("LoadState") == "loaded")]
     addresses = await NameResolver().addresses(node.host)
     if not addresses:
         return [finding("resolve", node.name, FAILED, f"{node.host} does not resolve",
@@ -5640,18 +5739,76 @@ async def check_node(admin, node, key, public_line):
         # A login asking for `id` must still get sensors output: the forced command holds.
         text, _ = await connector.run_sensors(conn, node, command="id")
     except OutputError as exc:
+        conn.close()
         return found + [finding("node-key", node.name, FAILED, f"the proxy's key is accepted, but "
                                 f"a login asking for `id` got no sensors output ({exc}): the key's "
                                 "line does not force `sensors -j`",
                                 f"{PROG} keys push --node {node.name}")]
     except NodeError as exc:
+        conn.close()
         return found + [finding("sensors", node.name, FAILED, str(exc),
                                 f"ssh {node.user}@{node.host} sensors -j shows why")]
-    finally:
-        conn.close()
     found.append(finding("node-key", node.name, OK, f"accepted from {address}, pinned to "
                          "`sensors -j`"))
-    return found + [sensors_finding(node, text)]
+    found.append(sensors_finding(node, text))
+    if admin.config["disk_temperatures"]:
+        found.append(await remote_smart_finding(connector, conn, node))
+    conn.close()
+    return found
+
+
+async def remote_smart_finding(connector, conn, node):
+    """The node's SMART read, as the daemon asks for it, bounded like a sensors read."""
+    timeout = connector.ssh["command_timeout"]
+    started = time.time()
+    try:
+        async with asyncio.timeout(timeout):
+            stdout = await connector.run_smart(conn, node)
+    except TimeoutError:
+        return finding("smart", node.name, WARN, f"the SMART read did not finish within "
+                       f"{timeout:g} s (a disk that hangs costs 6 s; the daemon waits up to "
+                       f"{SMART_READ_TIMEOUT:g} s)", f"on {node.name}: smartctl -n standby -i "
+                       "/dev/DISK for each disk shows which one hangs")
+    except NodeError as exc:
+        return finding("smart", node.name, WARN, str(exc),
+                       f"ssh {node.user}@{node.host} smartctl --version shows why")
+    return smart_finding(node, stdout, started)
+
+
+def smart_finding(node, stdout, read_at):
+    """One node's SMART read judged: disks found, smartctl missing, or a key line too old."""
+    disks, missing = parse_smart_report(stdout, read_at)
+    if not disks and not missing and stdout.strip():
+        return finding("smart", node.name, WARN, E_OLD_KEY_LINE, f"{PROG} keys push --node {node.name}")
+    if missing and not disks and all(why.startswith("smartctl is not installed") for _, why in missing):
+        return finding("smart", node.name, WARN, "smartctl is not installed: no disk temperatures",
+                       f"on {node.name}: apt install smartmontools")
+    standby = sum(1 for disk in disks if disk["standbySkipped"])
+    detail = f"{len(disks)} disks ({standby} in standby, not woken)" if disks else "no physical disks"
+    return finding("smart", node.name, OK, detail + "".join(f"; {device} left out: {why}"
+                                                          for device, why in missing))
+
+
+def local_smart_finding(config, node, now, unit_installed):
+    """This host's SMART read as pulse-sensor-proxy-smart.service stored it for the daemon."""
+    path, interval = config["local_smart_file"], config["smart_interval"]
+    fix = f"systemctl enable --now {SMART_LOCAL_TIMER} && systemctl start {SMART_LOCAL_UNIT}"
+    try:
+        stored = read_local_smart_file(path)
+    except NodeError as exc:
+        return finding("smart", node.name, WARN, str(exc), fix)
+    if stored is None:
+        if not unit_installed:      # a daemon started by hand reads the disks itself
+            return finding("smart", node.name, OK, f"read by the daemon itself (no {path})")
+        return finding("smart", node.name, WARN, f"this host's disks are not read: no "
+                       f"{os.path.dirname(path)} (the daemon's sandbox opens no disk)", fix)
+    stdout, read_at = stored
+    age = now - read_at
+    if age > interval + LOCAL_SMART_STALE:
+        return finding("smart", node.name, WARN, f"{path} was read {age / 60:.0f} min ago "
+                       f"(smart_interval is {interval / 60:g} min)",
+                       f"{fix}; journalctl -u {SMART_LOCAL_UNIT} -n 20 shows why")
+    return smart_finding(node, stdout, read_at)
 
 
 def sensors_finding(node, text):

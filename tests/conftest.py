@@ -338,7 +338,7 @@ def lab(daemon_factory, ssh_nodes, base_dir):
     """`lab(3)`: nodes whose account accepts an admin key (root's, as on Proxmox), a daemon
     running as SERVICE_UID, and the daemon's key pushed with `keys push` unless push=False."""
 
-    def make(count=3, push=True):
+    def make(count=3, push=True, **settings):
         nodes = ssh_nodes(count)
         admin = make_keypair(base_dir / "admin", comment="root@pve")
         for node in nodes:
@@ -346,7 +346,7 @@ def lab(daemon_factory, ssh_nodes, base_dir):
         config = {"nodes": {f"n{i + 1}": {"host": n.host, "port": n.port, "user": n.user}
                             for i, n in enumerate(nodes)},
                   "admin_identity": [str(admin.private_path)], "rate_limit": FAST_LIMITS,
-                  "ssh": {"connect_timeout": 5, "command_timeout": 5}, **EVERY_TIME}
+                  "ssh": {"connect_timeout": 5, "command_timeout": 5}, **EVERY_TIME, **settings}
         daemon = daemon_factory(config, uid=SERVICE_UID)
         result = Lab(daemon, nodes, admin)
         if push:

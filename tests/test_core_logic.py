@@ -343,6 +343,32 @@ def test_call_params():
 # -- metrics ------------------------------------------------------------------------------------
 
 
+def test_recent_gauges_hold_what_a_counter_gained_in_the_last_ten_minutes():
+    now = [6000.0]
+    metrics = psp.Metrics(clock=lambda: now[0])
+    metrics.declare("counter", "hits_total", "hits", ("node",))
+    metrics.declare_recent("hits_total", "hits_recent", "hits lately")
+
+    def recent():
+        families = {f.name: f for f in text_string_to_metric_families(metrics.render())}
+        return {s.labels["node"]: s.value for s in families["hits_recent"].samples}
+
+    metrics.inc("hits_total", ("n1",), 3)
+    now[0] += 300
+    metrics.inc("hits_total", ("n1",))
+    metrics.inc("hits_total", ("n2",), 0)        # an amount of 0 only declares the series
+    assert recent() == {"n1": 4.0}
+    now[0] += 300                                 # the first 3 fall out of the window
+    assert recent() == {"n1": 1.0}
+    now[0] += 3600
+    for _ in range(20):                           # slots of long ago are dropped as new ones come
+        metrics.inc("hits_total", ("n1",))
+        now[0] += 60
+    # the window is this minute and the nine before it: this one has had none yet
+    assert recent() == {"n1": 9.0} and len(metrics.recent["hits_total"][1][("n1",)]) <= 10
+    assert metrics.values["hits_total"] == {("n1",): 24.0, ("n2",): 0.0}
+
+
 def test_metrics_render_parses_with_prometheus_parser():
     metrics = psp.new_metrics()
     metrics.inc("pulse_proxy_rpc_requests_total", ("get_status", "success"))

@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 
 import pulse_sensor_proxy as psp
-from conftest import Lab
+from conftest import Lab, free_port
 from pct_container import make_container
 from test_https import https  # noqa: F401  (a fixture)
 
 PVE_BIN = Path(__file__).resolve().parent / "fixtures/pve/bin"
+SMART = Path(__file__).resolve().parent / "fixtures/smart"
+# smartctl's outputs as the stand-in prints them (the fixtures' `#` lines are their citation)
+SATA_OUT, STANDBY_OUT = ("".join(line for line in (SMART / name).read_text().splitlines(True)
+                                 if not line.startswith("#"))
+                         for name in ("sata-temperature-current.out", "standby.out"))
 
 
 def doctor(lab, *args):
@@ -115,6 +120,81 @@ def test_a_key_line_without_the_forced_command(healthy):
     failed = only_failure(healthy, "node-key", "n1")
     assert "does not force `sensors -j`" in failed["detail"]
     assert failed["fix"] == "pulse-sensor-proxy keys push --node n1"
+
+
+def warnings(findings):
+    return [(f["check"], f["target"], f["detail"], f["fix"]) for f in findings
+            if f["status"] == "warn" and f["check"] != "service"]
+
+
+@pytest.fixture
+def with_disks(lab):
+    """Three nodes as `healthy`, the key lines forcing the disk-temperature program."""
+    return lab(3, disk_temperatures=True)
+
+
+def test_smartctl_missing_on_a_node_is_a_warning_with_the_fix(with_disks):
+    # 127: what `timeout` exits with when it finds no smartctl (coreutils timeout(1))
+    with_disks.nodes[1].set_disks("sda disk\n", {"sda": ("", 127)})
+    with_disks.nodes[2].set_disks("sda disk\nsdb disk\n", {"sda": (SATA_OUT, 0), "sdb": (STANDBY_OUT, 2)})
+    status, findings = doctor(with_disks)
+    assert status == 0 and failures(findings) == []
+    assert warnings(findings) == [("smart", "n2", "smartctl is not installed: no disk temperatures",
+                                   "on n2: apt install smartmontools")]
+    smart = {f["target"]: f["detail"] for f in findings if f["check"] == "smart"}
+    assert smart == {"n1": "no physical disks", "n2": "smartctl is not installed: no disk "
+                     "temperatures", "n3": "2 disks (1 in standby, not woken)"}
+
+
+def test_a_key_line_from_before_disk_temperatures(with_disks):
+    public = with_disks.current_public()
+    old = psp.authorized_keys_line(public, ["127.0.0.1", "::1"], disk_temperatures=False)
+    with_disks.nodes[2].write_authorized_keys(with_disks.admin_line() + old + "\n")
+    status, findings = doctor(with_disks)
+    assert status == 0 and failures(findings) == []
+    assert warnings(findings) == [("smart", "n3", psp.E_OLD_KEY_LINE,
+                                   "pulse-sensor-proxy keys push --node n3")]
+
+
+def test_this_hosts_smart_file_as_the_root_service_left_it(tmp_path):
+    here = psp.Node("pve1", local=True)
+    stored = tmp_path / "smart" / "local"
+    config = psp.validate_config({"local_smart_file": str(stored)})
+    fix = ("systemctl enable --now pulse-sensor-proxy-smart.timer && "
+           "systemctl start pulse-sensor-proxy-smart.service")
+    now = 1796300000.0
+
+    def judged(unit_installed=True):
+        found = psp.local_smart_finding(config, here, now, unit_installed)
+        return found["status"], found["detail"], found["fix"]
+
+    assert judged(unit_installed=False) == ("ok", f"read by the daemon itself (no {stored})", "")
+    assert judged() == ("warn", f"this host's disks are not read: no {stored.parent} (the "
+                        "daemon's sandbox opens no disk)", fix)
+    stored.parent.mkdir()
+    assert judged() == ("warn", f"{stored} is not there yet (systemctl start "
+                        "pulse-sensor-proxy-smart.service)", fix)
+    stored.write_text(f"@@disk sda\n{SATA_OUT}\n@@status 0\n")
+    os.utime(stored, (now - 60, now - 60))
+    assert judged() == ("ok", "1 disks (0 in standby, not woken)", "")
+    os.utime(stored, (now - 1800 - 901, now - 1800 - 901))
+    assert judged() == ("warn", f"{stored} was read 45 min ago (smart_interval is 30 min)",
+                        fix + "; journalctl -u pulse-sensor-proxy-smart.service -n 20 shows why")
+
+
+def test_rate_limit_hits_of_the_last_minutes_are_a_warning(lab):
+    limits = {"per_minute": 1, "burst": 1}
+    limited = lab(1, rate_limit=limits, metrics_address=f"127.0.0.1:{free_port()}")
+    _, burst, _ = psp.peer_allowance(psp.validate_config({"rate_limit": limits})["rate_limit"], 1)
+    replies = [limited.daemon.rpc("get_status") for _ in range(burst + 1)]
+    assert [r["success"] for r in replies] == [True] * burst + [False]
+    assert replies[-1]["error"] == "rate limit exceeded"
+    status, findings = doctor(limited)
+    assert status == 0
+    assert warnings(findings) == [("metrics", "rate limits", "1 requests refused by rate limits in "
+                                   "the last 10 minutes (1 since the daemon started)",
+                                   "raise rate_limit.per_minute/burst in the config if Pulse is "
+                                   "the one refused (see the audit log's peer)")]
 
 
 def test_a_changed_host_key(healthy):
@@ -304,6 +384,52 @@ def test_a_stale_pulse_sensor_proxy_socket(containers):
     assert failed["detail"] == ("pulse.service: PULSE_SENSOR_PROXY_SOCKET=/run/pulse-sensor-proxy/"
                                 "pulse-sensor-proxy.sock is no socket in the CT")
     assert "PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/pulse-sensor-proxy.sock" in failed["fix"]
+
+
+# Pulse's own unit, as its install.sh (v5.0.17) writes it; that script puts
+# PULSE_SENSOR_PROXY_SOCKET into /etc/pulse/.env, which systemd lets beat any Environment=.
+PULSE_UNIT = """[Unit]
+Description=Pulse Monitoring Server
+After=network.target
+
+[Service]
+Type=simple
+User=pulse
+Group=pulse
+WorkingDirectory=/opt/pulse
+ExecStart=/opt/pulse/bin/pulse
+Restart=always
+RestartSec=3
+Environment="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+Environment="PULSE_DATA_DIR=/etc/pulse"
+EnvironmentFile=-/etc/pulse/.env
+"""
+
+
+def test_a_stale_socket_in_pulses_environment_file_beats_a_good_drop_in(containers):
+    rootfs = containers.add(105)
+    (rootfs / "etc/systemd/system").mkdir(parents=True)
+    (rootfs / "etc/systemd/system/pulse.service").write_text(PULSE_UNIT)
+    dropin = rootfs / "etc/systemd/system/pulse.service.d/10-pulse-sensor-proxy.conf"
+    dropin.parent.mkdir()
+    dropin.write_text(STALE_DROPIN.replace("/run/", "/mnt/").replace("/pulse-sensor-proxy/",
+                                                                      "/pulse-proxy/"))
+    (rootfs / "etc/pulse").mkdir()
+    (rootfs / "etc/pulse/.env").write_text("PULSE_AUTH_USER=admin\n"
+                                          "PULSE_SENSOR_PROXY_SOCKET=/run/pulse-sensor-proxy/"
+                                          "pulse-sensor-proxy.sock\n")
+    failed = containers.only_failure("ct-env", "CT 105")
+    assert failed["detail"] == ("pulse.service (/etc/pulse/.env): PULSE_SENSOR_PROXY_SOCKET=/run/"
+                                "pulse-sensor-proxy/pulse-sensor-proxy.sock is no socket in the CT")
+    assert failed["fix"] == ("pct exec 105 -- sed -i 's|^PULSE_SENSOR_PROXY_SOCKET=.*|"
+                             "PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/pulse-sensor-proxy.sock|' "
+                             "/etc/pulse/.env, then pct exec 105 -- systemctl restart pulse.service")
+    (rootfs / "etc/pulse/.env").write_text("PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/"
+                                          "pulse-sensor-proxy.sock\n")
+    status, findings = containers.doctor()
+    assert status == 0 and [f["detail"] for f in findings if f["check"] == "ct-env"] == [
+        "pulse.service (/etc/pulse/.env): PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/"
+        "pulse-sensor-proxy.sock"]
 
 
 # --- HTTPS mode and metrics --------------------------------------------------------------------

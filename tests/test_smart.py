@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import pulse_sensor_proxy as psp
 from conftest import (MODULE, PYTHON, STRANGER_UID, as_uid, metric_samples, run_cli,
-                      temperature)
+                      temperature, wait_for)
 from pulse_temperature import parse_temperature
 from sshnodes import DEFAULT_FIXTURE, ssh_command
 
@@ -428,6 +428,48 @@ def test_after_the_interval_smart_is_read_again_while_the_last_list_answers(clus
     seen, calls_before_due = asyncio.run(scenario())
     assert seen == [[("/dev/sda", 24)], [("/dev/sda", 24)], [("/dev/sda", 24)], [("/dev/sda", 31)]]
     assert calls_before_due == 1 and len(node.smartctl_calls()) == 2
+
+
+def test_a_key_rotated_under_a_read_lets_the_read_finish(cluster):
+    """A SMART read made the connection; a new key on disk makes the next read log in again,
+    and the old connection is closed only after the SMART read on it ended."""
+    import asyncssh
+
+    daemon, node = smart_node(cluster)
+    node.set_disks("sda disk\n", {"sda": (fixture("sata-temperature-current.out"), "hold 0")})
+    config = psp.load_config(str(daemon.config_path), environ={})
+    metrics = psp.new_metrics()
+
+    async def scenario():
+        pool = psp.NodePool(config, psp.AuditLog("error", stream=io.StringIO()), metrics)
+        target = psp.Node("n1", node.host, node.port, node.user)
+        state = pool.state(target)
+        try:
+            refresh = asyncio.ensure_future(pool.refresh_smart(target, state))
+            await asyncio.to_thread(wait_for, lambda: node.smartctl_calls(), what="the held read")
+            old = state.conn
+            new = asyncssh.generate_private_key("ssh-ed25519")
+            lines = [psp.authorized_keys_line(public, ["127.0.0.1", "::1"], disk_temperatures=True)
+                     for public in (daemon.public_key, new.export_public_key().decode())]
+            node.write_authorized_keys("\n".join(lines) + "\n")
+            psp.atomic_write(pool.key_path, new.export_private_key())
+            state.smart_due = float("inf")      # this fetch starts no SMART read of its own
+            await pool.fetch(target)
+            seen = [state.conn is not old, pool.connector.closing == {old}, old.is_closed()]
+            node.release_disks()
+            await refresh
+            seen += [pool.connector.closing == set(), old in pool.connector.sessions]
+            await old.wait_closed()
+            return seen, state.smart_json
+        finally:
+            await pool.close()
+
+    seen, smart = asyncio.run(scenario())
+    assert seen == [True, True, False, True, False], \
+        "new connection for the new key; the old one kept for its read, then closed"
+    assert json.loads(smart)[0]["device"] == "/dev/sda"
+    assert metrics.values["pulse_proxy_smart_refresh_total"] == {("n1", "success"): 1.0}
+    assert len(node.smartctl_calls()) == 1
 
 
 def test_the_local_node_gets_the_same_answer_without_ssh(daemon_factory, ssh_node):
