@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 import pulse_sensor_proxy as psp
-from conftest import CID, MODULE, PYTHON, free_port, metric_samples, metrics_text, rpc, run_cli, send_raw, wait_for
+from conftest import (CID, MODULE, PYTHON, READER_UID, free_port, metric_samples, metrics_text,
+                      rpc, run_cli, send_raw, wait_for)
 
 def lines_of(data):
     return [json.loads(line) for line in data.decode().splitlines()]
@@ -177,7 +178,7 @@ def test_257th_connection_displaces_the_longest_waiting_one(daemon_factory):
 
 
 def test_uid_matrix(daemon_factory):
-    daemon = daemon_factory({"allowed_peers": [{"uid": 1001}]}, start=False)
+    daemon = daemon_factory({"allowed_peers": [{"uid": READER_UID}]}, start=False)
     (daemon.base / "subuid").write_text("root:100000:65536\n")
     daemon.start()
     admin = {"method": "ensure_cluster_keys"}
@@ -188,9 +189,9 @@ def test_uid_matrix(daemon_factory):
     record = daemon.wait_log(lambda r: r.get("uid") == 4242, "the refusal in the audit log")
     assert record["error"] == "unauthorized" and record["pid"] > 0 and record["gid"] == 4242
 
-    configured = rpc(daemon.socket, {"method": "get_status"}, uid=1001)
+    configured = rpc(daemon.socket, {"method": "get_status"}, uid=READER_UID)
     assert configured["success"] and configured["data"]["peer"]["capabilities"] == ["read"]
-    assert rpc(daemon.socket, admin, uid=1001)["error"] == psp.E_FORBIDDEN
+    assert rpc(daemon.socket, admin, uid=READER_UID)["error"] == psp.E_FORBIDDEN
 
     container_root = rpc(daemon.socket, {"method": "get_status"}, uid=100000)
     assert container_root["data"]["peer"] == {
@@ -364,17 +365,17 @@ def test_second_daemon_on_the_same_socket_refuses(daemon_factory, daemon):
 
 
 def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(daemon):
-    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["error"] == "unauthorized"
-    daemon.write_config(dict(daemon.config, allowed_peers=[{"uid": 1001}]))
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=READER_UID)["error"] == "unauthorized"
+    daemon.write_config(dict(daemon.config, allowed_peers=[{"uid": READER_UID}]))
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_log(lambda r: r.get("msg") == "Configuration reloaded", "the reload")
-    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["success"]
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=READER_UID)["success"]
 
     daemon.write_config(text="allowed_peers: [{uid: -5}]\nbogus: 1\n")
     daemon.proc.send_signal(signal.SIGHUP)
     failed = daemon.wait_log(lambda r: r.get("msg", "").startswith("Reload failed"), "the failed reload")
     assert any("bogus" in p for p in failed["error"])
-    assert rpc(daemon.socket, {"method": "get_status"}, uid=1001)["success"], "old config kept"
+    assert rpc(daemon.socket, {"method": "get_status"}, uid=READER_UID)["success"], "old config kept"
     assert daemon.proc.poll() is None
 
 

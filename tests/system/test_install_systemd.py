@@ -362,7 +362,7 @@ def test_rotation_service_rotates_while_temperatures_keep_flowing(guest, first_i
     journal = guest.out("journalctl -u pulse-sensor-proxy-key-rotation -o cat")
     assert rotation.returncode == 0, rotation.stderr + journal
     results = poll_results(guest)
-    assert [r for r in results if not r["ok"]] == []
+    assert [r for r in results if not r["ok"]] == [], guest.out("journalctl -u pulse-sensor-proxy -o cat | tail -60")
     assert rounds_in(results, "during") >= 1, "no poll ran while the key was rotated"
     after = guest.out(f"cat {CURRENT_PUB}").split()[1]
     assert after != before
