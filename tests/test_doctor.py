@@ -14,6 +14,7 @@ import pulse_sensor_proxy as psp
 from conftest import Lab, free_port
 from pct_container import make_container
 from test_https import https  # noqa: F401  (a fixture)
+from test_installer import PULSE_UNIT
 
 PVE_BIN = Path(__file__).resolve().parent / "fixtures/pve/bin"
 SMART = Path(__file__).resolve().parent / "fixtures/smart"
@@ -386,26 +387,8 @@ def test_a_stale_pulse_sensor_proxy_socket(containers):
     assert "PULSE_SENSOR_PROXY_SOCKET=/mnt/pulse-proxy/pulse-sensor-proxy.sock" in failed["fix"]
 
 
-# Pulse's own unit, as its install.sh (v5.0.17) writes it; that script puts
-# PULSE_SENSOR_PROXY_SOCKET into /etc/pulse/.env, which systemd lets beat any Environment=.
-PULSE_UNIT = """[Unit]
-Description=Pulse Monitoring Server
-After=network.target
-
-[Service]
-Type=simple
-User=pulse
-Group=pulse
-WorkingDirectory=/opt/pulse
-ExecStart=/opt/pulse/bin/pulse
-Restart=always
-RestartSec=3
-Environment="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-Environment="PULSE_DATA_DIR=/etc/pulse"
-EnvironmentFile=-/etc/pulse/.env
-"""
-
-
+# Pulse's install.sh (v5.0.17) puts PULSE_SENSOR_PROXY_SOCKET into /etc/pulse/.env, which its
+# unit (test_installer.PULSE_UNIT) reads with EnvironmentFile=: that beats any Environment=.
 def test_a_stale_socket_in_pulses_environment_file_beats_a_good_drop_in(containers):
     rootfs = containers.add(105)
     (rootfs / "etc/systemd/system").mkdir(parents=True)
