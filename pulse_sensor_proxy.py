@@ -2268,6 +2268,31 @@ def state_owner(state_dir):
     return info.st_uid, info.st_gid
 
 
+def openssh_public_blob(private_pem):
+    """The public key blob an OpenSSH private key file carries in its clear header
+    (OpenSSH's PROTOCOL.key), read without any cryptography, so that the daemon's start need
+    not import asyncssh; ValueError if the file is not one such key."""
+    text = "".join(private_pem.decode("ascii", "replace").split())
+    begin, end = "-----BEGINOPENSSHPRIVATEKEY-----", "-----ENDOPENSSHPRIVATEKEY-----"
+    if not (text.startswith(begin) and text.endswith(end)):
+        raise ValueError("not an OpenSSH private key")
+    data = base64.b64decode(text[len(begin):-len(end)], validate=True)
+    magic = b"openssh-key-v1\0"
+    if not data.startswith(magic):
+        raise ValueError("no openssh-key-v1 header")
+    pos = len(magic)
+    try:
+        for _ in range(3):              # cipher name, kdf name, kdf options
+            pos += 4 + struct.unpack_from(">I", data, pos)[0]
+        count, size = struct.unpack_from(">II", data, pos)
+    except struct.error:
+        raise ValueError("truncated") from None
+    blob = data[pos + 8:pos + 8 + size]
+    if count != 1 or not size or len(blob) != size:
+        raise ValueError("not exactly one whole key")
+    return blob
+
+
 def public_key_of(private_pem):
     """`ssh-ed25519 AAAA... pulse-sensor-proxy` derived from an OpenSSH private key (whatever
     comment the key holds); ValueError (asyncssh's KeyImportError) if it is not one."""
@@ -2489,8 +2514,13 @@ class KeyStore:
                 return
             log.log("info", "Generated SSH key", path=self.private_path("current"))
             return
-        public = public_key_of(keys[0])
-        if keys[1].split()[:2] != public.split()[:2]:
+        try:
+            matching = base64.b64decode(keys[1].split()[1], validate=True) == \
+                openssh_public_blob(keys[0])
+        except (ValueError, IndexError):
+            matching = False
+        public = None if matching else public_key_of(keys[0])   # asyncssh only then
+        if public is not None and keys[1].split()[:2] != public.split()[:2]:
             with self._dir("current") as fd:
                 atomic_write(self.private_path("current") + ".pub", public, mode=0o640,
                              owner=self.owner, dir_fd=fd)

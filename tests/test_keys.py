@@ -4,6 +4,7 @@ Each test node's account stands in for root: its authorized_keys holds an unrest
 key (the admin identity, as Proxmox's root-to-root SSH) plus whatever the proxy pushes.
 """
 import asyncio
+import base64
 import concurrent.futures
 import json
 import os
@@ -16,6 +17,41 @@ import pytest
 
 import pulse_sensor_proxy as psp
 from conftest import MODULE, PYTHON, SERVICE_UID, as_uid, wait_for
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "ecdsa", "rsa"])
+def test_the_public_blob_of_a_private_key_file_is_read_without_crypto(tmp_path, key_type):
+    """Keys as ssh-keygen writes them: the clear header holds what `ssh-keygen -y` derives."""
+    path = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", str(path)], check=True)
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], capture_output=True,
+                             text=True, check=True).stdout.split()[1]
+    private = path.read_bytes()
+    assert psp.openssh_public_blob(private) == base64.b64decode(derived)
+    header_only = (b"-----BEGIN OPENSSH PRIVATE KEY-----\n" +
+                   base64.b64encode(b"openssh-key-v1\0" + b"\0" * 9) +
+                   b"\n-----END OPENSSH PRIVATE KEY-----\n")
+    for broken in (b"", private.replace(b"OPENSSH", b"RSA"), private[:120] + private[-37:],
+                   header_only):
+        with pytest.raises(ValueError):
+            psp.openssh_public_blob(broken)
+
+
+def test_the_daemon_starts_without_loading_ssh_crypto(daemon):
+    """Reading this host's sensors needs no SSH: a standalone host's daemon never maps
+    cryptography's library (asyncssh brings it) once its key exists; the .pub check at
+    start reads the private key's clear header."""
+    daemon.stop()
+    daemon.start()      # the first start generated the key, with asyncssh
+    assert daemon.rpc("get_status")["success"]
+    assert daemon.rpc("get_temperature", {"node": "localhost"})["data"]["source"] == "local"
+    maps = open(f"/proc/{daemon.proc.pid}/maps").read()
+    assert "/cryptography/" not in maps and "_cffi_backend" not in maps
+    (daemon.ssh_dir / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBad x\n")
+    daemon.stop()
+    daemon.start()
+    public = (daemon.ssh_dir / "id_ed25519.pub").read_text()
+    assert public.split()[1] != "AAAAC3NzaC1lZDI1NTE5AAAAIBad", "a wrong .pub is still rewritten"
 
 
 def snapshot(*roots):
