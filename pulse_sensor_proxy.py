@@ -2010,16 +2010,27 @@ class AuditLog:
         self.stream = stream or sys.stdout
         self.fd = self.loop = None
         self.pending = bytearray()
+        self.waiting_for_pipe = False   # a writer is registered with the loop
         self.dropped = 0            # since the last report
         self.dropped_total = 0
+        self.second, self.stamp = None, None
+        # one encoder, not one per record (json.dumps builds one for non-default arguments)
+        self.encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+    def timestamp(self):
+        """RFC 3339 UTC to the second, formatted once per second (a record per request)."""
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        return self.stamp
 
     def log(self, level, msg, **fields):
         if LOG_LEVELS[level] < self.level:
             return
-        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": level,
-                  "msg": msg}
+        record = {"ts": self.timestamp(), "level": level, "msg": msg}
         record.update((k, v) for k, v in fields.items() if v is not None)
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = self.encode(record) + "\n"
         if self.fd is not None:
             self.emit(line.encode())
             return
@@ -2052,25 +2063,29 @@ class AuditLog:
             try:
                 written = os.write(self.fd, self.pending)
             except BlockingIOError:
-                if self.loop.is_closed():
+                if self.loop.is_closed() or self.waiting_for_pipe:
                     return
-                self.loop.remove_writer(self.fd)
                 self.loop.add_writer(self.fd, self.flush)
+                self.waiting_for_pipe = True
                 return
             except OSError:
                 self.pending.clear()        # the pipe is gone: nothing will take them
                 return
             del self.pending[:written]
-        with contextlib.suppress(ValueError, RuntimeError):
-            self.loop.remove_writer(self.fd)
+        if self.waiting_for_pipe:
+            self.waiting_for_pipe = False
+            with contextlib.suppress(ValueError, RuntimeError):
+                self.loop.remove_writer(self.fd)
         self.report_dropped()
 
     def write_synchronously(self):
         """Back to blocking writes (the loop is ending): what waits is written now."""
         if self.fd is None:
             return
-        with contextlib.suppress(ValueError, RuntimeError):
-            self.loop.remove_writer(self.fd)
+        if self.waiting_for_pipe:
+            self.waiting_for_pipe = False
+            with contextlib.suppress(ValueError, RuntimeError):
+                self.loop.remove_writer(self.fd)
         os.set_blocking(self.fd, True)
         fd, self.fd = self.fd, None
         with contextlib.suppress(OSError):
