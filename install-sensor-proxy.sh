@@ -825,13 +825,20 @@ roll_back_binary() {
     fi
 }
 
-start_service() {
-    if systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
-        report_ok "$SERVICE enabled"
+# ensure_enabled UNIT [--now]: UNIT enabled (with --now also started), reported either way.
+ensure_enabled() {
+    local unit=$1
+    shift
+    if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+        report_ok "$unit enabled"
     else
-        report_changed "$SERVICE enabled"
-        run systemctl enable --quiet "$SERVICE"
+        report_changed "$unit enabled"
+        run systemctl enable "$@" --quiet "$unit"
     fi
+}
+
+start_service() {
+    ensure_enabled "$SERVICE"
     if ! service_active; then
         report_changed "$SERVICE started"
         run systemctl start "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
@@ -856,34 +863,19 @@ ensure_rotation_timer() {
             || note "key rotation is off; turn it on with: systemctl enable --now $ROTATION_TIMER"
         return 0
     fi
-    if systemctl is-enabled --quiet "$ROTATION_TIMER" 2>/dev/null; then
-        report_ok "$ROTATION_TIMER enabled"
-    else
-        report_changed "$ROTATION_TIMER enabled"
-        run systemctl enable --now --quiet "$ROTATION_TIMER"
-    fi
+    ensure_enabled "$ROTATION_TIMER" --now
 }
 
 # Pulse's request_cleanup (root and admin peers; the daemon only writes the request) is acted
 # on by a root oneshot that this path unit starts.
 ensure_cleanup_path() {
-    if systemctl is-enabled --quiet "$CLEANUP_PATH" 2>/dev/null; then
-        report_ok "$CLEANUP_PATH enabled"
-    else
-        report_changed "$CLEANUP_PATH enabled"
-        run systemctl enable --now --quiet "$CLEANUP_PATH"
-    fi
+    ensure_enabled "$CLEANUP_PATH" --now
 }
 
 # This host's disks are read as root by SMART_SERVICE (the daemon's sandbox opens none); its
 # timer keeps them fresh, and a first read before the daemon starts puts them in its first answer.
 ensure_smart_timer() {
-    if systemctl is-enabled --quiet "$SMART_TIMER" 2>/dev/null; then
-        report_ok "$SMART_TIMER enabled"
-    else
-        report_changed "$SMART_TIMER enabled"
-        run systemctl enable --quiet "$SMART_TIMER"
-    fi
+    ensure_enabled "$SMART_TIMER"
     run systemctl start "$SMART_SERVICE" "$SMART_TIMER" \
         || note "$SMART_SERVICE failed, so this host's disks are left out; see: journalctl -u $SMART_SERVICE -n 20"
 }

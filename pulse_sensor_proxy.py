@@ -6390,13 +6390,13 @@ def cmd_smart_local(args):
         print("disk temperatures are off (disk_temperatures: false): nothing read")
         return 0
     path, interval = config["local_smart_file"], config["smart_interval"]
-    try:
-        stored = read_local_smart_file(path)
-    except NodeError:
-        stored = None       # not there yet, or unreadable: this read replaces it
     started = time.time()
-    if stored and not args.force and started - stored[1] < interval - LOCAL_SMART_SLACK:
-        print(f"{path} is {started - stored[1]:.0f} s old, smart_interval is {interval:g} s: "
+    try:
+        age = started - os.stat(path).st_mtime
+    except OSError:
+        age = None          # not there yet, or unreadable: this read replaces it
+    if age is not None and not args.force and age < interval - LOCAL_SMART_SLACK:
+        print(f"{path} is {age:.0f} s old, smart_interval is {interval:g} s: "
               "not read again (--force reads now)")
         return 0
     try:
