@@ -44,7 +44,8 @@ unprivileged containers' root) get read when ``allow_idmapped_root`` is true. An
 refused with ``unauthorized``.
 
 Configuration: ``/etc/pulse-sensor-proxy/config.yaml`` (or ``$PULSE_SENSOR_PROXY_CONFIG``); a
-missing file means the defaults in ``DEFAULT_CONFIG`` below. README.md documents every key.
+missing file means the defaults in ``DEFAULT_CONFIG`` below. docs/configuration.md documents
+every key.
 
 The module reads top-down: constants, configuration, pure logic (peers, rate limiting, request
 validation, metrics), then I/O (keys on disk, the servers), and the command line last.
@@ -6162,7 +6163,7 @@ def cmd_config_validate(args):
 
 def render_config_yaml(raw):
     import yaml
-    header = "# pulse-sensor-proxy configuration; README.md documents every key.\n"
+    header = "# pulse-sensor-proxy configuration; docs/configuration.md documents every key.\n"
     return header + yaml.safe_dump(raw, default_flow_style=False, sort_keys=False)
 
 
