@@ -1,11 +1,13 @@
 """The documentation points only at what exists: every relative link in README.md, CHANGELOG.md
 and docs/*.md resolves to a file (and its #anchor to a heading there), and every repository path
-the text names (`docs/...`, `tests/...`, `bench/...`, ...) is in the tree."""
+the text names (`docs/...`, `tests/...`, `bench/...`, ...) is in the tree. README stays short
+for those who install and run the proxy; the long form it links to lists every config key and
+every metric."""
 import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, psp
 
 DOCUMENTS = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -72,4 +74,33 @@ def test_every_relative_link_resolves(document):
 def test_every_repository_path_mentioned_exists(document):
     missing = sorted({path for path in MENTION.findall(document.read_text())
                       if not (ROOT / path.rstrip(".")).exists()})
+    assert not missing, missing
+
+
+def test_readme_stays_short():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 260, f"README.md has {lines} lines; move the long form to docs/"
+
+
+def test_readme_names_the_command_ci_runs():
+    command = (ROOT / ".ci" / "run").read_text().splitlines()[-1].removeprefix("exec ")
+    assert f"`{command}`" in (ROOT / "README.md").read_text()
+
+
+def documented_names(path):
+    """The backquoted names in the first column of a document's tables."""
+    names = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return names
+
+
+def test_every_config_key_is_documented():
+    missing = sorted(set(psp.CONFIG_CHECKS) - documented_names(ROOT / "docs" / "configuration.md"))
+    assert not missing, missing
+
+
+def test_every_metric_is_documented():
+    missing = sorted(set(psp.new_metrics().families) - documented_names(ROOT / "docs" / "operations.md"))
     assert not missing, missing
