@@ -153,20 +153,23 @@ readonly ORIGINAL_WRAPPERS=("$ORIGINAL_HOME/bin/pulse-sensor-wrapper.sh"
 # ours does not.
 readonly ORIGINAL_UNIT_MARK='^Documentation=https://github.com/rcourtman/Pulse'
 
-# Every path on the host hangs off ROOT, which is empty outside the installer's own tests.
-ROOT=${PULSE_INSTALL_ROOT:-}
-BIN=$ROOT/usr/local/bin/pulse-sensor-proxy
-STATE_DIR=$ROOT/var/lib/pulse-sensor-proxy
-CONF_DIR=$ROOT/etc/pulse-sensor-proxy
-CONFIG=$CONF_DIR/config.yaml
-UNIT_DIR=$ROOT/etc/systemd/system
-PVE_DIR=$ROOT/etc/pve
-PVE_LOCK_DIR=$ROOT/run/lock/lxc
-SOCKET=$ROOT$RUN_DIR/$SOCKET_NAME
-BACKUP_DIR=$ROOT/var/backups/pulse-sensor-proxy
-TLS_DIR=$CONF_DIR/tls
-TOKEN_FILE=$CONF_DIR/http-token
+# Every path on the host hangs off ROOT, which is empty outside the installer's own tests (they
+# set PULSE_INSTALL_ROOT, as a user would).
+readonly ROOT=${PULSE_INSTALL_ROOT:-}
+readonly BIN=$ROOT/usr/local/bin/pulse-sensor-proxy
+readonly STATE_DIR=$ROOT/var/lib/pulse-sensor-proxy
+readonly CONF_DIR=$ROOT/etc/pulse-sensor-proxy
+readonly CONFIG=$CONF_DIR/config.yaml
+readonly UNIT_DIR=$ROOT/etc/systemd/system
+readonly PVE_DIR=$ROOT/etc/pve
+readonly PVE_LOCK_DIR=$ROOT/run/lock/lxc
+readonly SOCKET=$ROOT$RUN_DIR/$SOCKET_NAME
+readonly BACKUP_DIR=$ROOT/var/backups/pulse-sensor-proxy
+readonly TLS_DIR=$CONF_DIR/tls
+readonly TOKEN_FILE=$CONF_DIR/http-token
 
+# Options: set by parse_args only (by its menu too, when no action is given), readonly from main
+# on, so no step changes them.
 ACTION=
 CTIDS=()
 STANDALONE=0
@@ -186,9 +189,9 @@ HTTP_ADDR=
 PULSE_SERVER=
 PROXY_URL=
 HTTP_CLIENTS=()
+
 HTTPS_CHANGED=0
 TOKEN_TO_PASTE=0
-
 IS_PVE=0
 ARCH=
 WORK=
@@ -300,6 +303,10 @@ parse_args() {
     [ -n "$PYZ" ] && [ -n "$VERSION$URL" ] && usage_err "--pyz and --version/--url exclude each other"
     if [ -n "$VERSION" ] || [ -n "$URL" ]; then
         if [ -z "$VERSION" ] || [ -z "$URL" ]; then usage_err "--version and --url go together"; fi
+    fi
+    if [ -z "$ACTION" ]; then
+        [ -t 0 ] || usage_err "nothing to do: give --ctid N, --standalone or --uninstall"
+        choose_from_menu
     fi
     return 0
 }
@@ -716,20 +723,23 @@ retire_original_wrappers() {
 
 # ---------------------------------------------------------------- 5 config
 
-# choose_source_subnets CURRENT: without --allowed-subnets, and when the rendered config CURRENT
-# lists none, take this host's addresses. keys push writes the list into from="..." on every
-# node and the daemon reports the same list, so the config must always name it.
+# choose_source_subnets CURRENT: into WORK/subnets (one a line) the subnets the config gets:
+# --allowed-subnets, else none when the rendered config CURRENT lists some, else this host's
+# addresses. keys push writes the list into from="..." on every node and the daemon reports the
+# same list, so the config must always name it.
 choose_source_subnets() {
-    local detected
-    [ "${#SUBNETS[@]}" -eq 0 ] || return 0
+    local detected subnets
+    : >"$WORK/subnets"
+    if [ "${#SUBNETS[@]}" -gt 0 ]; then printf '%s\n' "${SUBNETS[@]}" >"$WORK/subnets"; return 0; fi
     [ -z "$(proxy config get allowed_source_subnets --config "$1")" ] || return 0
     detected=$(proxy host-addresses) || err "could not read this host's addresses"
     if [ -z "$detected" ]; then
         [ "$IS_PVE" -eq 1 ] || return 0
         err "found no address of this host for the nodes' from=\"...\" restriction; give --allowed-subnets CIDR,..."
     fi
-    mapfile -t SUBNETS <<<"$detected"
-    say "allowed_source_subnets: this host's addresses ${SUBNETS[*]} (--allowed-subnets sets others)"
+    mapfile -t subnets <<<"$detected"
+    printf '%s\n' "${subnets[@]}" >"$WORK/subnets"
+    say "allowed_source_subnets: this host's addresses ${subnets[*]} (--allowed-subnets sets others)"
 }
 
 # A host the original proxy's installer set up has a config in that proxy's vocabulary, which
@@ -761,7 +771,7 @@ ensure_config() {
     # Both sides rendered by the same merge, so only a change of content counts (not comments).
     proxy config merge --config "$CONFIG_SOURCE" >"$WORK/config.current" || err "could not read $CONFIG"
     choose_source_subnets "$WORK/config.current"
-    for cidr in "${SUBNETS[@]}"; do args+=(--add-subnet "$cidr"); done
+    while read -r cidr; do args+=(--add-subnet "$cidr"); done <"$WORK/subnets"
     for id in "${CTIDS[@]}"; do
         while read -r range; do
             args+=(--add-peer-uids "$range")
@@ -1794,10 +1804,8 @@ set_traps() { trap cleanup EXIT; trap stop_failed USR1; }
 
 main() {
     parse_args "$@"
-    if [ -z "$ACTION" ]; then
-        [ -t 0 ] || usage_err "nothing to do: give --ctid N, --standalone or --uninstall"
-        choose_from_menu
-    fi
+    readonly ACTION CTIDS STANDALONE PYZ VERSION URL SUBNETS ROTATION ALLOW_CLEANUP NO_RESTART PURGE \
+             RESTORE_ORIGINAL DRY_RUN QUIET HTTP_MODE HTTP_ADDR PULSE_SERVER PROXY_URL HTTP_CLIENTS
     WORK=$(mktemp -d)
     set_traps
     [ "$DRY_RUN" -eq 1 ] && say "Dry run: printing what would be done; nothing is changed."

@@ -93,11 +93,12 @@ def test_cluster_nodes_are_what_the_binary_reads(tmp_path, members, expected):
     pve.mkdir(parents=True)
     if members:
         shutil.copy(PVE_FIXTURES / "members" / members, pve / ".members")
-    config = tmp_path / "config.yaml"
+    config = tmp_path / "etc/pulse-sensor-proxy/config.yaml"
+    config.parent.mkdir(parents=True)
     config.write_text(f"pve_dir: {pve}\n")
     empty = stub(tmp_path / "bin", "pvecm", "exit 1")
-    result = sourced(f'PROXY="{proxy_stub(tmp_path)}"; CONFIG="{config}"; cluster_nodes',
-                     env={"PATH": f"{empty}:{os.environ['PATH']}"})
+    result = sourced(f'PROXY="{proxy_stub(tmp_path)}"; cluster_nodes',
+                     env={"PULSE_INSTALL_ROOT": str(tmp_path), "PATH": f"{empty}:{os.environ['PATH']}"})
     assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
 
 
@@ -136,10 +137,10 @@ def test_install_units_writes_every_file_the_binary_ships(tmp_path):
     of units/, and a second run changes nothing."""
     units = tmp_path / "etc/systemd/system"
     units.mkdir(parents=True)
-    script = (f'PROXY="{proxy_stub(tmp_path)}"; UNIT_DIR="{units}"; write_file() {{ '
+    script = (f'PROXY="{proxy_stub(tmp_path)}"; write_file() {{ '
               f'cat >"$1"; report_changed "$5"; }}; systemctl() {{ echo "systemctl $*"; }}; '
               'install_units; echo "UNITS_CHANGED=$UNITS_CHANGED"')
-    result = sourced(script)
+    result = sourced(script, env={"PULSE_INSTALL_ROOT": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert {p.name: p.read_bytes() for p in units.iterdir()} == \
         {p.name: p.read_bytes() for p in UNITS.iterdir()}
@@ -386,12 +387,12 @@ def stub(directory, name, body):
 
 def choose_subnets(tmp_path, config_text, *, pve=1, given=(), addresses=""):
     """choose_source_subnets on a rendered config, the binary finding ADDRESSES; returns the
-    CompletedProcess, whose stdout ends with the chosen SUBNETS after a "--" line."""
+    CompletedProcess, whose stdout ends with the chosen subnets (WORK/subnets) after a "--" line."""
     config = tmp_path / "rendered.yaml"
     config.write_text(config_text)
     script = (f'PROXY="{proxy_stub(tmp_path / "bin", addresses)}"; IS_PVE={pve}; '
               f'SUBNETS=({" ".join(given)}); choose_source_subnets "{config}"; echo --; '
-              'printf "%s\\n" "${SUBNETS[@]}"')
+              'mapfile -t chosen <"$WORK/subnets"; printf "%s\\n" "${chosen[@]}"')
     return sourced(script)
 
 
@@ -989,13 +990,13 @@ def test_a_hostile_container_gets_no_key_revoked_and_fills_no_disk(tmp_path):
         for path in [rootfs / top, *(rootfs / top).rglob("*")]:
             os.lchown(path, 100000, 100000)     # the container's root's, as make_container has it
     revokes = tmp_path / "revokes"
-    result = sourced(f'DRY_RUN=0; CHANGES=0; NOTES=(); BACKUP_DIR="{tmp_path}/backups"; '
+    result = sourced(f'DRY_RUN=0; CHANGES=0; NOTES=(); '
                      f'proxy() {{ cat "${{@: -1}}" >>"{revokes}"; }}; '
                      'migrate_legacy_keys 106; printf "%s\\n" "${NOTES[@]}"', env=env)
     assert result.returncode == 0, result.stderr
     assert revokes.read_text().split()[:2] == legacy_pub.split()[:2]
     assert revokes.read_text().count("\n") == 1, "only the derived public key of the real key"
-    backups = tmp_path / "backups/ct106"
+    backups = root / "var/backups/pulse-sensor-proxy/ct106"
     assert sum(path.stat().st_size for path in backups.iterdir()) < 4 * 65536
     assert not (backups / "opt_pulse_.ssh_id_ecdsa").exists()
     assert (rootfs / "opt/pulse/.ssh/id_ecdsa").exists(), "a file not copied is not removed"
