@@ -190,26 +190,21 @@ PULSE_SERVER=
 PROXY_URL=
 HTTP_CLIENTS=()
 
-HTTPS_CHANGED=0
-TOKEN_TO_PASTE=0
-IS_PVE=0
-ARCH=
-WORK=
-CANDIDATE=
-PROXY=
-PREVIOUS_BIN=
-BINARY_CHANGED=0
-UNITS_CHANGED=0
-CONFIG_CHANGED=0
-CONFIG_MIGRATED=0
-CONFIG_SOURCE=$CONFIG
-ORIGINAL_BACKUP=
-ORIGINAL_MOVED=()
-KEYS_PUSHED=0
-CHANGES=0
-declare -A CT_UID_RANGES=()
-CT_FILES=()
-NOTES=()
+# Run state: what this run found and did, each set only where its comment says.
+IS_PVE=0                       # preflight (do_uninstall too): 1 on Proxmox VE
+ARCH=                          # preflight: this host's architecture (uname -m)
+WORK=                          # main: the work directory, removed on exit (cleanup)
+CANDIDATE=                     # select_binary, download_pyz: the pyz to install; empty keeps the binary
+PROXY=                         # select_binary: what proxy runs (the candidate under --dry-run)
+PREVIOUS_BIN=                  # install_binary: the replaced binary until start_service (roll_back_binary)
+CHANGED=()                     # the steps: what changed that a later step acts on (changed_this_run)
+ORIGINAL_BACKUP=               # ensure_original_backup: this run's backup of the original proxy
+ORIGINAL_MOVED=()              # retire_original_file: the original's paths put into ORIGINAL_BACKUP
+KEYS_PUSHED=0                  # push_keys: 1 once every node has the proxy's key line
+CHANGES=0                      # report_changed: changes made (or, under --dry-run, to be made)
+declare -A CT_UID_RANGES=()    # check_containers: each container's host uid ranges
+CT_FILES=()                    # ct_put_file: ID:PATH of our files inside containers
+NOTES=()                       # note: lines for the summary
 
 say() { [ "$QUIET" -eq 1 ] || printf '%s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
@@ -239,6 +234,16 @@ report_changed() {
     if [ "$DRY_RUN" -eq 1 ]; then say "would    $*"; else say "changed  $*"; fi
 }
 note() { NOTES+=("$*"); }
+
+# CHANGED names what this run changed that a later step acts on: binary, units, https (each
+# restarts the service), config (reloads it), config-migrated (rolled back with the binary,
+# named in the summary), new-token (printed in the summary to paste into Pulse).
+# changed_this_run WHAT...: whether this run changed any of WHAT.
+changed_this_run() {
+    local what
+    for what; do [[ " ${CHANGED[*]} " != *" $what "* ]] || return 0; done
+    return 1
+}
 
 # ---------------------------------------------------------------- arguments
 
@@ -606,7 +611,7 @@ install_binary() {
         report_ok "binary $BIN ($version)"
         return 0
     fi
-    BINARY_CHANGED=1
+    CHANGED+=(binary)
     report_changed "binary $BIN ($version)"
     run install -m 0755 -o root -g root "$CANDIDATE" "$BIN.new"
     if [ -f "$BIN" ]; then
@@ -744,10 +749,9 @@ choose_source_subnets() {
 
 # A host the original proxy's installer set up has a config in that proxy's vocabulary, which
 # `config merge` refuses: `config migrate --write` rewrites it in ours first (keeping
-# CONFIG.bak). Under --dry-run the rewritten text goes to CONFIG_SOURCE, a copy in WORK, which
-# the merges then read.
+# CONFIG.bak). Under --dry-run the rewritten text goes to a copy in WORK, which the merges then
+# read (config_source).
 ensure_config_vocabulary() {
-    CONFIG_SOURCE=$CONFIG
     [ -f "$CONFIG" ] || return 0
     proxy config migrate --config "$CONFIG" >"$WORK/config.translated" 2>"$WORK/config.notes" \
         || err "$CONFIG is not valid, left as it is: $(cat "$WORK/config.notes")"
@@ -756,20 +760,25 @@ ensure_config_vocabulary() {
     [ "$QUIET" -eq 1 ] || sed "s|^$CONFIG: |         |" "$WORK/config.notes"
     note "$CONFIG was in the original proxy's vocabulary: rewritten in this one's, the original kept as $CONFIG.bak"
     if [ "$DRY_RUN" -eq 1 ]; then
-        CONFIG_SOURCE=$WORK/config.yaml
-        cp "$WORK/config.translated" "$CONFIG_SOURCE"
+        cp "$WORK/config.translated" "$WORK/config.yaml"
         return 0
     fi
     proxy config migrate --config "$CONFIG" --write >"$WORK/config.migrate" 2>&1 \
         || err "could not rewrite $CONFIG: $(cat "$WORK/config.migrate")"
-    CONFIG_MIGRATED=1
+    CHANGED+=(config-migrated)
+}
+
+# config_source: the config the merges read: CONFIG, or under --dry-run its rewritten copy.
+config_source() {
+    if [ -f "$WORK/config.yaml" ]; then printf '%s\n' "$WORK/config.yaml"; else printf '%s\n' "$CONFIG"; fi
 }
 
 ensure_config() {
-    local args=() cidr id range result
+    local args=() cidr id range result src
     ensure_config_vocabulary
+    src=$(config_source)
     # Both sides rendered by the same merge, so only a change of content counts (not comments).
-    proxy config merge --config "$CONFIG_SOURCE" >"$WORK/config.current" || err "could not read $CONFIG"
+    proxy config merge --config "$src" >"$WORK/config.current" || err "could not read $CONFIG"
     choose_source_subnets "$WORK/config.current"
     while read -r cidr; do args+=(--add-subnet "$cidr"); done <"$WORK/subnets"
     for id in "${CTIDS[@]}"; do
@@ -778,14 +787,14 @@ ensure_config() {
             [ "$ALLOW_CLEANUP" -eq 0 ] || args+=(--allow-cleanup-uids "$range")
         done <<<"${CT_UID_RANGES[$id]}"
     done
-    proxy config merge --config "$CONFIG_SOURCE" "${args[@]}" >"$WORK/config.merged" \
+    proxy config merge --config "$src" "${args[@]}" >"$WORK/config.merged" \
         || err "could not merge $CONFIG"
     proxy config validate --config "$WORK/config.merged" >"$WORK/config.check" 2>&1 \
         || err "the merged config is not valid, $CONFIG left as it is: $(cat "$WORK/config.check")"
     if [ -f "$CONFIG" ] && cmp -s "$WORK/config.current" "$WORK/config.merged"; then
         report_ok "config $CONFIG"
     else
-        CONFIG_CHANGED=1
+        CHANGED+=(config)
         report_changed "config $CONFIG"
         if [ "$DRY_RUN" -eq 1 ]; then
             diff -u "$WORK/config.current" "$WORK/config.merged" | tail -n +3 || true
@@ -808,7 +817,7 @@ install_units() {
         write_file "$UNIT_DIR/${unit##*/}" 644 root root "unit $UNIT_DIR/${unit##*/}" <"$unit"
     done
     if [ "$CHANGES" -gt "$changes_before" ]; then
-        UNITS_CHANGED=1
+        CHANGED+=(units)
         run systemctl daemon-reload
     fi
 }
@@ -827,7 +836,7 @@ roll_back_binary() {
     [ -n "$PREVIOUS_BIN" ] && [ -f "$PREVIOUS_BIN" ] || return 0
     mv -f "$PREVIOUS_BIN" "$BIN"
     PREVIOUS_BIN=
-    if [ "$CONFIG_MIGRATED" -eq 1 ]; then cp -p "$CONFIG.bak" "$CONFIG"; fi
+    if changed_this_run config-migrated; then cp -p "$CONFIG.bak" "$CONFIG"; fi
     printf 'error: the new version was rolled back; the previous binary is running again\n' >&2
     if systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
         systemctl restart "$SERVICE" && wait_for_socket \
@@ -852,10 +861,10 @@ start_service() {
     if ! service_active; then
         report_changed "$SERVICE started"
         run systemctl start "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
-    elif [ "$BINARY_CHANGED" -eq 1 ] || [ "$UNITS_CHANGED" -eq 1 ] || [ "$HTTPS_CHANGED" -eq 1 ]; then
+    elif changed_this_run binary units https; then
         report_changed "$SERVICE restarted"
         run systemctl restart "$SERVICE" || err "$SERVICE did not start; see: journalctl -u $SERVICE -n 50"
-    elif [ "$CONFIG_CHANGED" -eq 1 ]; then
+    elif changed_this_run config; then
         report_changed "$SERVICE reloaded its config"
         run systemctl reload "$SERVICE"
     else
@@ -1106,7 +1115,8 @@ ct_has_systemd() { pct exec "$1" -- test -d /run/systemd/system 2>/dev/null; }
 # ct_pulse_units ID: Pulse's service units installed in the container, one a line.
 ct_pulse_units() { ct_pulse_socket_env "$1" | cut -d' ' -f1; }
 
-# ct_put_file ID PATH WHAT < CONTENT: 0 written now, 1 already in place, 2 refused (in the way).
+# ct_put_file ID PATH WHAT < CONTENT: PATH in the container holds CONTENT, written now (a change
+# in CHANGES) or already; fails, with a warning, when something is in the way or pct fails.
 ct_put_file() {
     local id=$1 path=$2 what="container $1: $3 $2" new probe
     new=$(mktemp "$WORK/ct.XXXXXX")
@@ -1118,21 +1128,21 @@ ct_put_file() {
             if tail -n +2 "$probe" | cmp -s - "$new"; then
                 CT_FILES+=("$id:$path")
                 report_ok "$what"
-                return 1
+                return 0
             fi ;;
         absent) ;;
         "")
             warn "container $id: could not look at $path inside it (pct exec failed); left as it is"
-            return 2 ;;
+            return 1 ;;
         *)
             warn "container $id: $path is in the way (a link, or not a file this script wrote); left as it is"
             note "container $id: move $path out of the way inside it, then run this again"
-            return 2 ;;
+            return 1 ;;
     esac
     if ! run pct exec "$id" -- mkdir -p "${path%/*}" \
             || ! run pct push "$id" "$new" "$path" --perms 0644 --user 0 --group 0; then
         warn "container $id: could not write $path inside it"
-        return 2
+        return 1
     fi
     CT_FILES+=("$id:$path")
     report_changed "$what"
@@ -1140,23 +1150,24 @@ ct_put_file() {
 
 # ensure_ct_files ID: the link from /run and Pulse's drop-ins, in a running container.
 ensure_ct_files() {
-    local id=$1 dir unit status restart=()
+    local id=$1 dir unit before restart=()
     if ! ct_running "$id"; then
         note "container $id is stopped: $CT_TMPFILES and Pulse's drop-in go into it at the next run of this script once it runs"
         return 0
     fi
     dir=$(ct_dir "$id")
-    status=0
-    ct_put_file "$id" "$CT_TMPFILES" "link $RUN_DIR -> $dir at boot:" < <(ct_tmpfiles_text "$dir") || status=$?
-    if [ "$status" -eq 0 ] && ct_has_systemd "$id"; then
+    before=$CHANGES
+    if ct_put_file "$id" "$CT_TMPFILES" "link $RUN_DIR -> $dir at boot:" < <(ct_tmpfiles_text "$dir") \
+            && [ "$CHANGES" -gt "$before" ] && ct_has_systemd "$id"; then
         run pct exec "$id" -- systemd-tmpfiles --create "$CT_TMPFILES" \
             || warn "container $id: systemd-tmpfiles did not make the link $RUN_DIR now; it is made at the next boot"
     fi
     for unit in $(ct_pulse_units "$id"); do
-        status=0
-        ct_put_file "$id" "/etc/systemd/system/$unit.d/$CT_DROPIN" "PULSE_SENSOR_PROXY_SOCKET for $unit:" \
-            < <(ct_dropin_text "$dir/$SOCKET_NAME") || status=$?
-        if [ "$status" -eq 0 ]; then restart+=("$unit"); fi
+        before=$CHANGES
+        if ct_put_file "$id" "/etc/systemd/system/$unit.d/$CT_DROPIN" "PULSE_SENSOR_PROXY_SOCKET for $unit:" \
+                < <(ct_dropin_text "$dir/$SOCKET_NAME") && [ "$CHANGES" -gt "$before" ]; then
+            restart+=("$unit")
+        fi
     done
     if [ "${#restart[@]}" -eq 0 ] || ! ct_has_systemd "$id"; then return 0; fi
     run pct exec "$id" -- systemctl daemon-reload || warn "container $id: systemctl daemon-reload failed"
@@ -1397,7 +1408,9 @@ original_summary() {
     [ -n "$ORIGINAL_BACKUP" ] || return 0
     fingerprint=$(ssh-keygen -lf "$pub" 2>/dev/null | cut -d' ' -f2) || fingerprint=
     say "original proxy taken over: its key kept (${fingerprint:-$pub}), as its lines on the nodes were upgraded to this proxy's"
-    [ "$CONFIG_MIGRATED" -eq 0 ] || say "  config translated, the original's kept as $CONFIG.bak; allowed_nodes.yaml and the rest of $CONF_DIR kept"
+    if changed_this_run config-migrated; then
+        say "  config translated, the original's kept as $CONFIG.bak; allowed_nodes.yaml and the rest of $CONF_DIR kept"
+    fi
     say "  moved to $ORIGINAL_BACKUP: ${ORIGINAL_MOVED[*]}"
     say "  to go back: install-sensor-proxy.sh --uninstall --restore-original"
 }
@@ -1561,31 +1574,32 @@ ensure_http_token() {
         token=$(head -n 1 <<<"$token")
     else
         token=$(new_token)
-        TOKEN_TO_PASTE=1
+        CHANGED+=(new-token)
     fi
     printf '%s\n' "$token" | write_file "$TOKEN_FILE" 640 root "$ACCOUNT" "token $TOKEN_FILE"
-    HTTPS_CHANGED=1
+    CHANGED+=(https)
 }
 
 ensure_https_config() {
     local args=(--set http_enabled=true --set "http_auth_token_file=$TOKEN_FILE"
                 --set "http_tls_cert=$TLS_DIR/server.crt" --set "http_tls_key=$TLS_DIR/server.key")
-    local clients
+    local clients src
     if [ -n "$HTTP_ADDR" ]; then args+=(--set "http_listen_addr=$HTTP_ADDR")
     else args+=(--set-default "http_listen_addr=$HTTP_DEFAULT_ADDR"); fi
     if [ "${#HTTP_CLIENTS[@]}" -gt 0 ]; then
         clients=$(printf '%s,' "${HTTP_CLIENTS[@]}")
         args+=(--set "http_allowed_clients=[${clients%,}]")
     fi
-    proxy config merge --config "$CONFIG_SOURCE" >"$WORK/https.current" || err "could not read $CONFIG"
-    proxy config merge --config "$CONFIG_SOURCE" "${args[@]}" >"$WORK/https.merged" \
+    src=$(config_source)
+    proxy config merge --config "$src" >"$WORK/https.current" || err "could not read $CONFIG"
+    proxy config merge --config "$src" "${args[@]}" >"$WORK/https.merged" \
         || err "could not merge the http_* keys into $CONFIG"
     if cmp -s "$WORK/https.current" "$WORK/https.merged"; then
         report_ok "config $CONFIG http_* keys"
         return 0
     fi
     report_changed "config $CONFIG http_* keys"
-    HTTPS_CHANGED=1
+    CHANGED+=(https)
     if [ "$DRY_RUN" -eq 1 ]; then
         diff -u "$WORK/https.current" "$WORK/https.merged" | tail -n +3 || true
     else
@@ -1607,7 +1621,7 @@ https_summary() {
     [ "$HTTP_MODE" -eq 1 ] && [ "$DRY_RUN" -eq 0 ] || return 0
     fingerprint=$(proxy tls init --config "$CONFIG" 2>/dev/null | sed -n 's/^fingerprint: //p')
     say "HTTPS mode: $(advertised_url)   certificate $fingerprint"
-    if [ "$TOKEN_TO_PASTE" -eq 1 ]; then
+    if changed_this_run new-token; then
         say "token (paste it into Pulse with the proxy URL, in the PVE instance's temperature proxy settings): $(cat "$TOKEN_FILE")"
     fi
     if [ "${#HTTP_CLIENTS[@]}" -eq 0 ] && ! grep -q '^http_allowed_clients:' "$CONFIG"; then

@@ -139,12 +139,12 @@ def test_install_units_writes_every_file_the_binary_ships(tmp_path):
     units.mkdir(parents=True)
     script = (f'PROXY="{proxy_stub(tmp_path)}"; write_file() {{ '
               f'cat >"$1"; report_changed "$5"; }}; systemctl() {{ echo "systemctl $*"; }}; '
-              'install_units; echo "UNITS_CHANGED=$UNITS_CHANGED"')
+              'install_units; echo "CHANGED=${CHANGED[*]}"')
     result = sourced(script, env={"PULSE_INSTALL_ROOT": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert {p.name: p.read_bytes() for p in units.iterdir()} == \
         {p.name: p.read_bytes() for p in UNITS.iterdir()}
-    assert "systemctl daemon-reload\nUNITS_CHANGED=1\n" in result.stdout
+    assert "systemctl daemon-reload\nCHANGED=units\n" in result.stdout
 
 
 PLAIN = """arch: amd64
