@@ -48,7 +48,11 @@ missing file means the defaults in ``DEFAULT_CONFIG`` below. docs/configuration.
 every key.
 
 The module reads top-down: constants, configuration, pure logic (peers, rate limiting, request
-validation, metrics), then I/O (keys on disk, the servers), and the command line last.
+validation, nodes, SMART, metrics), then I/O (audit log, keys on disk, nodes over SSH, the key
+commands), the request path (connections, the wire, the dispatcher, the socket and metrics
+listeners, the daemon that wires them, the methods, HTTPS mode), and the command line last.
+Start at `Daemon` to see how the parts fit, and at `SocketListener.converse` for the path of
+one request.
 """
 import argparse
 import base64
@@ -75,6 +79,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 import typing
 import uuid
 
@@ -4049,43 +4054,8 @@ async def recover_rotation(admin, journal, nodes):
 
 
 # ---------------------------------------------------------------------------------------------
-# I/O: the RPC server
+# I/O: connections, for every listener
 # ---------------------------------------------------------------------------------------------
-
-METHODS = {}        # name -> (capability, handler)
-METHOD_ALIASES = {"get_temp": "get_temperature"}
-
-
-def rpc_method(name, capability):
-    def register(handler):
-        METHODS[name] = (capability, handler)
-        return handler
-    return register
-
-
-class Peer:
-    __slots__ = ("uid", "gid", "pid", "capabilities")
-
-    def __init__(self, uid, gid, pid, capabilities):
-        self.uid, self.gid, self.pid, self.capabilities = uid, gid, pid, capabilities
-
-    @property
-    def limit_key(self):
-        """What the rate limiter counts by: uid and pid, as the original daemon does."""
-        return self.uid, self.pid
-
-    def as_dict(self):
-        return {"uid": self.uid, "gid": self.gid, "pid": self.pid,
-                "capabilities": sorted(self.capabilities)}
-
-
-PEERCRED = struct.Struct("=iII")
-
-
-def peer_credentials(sock):
-    pid, uid, gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                     PEERCRED.size))
-    return pid, uid, gid
 
 
 class ConnectionClosed(Exception):
@@ -4284,6 +4254,155 @@ class ConnectionSlots:
         return True
 
 
+# ---------------------------------------------------------------------------------------------
+# I/O: the wire (requests read from a connection; the replies are encoded by the pure
+# response_line, http_response and https_response above)
+# ---------------------------------------------------------------------------------------------
+
+
+class UnreadRequest(Exception):
+    """A request that could not be read whole: answered with `error`, in the form it came in
+    (`http_form`), and then the connection is closed (its rest cannot be told from a new one)."""
+
+    def __init__(self, error, http_form):
+        super().__init__(error)
+        self.error, self.http_form = error, http_form
+
+
+async def read_request(connection, first):
+    """The next request of a socket connection: (JSON line, whether it came as HTTP).
+
+    A JSON line, or on a connection's first request an HTTP/1.x request whose body is the JSON
+    (`curl --unix-socket`). The whole request must arrive within READ_TIMEOUT. ConnectionClosed
+    when the peer is done (or idle past READ_TIMEOUT between keep-alive requests),
+    UnreadRequest when what it sent cannot be a request.
+    """
+    http_form = False
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            line = await connection.readline()
+            if first and HTTP_REQUEST_LINE.match(line):
+                http_form = True
+                line = (await read_http_body(connection)).replace(b"\n", b" ")
+    except TimeoutError:
+        if first or connection.buffer:
+            raise UnreadRequest(E_READ_TIMEOUT, http_form) from None
+        raise ConnectionClosed(partial=False) from None
+    except RequestError as exc:
+        raise UnreadRequest(exc.args[0], http_form) from None
+    return line, http_form
+
+
+def encode_reply(reply, error, http_form):
+    """A reply line as it goes back: as it is, or as the HTTP response to an HTTP request."""
+    if http_form:
+        return http_response(status_for_error(error) if error else 200, reply)
+    return reply
+
+
+def content_length(headers, too_large):
+    """The body length a request head announces; `too_large(length)` is raised past
+    MAX_REQUEST_BYTES. ASCII digits only (str.isdigit takes "²"), no int() of thousands of
+    digits; None when the header is not a length at all."""
+    length = headers.get("content-length", "0")
+    if not (length.isascii() and length.isdigit()):
+        return None
+    length = length.lstrip("0") or "0"
+    if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
+        raise too_large
+    return int(length)
+
+
+async def read_http_body(connection):
+    """The body of an HTTP/1.x request on the socket whose request line was read."""
+    head = []
+    budget = MAX_REQUEST_BYTES
+    while True:
+        raw = (await connection.readline(budget)).rstrip(b"\r")
+        if not raw:
+            break
+        budget -= len(raw) + 2
+        if budget < 0:
+            raise RequestError(E_TOO_LARGE)
+        head.append(raw)
+    headers = parse_http_head(head)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        raise RequestError(E_INVALID)
+    length = content_length(headers, RequestError(E_TOO_LARGE))
+    if length is None:
+        raise RequestError(E_INVALID)
+    if headers.get("expect", "").lower() == "100-continue":
+        connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return await connection.readexactly(length)
+
+
+async def read_https_request(connection):
+    """One HTTPS request's head (bounded) and its body, which a GET may have and nobody reads:
+    (method, path, query, headers, keep_alive); HttpRefusal for one that cannot be served."""
+    head, budget = [], MAX_HTTP_HEAD_BYTES
+    while True:
+        try:
+            raw = (await connection.readline(budget)).rstrip(b"\r")
+        except RequestError:
+            raise HttpRefusal(431, "request head too large") from None
+        if not raw:
+            if head:
+                break
+            continue            # a stray empty line before the request line is allowed
+        budget -= len(raw) + 2
+        if budget < 0:
+            raise HttpRefusal(431, "request head too large")
+        head.append(raw)
+    method, path, query, headers, keep_alive = parse_https_request(b"\r\n".join(head))
+    if "transfer-encoding" in headers:
+        raise HttpRefusal(400, "chunked request bodies are not accepted")
+    length = content_length(headers, HttpRefusal(413, "request body too large"))
+    if length is None:
+        raise HttpRefusal(400, "invalid Content-Length")
+    await connection.readexactly(length)
+    return method, path, query, headers, keep_alive
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: the dispatcher (who asks, within which limits, for which method; and the audit)
+# ---------------------------------------------------------------------------------------------
+
+METHODS = {}        # name -> (capability, handler)
+METHOD_ALIASES = {"get_temp": "get_temperature"}
+
+
+def rpc_method(name, capability):
+    def register(handler):
+        METHODS[name] = (capability, handler)
+        return handler
+    return register
+
+
+class Peer:
+    __slots__ = ("uid", "gid", "pid", "capabilities")
+
+    def __init__(self, uid, gid, pid, capabilities):
+        self.uid, self.gid, self.pid, self.capabilities = uid, gid, pid, capabilities
+
+    @property
+    def limit_key(self):
+        """What the rate limiter counts by: uid and pid, as the original daemon does."""
+        return self.uid, self.pid
+
+    def as_dict(self):
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid,
+                "capabilities": sorted(self.capabilities)}
+
+
+PEERCRED = struct.Struct("=iII")
+
+
+def peer_credentials(sock):
+    pid, uid, gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     PEERCRED.size))
+    return pid, uid, gid
+
+
 class RefusalSummary:
     """Refusals per peer: the first of an interval is logged in full, the rest are counted and
     logged as one line (count, first and last error) when the interval is over, so a peer that
@@ -4326,134 +4445,161 @@ class RefusalSummary:
                 del self.peers[key]
 
 
-# The settings the node side (Inventory, NodePool, NameResolver) is built from: a reload that
-# changes one of them replaces it, with its connections and caches; any other change keeps it.
-NODE_SETTINGS = ("nodes", "pve_dir", "strict_node_validation", "local_sensors", "host_key_policy",
-                 "ssh", "breaker_cooldown_seconds", "node_min_interval_seconds", "ssh_dir",
-                 "disk_temperatures", "smart_interval", "local_smart_file")
+class Dispatcher:
+    """From a socket peer's request line to its reply: the peer's capabilities, its rate
+    limit, the method table, the handler's timeout, and one audit record per request.
+    The limits and peers are those of the daemon's current settings (`daemon.settings`)."""
 
-
-class Daemon:
-    """State shared by every connection: config, limiter, metrics, log."""
-
-    def __init__(self, config, log=None, clock=time.monotonic):
-        self.log = log or AuditLog(config["log_level"])
-        self.metrics = new_metrics()
-        self.clock = clock
-        self.started = clock()
+    def __init__(self, daemon):
+        self.daemon, self.metrics, self.log = daemon, daemon.metrics, daemon.log
         self.own_uid = os.geteuid()
+        self.refusals = RefusalSummary(daemon.log, clock=daemon.clock)
         self.in_flight = 0
-        self.handlers = set()
-        self.slots = ConnectionSlots(MAX_CONNECTIONS, self.evicted, lambda count: self.metrics.set(
-            "pulse_proxy_connections", count))
-        self.metrics_slots = ConnectionSlots(MAX_METRICS_CONNECTIONS, lambda task, _: task.cancel())
-        self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
-        self.refusals = RefusalSummary(self.log, clock=clock)
-        self.public_key_stamp = self.public_key_line = None
-        self.config = self.node_settings = None
-        self.closing = set()        # pools of an older config, closing their connections
-        self.apply_config(config)
-
-    def apply_config(self, config):
-        """Switch to a validated config (start and SIGHUP)."""
-        self.config = config
-        self.log.level = LOG_LEVELS[config["log_level"]]
-        ranges = []
-        if config["allow_idmapped_root"]:
-            try:
-                with open(config["subuid_file"]) as handle:
-                    ranges = parse_subuid(handle.read(MAX_CONFIG_BYTES))
-            except OSError:
-                pass
-        self.idmapped_ranges = ranges
-        node_settings = {key: config[key] for key in NODE_SETTINGS}
-        if node_settings != self.node_settings:
-            if self.node_settings is not None:
-                # kept until it is done, and awaited at shutdown with the running pool
-                closing = asyncio.ensure_future(self.pool.close())
-                self.closing.add(closing)
-                closing.add_done_callback(self.closing.discard)
-            self.node_settings = node_settings
-            self.inventory = Inventory(config, self.log, self.clock)
-            self.pool = NodePool(config, self.log, self.metrics, self.clock)
-            self.names = NameResolver(self.clock)
-        limits = config["rate_limit"]
-        self.limiter = RateLimiter(limits["per_minute"], limits["burst"], limits["max_concurrent"],
-                                   clock=self.clock,
-                                   per_node_per_minute=limits["per_node_per_minute"],
-                                   per_node_burst=limits["per_node_burst"],
-                                   node_count=lambda: len(self.inventory.current()))
-        if not config["allowed_source_subnets"]:
-            detected = detect_host_networks()
-            self.source_subnets = detected
-            self.log.log("warning", "allowed_source_subnets is empty; using this host's addresses",
-                         subnets=detected)
-        else:
-            self.source_subnets = config["allowed_source_subnets"]
-
-    def public_key(self):
-        """The key's public line, read again only when the file changed (rotation writes a
-        new file), not on every get_status."""
-        path = os.path.join(self.config["ssh_dir"], KEY_NAME + ".pub")
-        try:
-            info = os.stat(path)
-            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-        except OSError:
-            stamp = None
-        if stamp is None or stamp != self.public_key_stamp:
-            self.public_key_stamp, self.public_key_line = stamp, read_public_key(
-                self.config["ssh_dir"])
-        return self.public_key_line
 
     def peer(self, sock):
+        settings = self.daemon.settings
         pid, uid, gid = peer_credentials(sock)
-        caps = peer_capabilities(uid, gid, self.own_uid, self.config["allowed_peers"],
-                                 self.idmapped_ranges)
+        caps = peer_capabilities(uid, gid, self.own_uid, settings.config["allowed_peers"],
+                                 settings.idmapped_ranges)
         return Peer(uid, gid, pid, caps)
 
-    # -- one connection ----------------------------------------------------------------------
+    def exhausted(self, peer):
+        return self.daemon.settings.limiter.exhausted(peer.limit_key)
 
-    @property
-    def waiting(self):
-        return self.slots.waiting
+    async def handle(self, peer, line, started):
+        """Answer one request line: (correlation_id, error or None, response bytes)."""
+        corr_id, method, node = None, None, None
+        try:
+            try:
+                corr_id, method, params = parse_request(line)
+            except RequestError as exc:
+                corr_id = exc.corr_id or corr_id
+                raise
+            node = params.get("node") if isinstance(params.get("node"), str) else None
+            data = await self.call(peer, method, params, corr_id)
+        except RequestError as exc:
+            error = exc.args[0]
+            corr_id = corr_id or str(uuid.uuid4())
+            if error in CHARGED_REFUSALS:
+                self.charge_refusal(peer, error)
+            self.audit(peer, corr_id, method, started, error, node)
+            return corr_id, error, response_line(corr_id, error=error)
+        except Exception:
+            corr_id = corr_id or str(uuid.uuid4())
+            self.log.log("error", "Method failed", corr_id=corr_id,
+                         error=traceback.format_exc(limit=5))
+            self.audit(peer, corr_id, method, started, E_INTERNAL, node)
+            return corr_id, E_INTERNAL, response_line(corr_id, error=E_INTERNAL)
+        self.audit(peer, corr_id, method, started, None, node)
+        return corr_id, None, response_line(corr_id, data=data)
 
-    def evict_waiting(self):
-        return self.slots.give_way()
+    async def call(self, peer, method, params, corr_id):
+        """The method's data for a peer allowed to call it within its limits; RequestError
+        otherwise."""
+        if not peer.capabilities:
+            raise RequestError(E_UNAUTHORIZED)
+        name = METHOD_ALIASES.get(method, method)
+        if name not in METHODS:
+            raise RequestError(E_UNKNOWN_METHOD)
+        capability, handler = METHODS[name]
+        if capability not in peer.capabilities:
+            raise RequestError(E_FORBIDDEN_CLEANUP if capability == CAP_CLEANUP else E_FORBIDDEN)
+        key, limiter = peer.limit_key, self.daemon.settings.limiter
+        if not limiter.acquire(key):
+            self.metrics.inc("pulse_proxy_rate_limit_hits_total")
+            raise RequestError(E_RATE_LIMITED)
+        self.in_flight += 1
+        self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
+        try:
+            async with asyncio.timeout(HANDLER_TIMEOUT):
+                return await handler(self.daemon, peer, params, corr_id)
+        except TimeoutError:
+            raise RequestError(E_TIMEOUT) from None
+        finally:
+            self.in_flight -= 1
+            self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
+            limiter.release(key)
+
+    def charge_refusal(self, peer, error):
+        """A refused request costs its peer a token like a valid one, so a flood of them is
+        paused by pause_over_limit as any other flood is."""
+        self.metrics.inc("pulse_proxy_refused_requests_total", (result_for_error(error),))
+        if not self.daemon.settings.limiter.charge(peer.limit_key):
+            self.metrics.inc("pulse_proxy_rate_limit_hits_total")
+
+    def audit(self, peer, corr_id, method, started, error, node=None):
+        latency = time.monotonic() - started
+        label = METHOD_ALIASES.get(method, method) if method in METHODS or method in METHOD_ALIASES \
+            else "unknown"
+        result = "success" if error is None else result_for_error(error)
+        self.metrics.inc("pulse_proxy_rpc_requests_total", (label, result))
+        self.metrics.observe("pulse_proxy_rpc_latency_seconds", latency, (label,))
+        # One record per request; a refusal by the limiter is the "Rate limit exceeded" line
+        # operators grep for, so a flood costs one log write per request, not two.
+        if error in REFUSALS and not self.refusals.record(peer, error):
+            return      # counted in the peer's summary line
+        message = "RPC request" if error is None else \
+            "Rate limit exceeded" if error == E_RATE_LIMITED else "RPC request failed"
+        self.log.log("info" if error is None else "warning", message,
+                     corr_id=corr_id, uid=peer.uid, gid=peer.gid, pid=peer.pid,
+                     method=method[:64] if isinstance(method, str) else None,
+                     node=sanitize_label(node) if node is not None else None, result=result,
+                     latency_ms=round(latency * 1000, 3), error=error)
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: the socket listener
+# ---------------------------------------------------------------------------------------------
+
+
+class SocketListener:
+    """The Unix socket's connections: each peer identified, its requests read (one per
+    connection, as Pulse connects, or many on one), answered by the dispatcher and written
+    back; at the connection cap, the connection waiting longest gives way."""
+
+    def __init__(self, daemon, dispatcher):
+        self.daemon, self.dispatcher = daemon, dispatcher
+        self.slots = ConnectionSlots(MAX_CONNECTIONS, self.evicted, lambda count: (
+            daemon.metrics.set("pulse_proxy_connections", count)))
+        self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
+
+    def connection(self):
+        """A new connection (the protocol factory of the socket's server)."""
+        return Connection(self.serve_connection)
 
     def evicted(self, task, holder):
         """Giving way at the cap: the connection gets `server busy` (unless it is not reading,
         then it gets nothing more) and is closed."""
         connection, peer = holder
-        self.audit(peer, None, None, time.monotonic(), E_BUSY)
+        self.dispatcher.audit(peer, None, None, time.monotonic(), E_BUSY)
         if not connection.transport.get_write_buffer_size():
             connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
         task.cancel()
 
-    def connection(self):
-        """A new socket connection (the protocol factory of the socket's listener)."""
-        return Connection(self.serve_connection)
-
     async def serve_connection(self, connection):
         task = asyncio.current_task()
-        self.handlers.add(task)
+        handlers = self.daemon.handlers
+        handlers.add(task)
         admitted = self.slots.take()
         try:
-            await self._serve_connection(connection, task, admitted)
+            await self.converse(connection, task, admitted)
         except WriteTimeout:
-            self.metrics.inc("pulse_proxy_write_timeouts_total", ("socket",))
+            self.daemon.metrics.inc("pulse_proxy_write_timeouts_total", ("socket",))
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:       # a bug must cost one connection, never the daemon
-            self.log.log("error", "Connection handler failed", error=traceback.format_exc(limit=5))
+            self.daemon.log.log("error", "Connection handler failed",
+                                error=traceback.format_exc(limit=5))
         finally:
-            self.handlers.discard(task)
+            handlers.discard(task)
             self.slots.leave(task)
             connection.close()
 
-    async def _serve_connection(self, connection, task, admitted):
-        peer = self.peer(connection.transport.get_extra_info("socket"))
+    async def converse(self, connection, task, admitted):
+        dispatcher = self.dispatcher
+        peer = dispatcher.peer(connection.transport.get_extra_info("socket"))
         if not admitted:
-            self.audit(peer, None, None, time.monotonic(), E_BUSY)
+            dispatcher.audit(peer, None, None, time.monotonic(), E_BUSY)
             connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
             await connection.drain()
             return
@@ -4466,37 +4612,23 @@ class Daemon:
                 # yields as one waiting for a request, so at the cap it can give way meanwhile.
                 await asyncio.sleep(0)
             started = time.monotonic()
-            http_form = False
             try:
-                async with asyncio.timeout(READ_TIMEOUT):    # for the whole request, not the answer
-                    line = await connection.readline()
-                    if first and HTTP_REQUEST_LINE.match(line):
-                        http_form = True
-                        line = (await self.read_http_body(connection)).replace(b"\n", b" ")
+                line, http_form = await read_request(connection, first)
             except ConnectionClosed as closed:
                 if closed.partial:
-                    self.audit(peer, None, None, started, E_INVALID)
+                    dispatcher.audit(peer, None, None, started, E_INVALID)
                 return
-            except TimeoutError:
-                if first or connection.buffer:
-                    await self.refuse(peer, connection, started, E_READ_TIMEOUT, http_form)
+            except UnreadRequest as unread:
+                await self.refuse(peer, connection, started, unread)
                 return
-            except RequestError as exc:
-                # the rest of a refused request cannot be told from a new one: close
-                await self.refuse(peer, connection, started, exc.args[0], http_form)
-                return
-            if self.limiter.exhausted(peer.limit_key):
+            if dispatcher.exhausted(peer):
                 await self.pause_over_limit(task, connection, peer)
                 started = time.monotonic()
             self.slots.busy(task)
-            corr_id, error, reply = await self.handle(peer, line, started)
-            if http_form:       # always `Connection: close`
-                connection.write(http_response(status_for_error(error) if error else 200, reply))
-                await self.drain(task, connection, peer)
-                return
-            connection.write(reply)
+            _, error, reply = await dispatcher.handle(peer, line, started)
+            connection.write(encode_reply(reply, error, http_form))
             await self.drain(task, connection, peer)
-            if error == E_UNAUTHORIZED:
+            if http_form or error == E_UNAUTHORIZED:     # HTTP: always `Connection: close`
                 return
             first = False
 
@@ -4524,172 +4656,186 @@ class Daemon:
         connection cap it can give way like one waiting for a request.
         """
         self.pausing += 1
-        self.slots.idle(task, (connection, peer))   # set by _serve_connection too; evictable alone
+        self.slots.idle(task, (connection, peer))   # set by converse too; evictable alone
         try:
             await asyncio.sleep(RATE_LIMIT_PAUSE * self.pausing * (0.5 + random.random()))
         finally:
             self.pausing -= 1
 
-    async def refuse(self, peer, connection, started, error, http_form):
+    async def refuse(self, peer, connection, started, unread):
         """Answer a request that could not be read, in the form it came in."""
-        self.audit(peer, None, None, started, error)
-        reply = response_line(str(uuid.uuid4()), error=error)
-        connection.write(http_response(status_for_error(error), reply) if http_form else reply)
+        self.dispatcher.audit(peer, None, None, started, unread.error)
+        reply = response_line(str(uuid.uuid4()), error=unread.error)
+        connection.write(encode_reply(reply, unread.error, unread.http_form))
         await connection.drain()
 
-    @staticmethod
-    async def read_http_body(connection):
-        """The body of an HTTP/1.x request whose request line was read: the JSON request."""
-        head = []
-        budget = MAX_REQUEST_BYTES
-        while True:
-            raw = (await connection.readline(budget)).rstrip(b"\r")
-            if not raw:
-                break
-            budget -= len(raw) + 2
-            if budget < 0:
-                raise RequestError(E_TOO_LARGE)
-            head.append(raw)
-        headers = parse_http_head(head)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise RequestError(E_INVALID)
-        # ASCII digits only (str.isdigit takes "²"), and no int() of thousands of digits.
-        length = headers.get("content-length", "0")
-        if not (length.isascii() and length.isdigit()):
-            raise RequestError(E_INVALID)
-        length = length.lstrip("0") or "0"
-        if len(length) > 9 or int(length) > MAX_REQUEST_BYTES:
-            raise RequestError(E_TOO_LARGE)
-        if headers.get("expect", "").lower() == "100-continue":
-            connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await connection.readexactly(int(length))
 
-    # -- one request -------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# I/O: metrics and health over HTTP
+# ---------------------------------------------------------------------------------------------
 
-    async def handle(self, peer, line, started):
-        """Answer one request line: (correlation_id, error or None, response bytes)."""
-        corr_id, method, node = None, None, None
-        try:
-            try:
-                corr_id, method, params = parse_request(line)
-            except RequestError as exc:
-                corr_id = exc.corr_id or corr_id
-                raise
-            node = params.get("node") if isinstance(params.get("node"), str) else None
-            if not peer.capabilities:
-                raise RequestError(E_UNAUTHORIZED)
-            name = METHOD_ALIASES.get(method, method)
-            if name not in METHODS:
-                raise RequestError(E_UNKNOWN_METHOD)
-            capability, handler = METHODS[name]
-            if capability not in peer.capabilities:
-                raise RequestError(E_FORBIDDEN_CLEANUP if capability == CAP_CLEANUP else E_FORBIDDEN)
-            key = peer.limit_key
-            if not self.limiter.acquire(key):
-                self.metrics.inc("pulse_proxy_rate_limit_hits_total")
-                raise RequestError(E_RATE_LIMITED)
-            self.in_flight += 1
-            self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
-            try:
-                async with asyncio.timeout(HANDLER_TIMEOUT):
-                    data = await handler(self, peer, params, corr_id)
-            except TimeoutError:
-                raise RequestError(E_TIMEOUT) from None
-            finally:
-                self.in_flight -= 1
-                self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
-                self.limiter.release(key)
-        except RequestError as exc:
-            error = exc.args[0]
-            corr_id = corr_id or str(uuid.uuid4())
-            if error in CHARGED_REFUSALS:
-                self.charge_refusal(peer, error)
-            self.audit(peer, corr_id, method, started, error, node)
-            return corr_id, error, response_line(corr_id, error=error)
-        except Exception:
-            corr_id = corr_id or str(uuid.uuid4())
-            self.log.log("error", "Method failed", corr_id=corr_id,
-                         error=traceback.format_exc(limit=5))
-            self.audit(peer, corr_id, method, started, E_INTERNAL, node)
-            return corr_id, E_INTERNAL, response_line(corr_id, error=E_INTERNAL)
-        self.audit(peer, corr_id, method, started, None, node)
-        return corr_id, None, response_line(corr_id, data=data)
 
-    def charge_refusal(self, peer, error):
-        """A refused request costs its peer a token like a valid one, so a flood of them is
-        paused by pause_over_limit as any other flood is."""
-        self.metrics.inc("pulse_proxy_refused_requests_total", (result_for_error(error),))
-        if not self.limiter.charge(peer.limit_key):
-            self.metrics.inc("pulse_proxy_rate_limit_hits_total")
+class MetricsListener:
+    """`GET /metrics` (Prometheus) and `GET /health` on metrics_address, one request per
+    connection; a scraper that does not read its reply gives way at the cap."""
 
-    def audit(self, peer, corr_id, method, started, error, node=None):
-        latency = time.monotonic() - started
-        label = METHOD_ALIASES.get(method, method) if method in METHODS or method in METHOD_ALIASES \
-            else "unknown"
-        result = "success" if error is None else result_for_error(error)
-        self.metrics.inc("pulse_proxy_rpc_requests_total", (label, result))
-        self.metrics.observe("pulse_proxy_rpc_latency_seconds", latency, (label,))
-        # One record per request; a refusal by the limiter is the "Rate limit exceeded" line
-        # operators grep for, so a flood costs one log write per request, not two.
-        if error in REFUSALS and not self.refusals.record(peer, error):
-            return      # counted in the peer's summary line
-        message = "RPC request" if error is None else \
-            "Rate limit exceeded" if error == E_RATE_LIMITED else "RPC request failed"
-        self.log.log("info" if error is None else "warning", message,
-                     corr_id=corr_id, uid=peer.uid, gid=peer.gid, pid=peer.pid,
-                     method=method[:64] if isinstance(method, str) else None,
-                     node=sanitize_label(node) if node is not None else None, result=result,
-                     latency_ms=round(latency * 1000, 3), error=error)
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.slots = ConnectionSlots(MAX_METRICS_CONNECTIONS, lambda task, _: task.cancel())
 
-    # -- metrics and health over HTTP --------------------------------------------------------
+    def connection(self):
+        return Connection(self.serve_connection)
 
-    def metrics_connection(self):
-        return Connection(self.serve_metrics_connection)
-
-    async def serve_metrics_connection(self, connection):
+    async def serve_connection(self, connection):
         task = asyncio.current_task()
-        if not self.metrics_slots.take():
-            self.metrics_slots.leave(task)
+        if not self.slots.take():
+            self.slots.leave(task)
             connection.transport.close()
             return
-        self.metrics_slots.idle(task, None)
+        self.slots.idle(task, None)
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 request = (await connection.readline(8192)).rstrip(b"\r").split()
                 while (await connection.readline(8192)).rstrip(b"\r"):
                     pass
-            self.metrics_slots.busy(task)
-            connection.write(self.metrics_response(request))
-            self.metrics_slots.idle(task, None)     # a scraper that does not read gives way
+            self.slots.busy(task)
+            connection.write(self.response(request))
+            self.slots.idle(task, None)
             await connection.drain()
         except WriteTimeout:
-            self.metrics.inc("pulse_proxy_write_timeouts_total", ("metrics",))
+            self.daemon.metrics.inc("pulse_proxy_write_timeouts_total", ("metrics",))
         except (RequestError, ConnectionClosed, TimeoutError, ConnectionError,
                 asyncio.CancelledError):
             pass
         finally:
-            self.metrics_slots.leave(task)
+            self.slots.leave(task)
             connection.close()
 
-    def metrics_response(self, request):
+    def response(self, request):
+        daemon = self.daemon
         if len(request) != 3 or not request[2].startswith(b"HTTP/1."):
             return http_response(400, b"bad request\n", "text/plain")
         if request[0] not in (b"GET", b"HEAD"):
             return http_response(405, b"method not allowed\n", "text/plain")
         path = request[1].split(b"?")[0]
         if path == b"/metrics":
-            self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
-            self.metrics.set("pulse_proxy_audit_dropped_total", self.log.dropped_total)
-            self.pool.report_smart_ages(time.time())
-            return http_response(200, self.metrics.render().encode(),
+            daemon.metrics.set("pulse_proxy_queue_depth", daemon.dispatcher.in_flight)
+            daemon.metrics.set("pulse_proxy_audit_dropped_total", daemon.log.dropped_total)
+            daemon.pool.report_smart_ages(time.time())
+            return http_response(200, daemon.metrics.render().encode(),
                                  "text/plain; version=0.0.4; charset=utf-8")
         if path == b"/health":
-            healthy = bool(self.public_key())
+            healthy = bool(daemon.public_key())
             body = json.dumps({"status": "ok" if healthy else "unavailable",
                                "version": __version__,
-                               "uptime_seconds": round(self.clock() - self.started, 3)}).encode()
+                               "uptime_seconds": round(daemon.clock() - daemon.started, 3)}).encode()
             return http_response(200 if healthy else 503, body + b"\n")
         return http_response(404, b"not found\n", "text/plain")
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: the daemon (config, nodes and listeners wired together)
+# ---------------------------------------------------------------------------------------------
+
+# The settings the node side (Inventory, NodePool, NameResolver) is built from: a reload that
+# changes one of them replaces it, with its connections and caches; any other change keeps it.
+NODE_SETTINGS = ("nodes", "pve_dir", "strict_node_validation", "local_sensors", "host_key_policy",
+                 "ssh", "breaker_cooldown_seconds", "node_min_interval_seconds", "ssh_dir",
+                 "disk_temperatures", "smart_interval", "local_smart_file")
+
+
+class Settings(typing.NamedTuple):
+    """What one config makes of the daemon, swapped as one on a reload: the config itself (a
+    read-only view), and what is derived from it for every request."""
+    config: typing.Mapping
+    limiter: "RateLimiter"
+    idmapped_ranges: list
+    source_subnets: list
+
+
+class NodeSide(typing.NamedTuple):
+    """Who the nodes are and how they are read; kept over a reload that changes none of
+    NODE_SETTINGS, so that its connections and caches survive it."""
+    settings: dict
+    inventory: "Inventory"
+    pool: "NodePool"
+    names: "NameResolver"
+
+
+class Daemon:
+    """The daemon's parts wired together: settings and node side (both swapped whole on a
+    reload), the dispatcher, the socket and metrics listeners, metrics and the log."""
+
+    def __init__(self, config, log=None, clock=time.monotonic):
+        self.log = log or AuditLog(config["log_level"])
+        self.metrics = new_metrics()
+        self.clock = clock
+        self.started = clock()
+        self.handlers = set()       # every connection's task, of every listener: shutdown waits
+        self.closing = set()        # pools of an older config, closing their connections
+        self.public_key_stamp = self.public_key_line = None
+        self.settings = self.nodes = None
+        self.apply_config(config)
+        self.dispatcher = Dispatcher(self)
+        self.socket = SocketListener(self, self.dispatcher)
+        self.metrics_listener = MetricsListener(self)
+
+    # A handler reads what it needs of the current settings and node side through these.
+    config = property(lambda self: self.settings.config)
+    limiter = property(lambda self: self.settings.limiter)
+    source_subnets = property(lambda self: self.settings.source_subnets)
+    inventory = property(lambda self: self.nodes.inventory)
+    pool = property(lambda self: self.nodes.pool)
+    names = property(lambda self: self.nodes.names)
+
+    def apply_config(self, config):
+        """Switch to a validated config (start and SIGHUP): everything it makes is made first,
+        then swapped in at once."""
+        config = types.MappingProxyType(dict(config))
+        ranges = []
+        if config["allow_idmapped_root"]:
+            try:
+                with open(config["subuid_file"]) as handle:
+                    ranges = parse_subuid(handle.read(MAX_CONFIG_BYTES))
+            except OSError:
+                pass
+        node_settings = {key: config[key] for key in NODE_SETTINGS}
+        nodes = self.nodes
+        if nodes is None or node_settings != nodes.settings:
+            nodes = NodeSide(node_settings, Inventory(config, self.log, self.clock),
+                             NodePool(config, self.log, self.metrics, self.clock),
+                             NameResolver(self.clock))
+        limits = config["rate_limit"]
+        limiter = RateLimiter(limits["per_minute"], limits["burst"], limits["max_concurrent"],
+                              clock=self.clock, per_node_per_minute=limits["per_node_per_minute"],
+                              per_node_burst=limits["per_node_burst"],
+                              node_count=lambda: len(nodes.inventory.current()))
+        subnets = config["allowed_source_subnets"]
+        if not subnets:
+            subnets = detect_host_networks()
+            self.log.log("warning", "allowed_source_subnets is empty; using this host's addresses",
+                         subnets=subnets)
+        if self.nodes is not None and nodes is not self.nodes:
+            # kept until it is done, and awaited at shutdown with the running pool
+            closing = asyncio.ensure_future(self.nodes.pool.close())
+            self.closing.add(closing)
+            closing.add_done_callback(self.closing.discard)
+        self.log.level = LOG_LEVELS[config["log_level"]]
+        self.settings, self.nodes = Settings(config, limiter, ranges, subnets), nodes
+
+    def public_key(self):
+        """The key's public line, read again only when the file changed (rotation writes a
+        new file), not on every get_status."""
+        path = os.path.join(self.config["ssh_dir"], KEY_NAME + ".pub")
+        try:
+            info = os.stat(path)
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None
+        if stamp is None or stamp != self.public_key_stamp:
+            self.public_key_stamp, self.public_key_line = stamp, read_public_key(
+                self.config["ssh_dir"])
+        return self.public_key_line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4901,7 +5047,7 @@ class HttpsFront:
             method, path, keep_alive = "-", "-", False
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
-                    method, path, query, headers, keep_alive = await self.read_request(connection)
+                    method, path, query, headers, keep_alive = await read_https_request(connection)
                 self.slots.busy(task)
                 status, data, node = await self.answer(client, method, path, query, headers)
             except HttpRefusal as exc:
@@ -4916,33 +5062,6 @@ class HttpsFront:
                 return True
             idle = HTTPS_IDLE_TIMEOUT
 
-    @staticmethod
-    async def read_request(connection):
-        """One request's head (bounded) and its body, which a GET may have and nobody reads."""
-        head, budget = [], MAX_HTTP_HEAD_BYTES
-        while True:
-            try:
-                raw = (await connection.readline(budget)).rstrip(b"\r")
-            except RequestError:
-                raise HttpRefusal(431, "request head too large") from None
-            if not raw:
-                if head:
-                    break
-                continue            # a stray empty line before the request line is allowed
-            budget -= len(raw) + 2
-            if budget < 0:
-                raise HttpRefusal(431, "request head too large")
-            head.append(raw)
-        method, path, query, headers, keep_alive = parse_https_request(b"\r\n".join(head))
-        if "transfer-encoding" in headers:
-            raise HttpRefusal(400, "chunked request bodies are not accepted")
-        length = headers.get("content-length", "0")
-        if not (length.isascii() and length.isdigit()) or len(length) > 9:
-            raise HttpRefusal(400, "invalid Content-Length")
-        if int(length) > MAX_REQUEST_BYTES:
-            raise HttpRefusal(413, "request body too large")
-        await connection.readexactly(int(length))
-        return method, path, query, headers, keep_alive
 
     async def answer(self, client, method, path, query, headers):
         """(status, JSON data, node) of one request that was read whole."""
@@ -5018,12 +5137,12 @@ async def start_metrics_server(daemon):
     if address == "disabled":
         return None
     host, port = parse_host_port(address)
-    return await asyncio.get_running_loop().create_server(daemon.metrics_connection, host, port,
-                                                          reuse_address=True)
+    return await asyncio.get_running_loop().create_server(daemon.metrics_listener.connection,
+                                                          host, port, reuse_address=True)
 
 
 async def start_socket_server(daemon, path):
-    return await asyncio.get_running_loop().create_unix_server(daemon.connection, path=path,
+    return await asyncio.get_running_loop().create_unix_server(daemon.socket.connection, path=path,
                                                                backlog=512)
 
 
@@ -5035,7 +5154,7 @@ async def run_daemon(config, log, ready=None):
     try:
         return await _run_daemon(daemon, config, log, loop, ready)
     finally:
-        daemon.refusals.flush()
+        daemon.dispatcher.refusals.flush()
         log.write_synchronously()
 
 
@@ -5103,16 +5222,16 @@ async def _run_daemon(daemon, config, log, loop, ready):
     os.chmod(path, SOCKET_MODE)
     socket_inode = os.stat(path).st_ino
     log.log("info", "Serving", socket=path, version=__version__, metrics=config["metrics_address"],
-            https=config["http_listen_addr"] if front else None, uid=daemon.own_uid)
+            https=config["http_listen_addr"] if front else None, uid=daemon.dispatcher.own_uid)
     sd_notify("READY=1")
     if ready:
         ready(daemon)
-    reporter = asyncio.ensure_future(report_refusals(daemon.refusals))
+    reporter = asyncio.ensure_future(report_refusals(daemon.dispatcher.refusals))
     await stop.wait()
     reporter.cancel()
 
     sd_notify("STOPPING=1")
-    log.log("info", "Shutting down", in_flight=daemon.in_flight)
+    log.log("info", "Shutting down", in_flight=daemon.dispatcher.in_flight)
     server.close()
     for other in (metrics_server, https_server):
         if other:

@@ -402,7 +402,7 @@ def test_sanitize_label():
 
 
 def test_a_method_over_the_handler_timeout_answers_timeout(monkeypatch):
-    """Daemon.handle in-process with a method that never ends (no real method can be made to
+    """Dispatcher.handle in-process with a method that never ends (no real method can be made to
     take 30 s without waiting 30 s)."""
     import asyncio
 
@@ -416,7 +416,7 @@ def test_a_method_over_the_handler_timeout_answers_timeout(monkeypatch):
 
     async def ask():
         daemon = psp.Daemon(config, psp.AuditLog("error"))
-        return await asyncio.wait_for(daemon.handle(peer, b'{"method": "get_status"}', 0.0), 20)
+        return await asyncio.wait_for(daemon.dispatcher.handle(peer, b'{"method": "get_status"}', 0.0), 20)
 
     corr_id, error, reply = asyncio.run(ask())
     assert error == "timeout" and json.loads(reply)["error"] == "timeout"
@@ -428,7 +428,7 @@ def test_the_example_config_is_valid():
 
 
 def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch):
-    """Daemon.pause_over_limit in-process: each request of a peer over its limit waiting
+    """SocketListener.pause_over_limit in-process: each request of a peer over its limit waiting
     lengthens the wait (so refusals reach the loop at a bounded rate however many connections
     flood), and a waiting connection is idle, so at the connection cap it is the one that gives
     way."""
@@ -466,20 +466,20 @@ def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch)
         all_waiting.append(asyncio.Event())
 
         async def refused_connection(writer):
-            await daemon.pause_over_limit(asyncio.current_task(), writer, peer)
+            await daemon.socket.pause_over_limit(asyncio.current_task(), writer, peer)
 
         tasks = [asyncio.create_task(refused_connection(writer)) for writer in writers]
         await all_waiting[0].wait()
         assert waits == [psp.RATE_LIMIT_PAUSE * n for n in (1, 2, 3)]
-        assert daemon.pausing == 3 and list(daemon.waiting) == tasks
-        assert daemon.evict_waiting()
+        assert daemon.socket.pausing == 3 and list(daemon.socket.slots.waiting) == tasks
+        assert daemon.socket.slots.give_way()
         await asyncio.wait([tasks[0]])
-        assert tasks[0].cancelled() and daemon.pausing == 2
+        assert tasks[0].cancelled() and daemon.socket.pausing == 2
         assert json.loads(writers[0].data)["error"] == psp.E_BUSY
         assert writers[1].data == writers[2].data == b""
         for task in tasks[1:]:
             task.cancel()
         await asyncio.wait(tasks[1:])
-        return daemon.pausing
+        return daemon.socket.pausing
 
     assert asyncio.run(scenario()) == 0
