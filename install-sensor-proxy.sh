@@ -316,6 +316,12 @@ parse_args() {
     return 0
 }
 
+# freeze_options: every option readonly once parse_args has set them, so no step changes one.
+freeze_options() {
+    readonly ACTION CTIDS STANDALONE PYZ VERSION URL SUBNETS ROTATION ALLOW_CLEANUP NO_RESTART PURGE \
+             RESTORE_ORIGINAL DRY_RUN QUIET HTTP_MODE HTTP_ADDR PULSE_SERVER PROXY_URL HTTP_CLIENTS
+}
+
 choose_from_menu() {
     local answer ids
     printf 'pulse-sensor-proxy installer\n  [1] Install or update  [2] Remove  [3] Cancel\nChoice: '
@@ -1812,14 +1818,13 @@ do_uninstall() {
     return 0
 }
 
-cleanup() { [ -n "$WORK" ] && rm -rf "$WORK"; }
+cleanup() { [ -z "$WORK" ] || rm -rf "$WORK"; }
 # The work directory goes on any exit; an err from a subshell (its USR1) stops the script.
 set_traps() { trap cleanup EXIT; trap stop_failed USR1; }
 
 main() {
     parse_args "$@"
-    readonly ACTION CTIDS STANDALONE PYZ VERSION URL SUBNETS ROTATION ALLOW_CLEANUP NO_RESTART PURGE \
-             RESTORE_ORIGINAL DRY_RUN QUIET HTTP_MODE HTTP_ADDR PULSE_SERVER PROXY_URL HTTP_CLIENTS
+    freeze_options
     WORK=$(mktemp -d)
     set_traps
     [ "$DRY_RUN" -eq 1 ] && say "Dry run: printing what would be done; nothing is changed."

@@ -6,6 +6,7 @@ The real install, under a booted systemd, is tests/system/test_install_systemd.p
 import fcntl
 import os
 import pty
+import re
 import shutil
 import socket
 import stat
@@ -371,6 +372,43 @@ class TestCommandLine:
         assert b"[1] Install or update  [2] Remove  [3] Cancel" in output
         assert b"Cancelled: nothing changed." in output
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def globals_of_block(heading):
+    """The names the installer assigns at top level in the block under the comment HEADING."""
+    block = SCRIPT.read_text().split(f"\n{heading}", 1)[1].split("\n\n", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^(?:readonly |declare -A )?([A-Z_]+)=", block, re.M)]
+
+
+class TestGlobals:
+    """State lives in few, named places: the paths and the options are readonly (the options
+    once parse_args has set them), the rest is the run state block, each variable in it saying
+    who sets it."""
+
+    def test_paths_and_options_are_readonly_once_parsed(self):
+        options, paths = globals_of_block("# Options:"), globals_of_block("# Every path on the host")
+        assert "ACTION" in options and "HTTP_CLIENTS" in options and "CONFIG" in paths
+        result = subprocess.run(
+            ["bash", "-c", f'. "{SCRIPT}"; parse_args --standalone; freeze_options; '
+                           f'declare -p {" ".join(options + paths)}; DRY_RUN=1; echo went on'],
+            env={**os.environ, "PULSE_INSTALLER_LIB": "1"}, capture_output=True, text=True)
+        for name in options + paths:
+            assert re.search(rf"^declare -[aA]?r {name}=", result.stdout, re.M), name
+        assert "went on" not in result.stdout and "DRY_RUN: readonly variable" in result.stderr
+
+    def test_every_other_global_is_run_state_or_readonly(self):
+        run_state = globals_of_block("# Run state:")
+        assert len(run_state) <= 15, run_state
+        top_level = re.findall(r"^(?:declare -A )?([A-Z_]+)=", SCRIPT.read_text(), re.M)
+        assert sorted(top_level) == sorted(globals_of_block("# Options:") + run_state)
+        block = SCRIPT.read_text().split("\n# Run state:", 1)[1].split("\n\n", 1)[0]
+        for line in block.splitlines()[1:]:
+            assert re.match(r"^(declare -A )?[A-Z_]+=\S*\s+# [a-z_]+", line), f"who sets it: {line}"
+
+    def test_min_python_is_the_pyz_launchers_lowest(self):
+        launcher = (REPO / "packaging/pyz_main.py").read_text()
+        lowest = re.search(r"^PYTHONS = \(\((\d+), (\d+)\)", launcher, re.M).groups()
+        assert re.search(r"^readonly MIN_PYTHON=(\S+)", SCRIPT.read_text(), re.M).group(1) == ".".join(lowest)
 
 
 IP_ADDR_PVE = REPO / "tests/fixtures/net/ip-addr-pve.json"
