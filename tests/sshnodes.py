@@ -38,7 +38,9 @@ e.g. a read-only bind mount or a small full tmpfs over ~/.ssh; `in_namespace(pat
 through it).  `authorize_elsewhere(line)` puts a key in sshd's second AuthorizedKeysFile.
 
 The accounts are a machine-wide pool under one base dir, leased with flock, so
-concurrent test runs never share an account, home or node state.  Needs root.
+concurrent test runs never share an account, home or node state.  A lease kills what
+still runs as the account in this PID namespace (a killed run's leftovers), never a
+container's process that has the same uid.  Needs root.
 """
 
 from __future__ import annotations
@@ -449,13 +451,20 @@ def _descendants(pid: int) -> list[int]:
 
 
 def pids_of_uid(uid: int) -> list[int]:
-    """Live (non-zombie) processes running as uid."""
+    """Live (non-zombie) processes running as uid in this PID namespace.
+
+    Not those of a container, a booted system-test guest say: it shares this host's uids (no
+    user namespace), so its own accounts may have a node account's uid, and a lease would
+    kill their sessions."""
+    own_namespace = os.readlink("/proc/self/ns/pid")
     pids = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             status = Path(entry.path, "status").read_text()
+            if os.readlink(f"{entry.path}/ns/pid") != own_namespace:
+                continue
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import wait_for
 from sshnodes import (FIXTURES_DIR, Keypair, NetNamespace, SshLab, SshNode, Tarpit, pid_running,
-                      restricted_key_line, ssh_command)
+                      pids_of_uid, restricted_key_line, ssh_command)
 
 INTEL = (FIXTURES_DIR / "intel-coretemp-nvme.json").read_bytes()
 AMD = (FIXTURES_DIR / "amd-k10temp-gpu.json").read_bytes()
@@ -120,6 +120,37 @@ def test_sleep_mode_stalls_and_ends_with_its_session(ssh_node, client_key, tmp_p
         client.kill()
         client.communicate()
     wait_for(lambda: not ssh_node.session_pids(), what="the stand-in to end with its session")
+
+
+def real_uid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("\nUid:")[1].split()[0])
+
+
+def test_a_process_of_the_accounts_uid_in_another_pid_namespace_is_left_alone(ssh_node):
+    """A booted system-test guest shares this host's uids (systemd-nspawn without a user
+    namespace) in a PID namespace of its own: its node pve3's account gets uid 1001 from
+    useradd, as psp-n01 did here. What a lease kills and session_pids reports are the
+    account's processes in this PID namespace only, never the guest's sshd sessions."""
+    uid, gid = ssh_node.uid, ssh_node.account.gid
+    as_account = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "cat"]
+    guest = subprocess.Popen(["unshare", "--pid", "--fork", "--", *as_account], stdin=subprocess.PIPE)
+    here = subprocess.Popen(as_account, stdin=subprocess.PIPE)
+    children = Path(f"/proc/{guest.pid}/task/{guest.pid}/children")
+    try:
+        wait_for(lambda: [real_uid(int(pid)) for pid in children.read_text().split()] == [uid]
+                 and real_uid(here.pid) == uid, what="both processes to run as the account")
+        (in_guest,) = map(int, children.read_text().split())
+        assert here.pid in pids_of_uid(uid)
+        assert in_guest not in pids_of_uid(uid)
+        assert in_guest not in ssh_node.session_pids()
+    finally:
+        for proc in (here, guest):      # cat ends with its input, and unshare with the guest's cat
+            proc.stdin.close()
+            proc.wait(timeout=30)
 
 
 def test_stop_ends_open_sessions(ssh_node, client_key, tmp_path):
