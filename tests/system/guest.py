@@ -39,6 +39,9 @@ REMOTE_NODES = {name: port for name, (_, port) in NODES.items() if port}
 # The file holding each node's root authorized_keys (for the account on ADDRESS:port).
 NODE_KEY_FILES = {"pve1": "/etc/pve/priv/authorized_keys",
                   **{name: f"/home/{name}/.ssh/authorized_keys" for name in REMOTE_NODES}}
+# The accounts' uids. The guest shares this host's uids (no user namespace): these stay clear
+# of useradd's next free ones (1000 up), which tests/sshnodes.py's accounts get on this host.
+NODE_UIDS = {"pve2": 4502, "pve3": 4503}
 # Each node's address in .members, where its root answers on port 22.
 NODE_ADDRESSES = {"pve1": ADDRESS, "pve2": "10.99.0.2", "pve3": "10.99.0.3"}
 NODE_PREFIX = 24
@@ -173,7 +176,8 @@ class Guest:
         self.add_node(name, sample, NODE_ADDRESSES[name])
         account = name
         # "*": no password, yet not locked (sshd refuses locked accounts without PAM).
-        self.chroot("useradd", "--create-home", "--shell", "/bin/sh", "--password", "*", account)
+        self.chroot("useradd", "--create-home", "--shell", "/bin/sh", "--password", "*",
+                    "--uid", str(NODE_UIDS[name]), account)
         self.write(f"/etc/ssh/nodes/{name}/sshd_config", SSHD_CONFIG.format(
             port=port, name=name, account=account, address=ADDRESS, pid=name))
         self.write(f"/etc/systemd/system/sshd-{name}.service", SSHD_UNIT.format(name=name))
