@@ -1520,10 +1520,16 @@ E_OLD_KEY_LINE = ("the node answered the smart read with something else: its aut
 # 3.6.1, repaired in exactly their printed shapes: a chip whose features are all ignored leaves
 # the comma after its Adapter line (`"Adapter": "PCI adapter",\n   }`), and a subfeature without
 # the read flag prints `(label)` straight after the previous value (`"temp1_input": 36.850(Composite)`).
+# Each shape is looked for only where its marker, a text it cannot match without, is present.
 SENSORS_REPAIRS = (
-    ("empty_chip", re.compile(r'^(      "Adapter": "[^"\n]*"),(\n   \})', re.M), r"\1\2"),
-    ("write_only_label", re.compile(r'^(         "[^"\n]+": -?\d+\.\d{3})\([^()\n]*\)', re.M), r"\1"),
+    ("empty_chip", '",\n   }', re.compile(r'^(      "Adapter": "[^"\n]*"),(\n   \})', re.M),
+     r"\1\2"),
+    ("write_only_label", "(", re.compile(r'^(         "[^"\n]+": -?\d+\.\d{3})\([^()\n]*\)', re.M),
+     r"\1"),
 )
+# A number that float64 may not hold has an exponent or hundreds of digits; output without one
+# is read by the decoder's own float and int, which then agree with Go's float64, at C speed.
+MAYBE_BEYOND_FLOAT64 = re.compile(r"\d[eE]|\d{300}")
 
 
 def interpret_sensors_output(stdout, stderr, status):
@@ -1545,10 +1551,11 @@ def interpret_sensors_output(stdout, stderr, status):
         raise OutputError(f"sensors -j exited with status {status}"
                          + (f": {detail[0][:200]}" if detail else ""))
     repairs = []
-    for name, shape, replacement in SENSORS_REPAIRS:
-        text, count = shape.subn(replacement, text)
-        if count:
-            repairs.append(name)
+    for name, marker, shape, replacement in SENSORS_REPAIRS:
+        if marker in text:
+            text, count = shape.subn(replacement, text)
+            if count:
+                repairs.append(name)
     rewrites = []
 
     def last_value_wins(pairs):
@@ -1569,9 +1576,11 @@ def interpret_sensors_output(stdout, stderr, status):
     def float64_int(literal):
         return float64(literal) if len(literal) > 300 else int(literal)
 
+    numbers = {"parse_float": float64, "parse_int": float64_int} \
+        if MAYBE_BEYOND_FLOAT64.search(text) else {}
     try:
         parsed = json.loads(text, object_pairs_hook=last_value_wins, parse_constant=null_constant,
-                            parse_float=float64, parse_int=float64_int)
+                            **numbers)
     except (ValueError, RecursionError):
         raise OutputError(E_SENSORS_OUTPUT) from None
     if not isinstance(parsed, dict):

@@ -472,6 +472,17 @@ def test_sensors_output_numbers_beyond_float64_become_null():
                                                "temp1_crit": 1e308}}}
 
 
+@pytest.mark.parametrize("literal, kept", [
+    ("9" * 308, True), ("9" * 309, False), ("9" * 308 + ".5", True), ("9" * 309 + ".5", False),
+    ("1.797e308", True), ("1.798e308", False), ("36.850", True), ("-0", True),
+])
+def test_sensors_output_numbers_at_the_float64_edge(literal, kept):
+    """Whatever way a number is read, what is handed on is what Go's float64 holds, or null."""
+    text, made = psp.interpret_sensors_output(f'{{"c":{{"f":{{"t": {literal}}}}}}}'.encode(), b"", 0)
+    value = gojson.decode(text)["c"]["f"]["t"]
+    assert (float(value) == float(literal) and made == []) if kept else (value is None and made == ["non_finite"])
+
+
 def test_go_decoder_helper_is_strict():
     for text in ('{"a": NaN}', '{"a": Infinity}', '{"a": 1,}', '{"a": 1, "a": 2}', "[1,]",
                  '{"a": 1e400}', '{"a": -1e309}', '{"a": 1' + "0" * 400 + "}"):
