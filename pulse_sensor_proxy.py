@@ -4077,13 +4077,15 @@ class WriteTimeout(ConnectionError):
     """The peer did not read what was written to it within WRITE_TIMEOUT."""
 
 
-class Connection(asyncio.Protocol):
+class Connection:
     """One accepted connection of any listener: bounded reads from a buffer, and at most one
     reply waiting for its peer (the write buffer's high mark is 0, so `drain` returns only
     once the peer took all of it). `serve(connection)` runs as the connection's task.
 
     This is what asyncio's streams do for a server, without their reader, writer and
     protocol layers in between: a new connection costs its accept, one task and its reads.
+    It is an asyncio Protocol by its methods, not by inheritance: loading the module (for
+    `version` and `--help`) must not import asyncio.
     """
 
     def __init__(self, serve):
