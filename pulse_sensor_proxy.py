@@ -4080,27 +4080,39 @@ class WriteTimeout(ConnectionError):
 class Connection:
     """One accepted connection of any listener: bounded reads from a buffer, and at most one
     reply waiting for its peer (the write buffer's high mark is 0, so `drain` returns only
-    once the peer took all of it). `serve(connection)` runs as the connection's task.
+    once the peer took all of it).
 
     This is what asyncio's streams do for a server, without their reader, writer and
-    protocol layers in between: a new connection costs its accept, one task and its reads.
-    It is an asyncio Protocol by its methods, not by inheritance: loading the module (for
-    `version` and `--help`) must not import asyncio.
+    protocol layers in between. Without a `quick` listener, `serve(connection)` runs as the
+    connection's task from the start. With one, the connection has no task until it needs one:
+    `quick.opened`, `quick.received` (new bytes) and `quick.ended` (the end of the peer's
+    data) are called from the event loop instead, and `quick.closed` once the connection is
+    gone (with or without a task), so that a request that can be
+    answered at once costs no task and no extra turns of the loop; `start` hands the
+    connection to a task when a request must wait. It is an asyncio Protocol by its methods,
+    not by inheritance: loading the module (for `version` and `--help`) must not import asyncio.
     """
 
-    def __init__(self, serve):
-        self.serve = serve
+    def __init__(self, serve=None, quick=None):
+        self.serve, self.quick = serve, quick
         self.buffer = bytearray()
         self.transport = self.task = self.waiter = self.writable = None
         self.eof = self.paused = self.over_ssl = self.gone = self.reading_paused = False
         self.error = None           # what the connection was lost with, if not a clean close
+
+    def start(self, coroutine):
+        """Run `coroutine` as the connection's task; from now on it does the reading."""
+        self.task = asyncio.get_running_loop().create_task(coroutine)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport):
         self.transport = transport
         transport.set_write_buffer_limits(high=0)
-        self.task = asyncio.get_running_loop().create_task(self.serve(self))
+        if self.quick is None:
+            self.start(self.serve(self))
+        else:
+            self.quick.opened(self)
 
     def data_received(self, data):
         self.buffer += data
@@ -4108,7 +4120,10 @@ class Connection:
             # the peer sends faster than requests are read: hold it off, as streams do
             self.reading_paused = True
             self.transport.pause_reading()
-        self._wake(self.waiter)
+        if self.task is None and self.quick is not None:
+            self.quick.received(self)
+        else:
+            self._wake(self.waiter)
 
     def _taken(self, count):
         """`count` bytes of the buffer were read: the peer may send again if it was held off."""
@@ -4119,12 +4134,16 @@ class Connection:
 
     def eof_received(self):
         self.eof = True
+        if self.task is None and self.quick is not None:
+            self.quick.ended(self)
         self._wake(self.waiter)
         return not self.over_ssl        # keep the socket open for the reply (TLS cannot)
 
     def connection_lost(self, exc):
         self.eof = self.gone = True
         self.error = exc
+        if self.quick is not None:
+            self.quick.closed(self)
         self._wake(self.waiter)
         self._wake(self.writable)
 
@@ -4154,6 +4173,15 @@ class Connection:
         if self.error is not None:
             raise self.error
         return not self.eof
+
+    def buffered_line(self, limit=MAX_REQUEST_BYTES):
+        """The whole line at the head of the buffer, without its newline and left in the
+        buffer (`consume` takes it); None while there is none, or past `limit`."""
+        end = self.buffer.find(b"\n", 0, limit + 1)
+        return bytes(self.buffer[:end]) if end >= 0 else None
+
+    def consume(self, count):
+        self._taken(count)
 
     async def readline(self, limit=MAX_REQUEST_BYTES):
         """The next line without its newline; RequestError(E_TOO_LARGE) past `limit`."""
@@ -4225,43 +4253,52 @@ class ConnectionSlots:
     A full request arrives in one write; a connection still waiting for one is idle or slow
     (or mid-handshake, or not reading its reply). When every slot is taken, the one that has
     waited longest gives way, so that clients that connect and send nothing (or a byte at a
-    time) cannot lock everyone else out. `evict(task, holder)` does the listener's goodbye.
+    time) cannot lock everyone else out. A connection is named by whatever its listener keys
+    it by (its task, or the connection itself); `evict(key, holder)` does the goodbye.
     """
 
     def __init__(self, cap, evict, on_count=None):
         self.cap, self.evict, self.on_count = cap, evict, on_count
-        self.open = 0
-        self.waiting = {}       # task -> holder, longest waiting first
+        self.members = set()
+        self.waiting = {}       # key -> holder, longest waiting first
 
-    def take(self):
+    @property
+    def open(self):
+        return len(self.members)
+
+    def take(self, key):
         """Count a new connection in: False when it is over the cap and none could give way
         (it stays counted until `leave`, as every connection does)."""
-        self.open += 1
-        if self.on_count:
-            self.on_count(self.open)
-        return self.open <= self.cap or self.give_way()
+        self.members.add(key)
+        self._counted()
+        return len(self.members) <= self.cap or self.give_way()
 
-    def leave(self, task):
-        self.waiting.pop(task, None)
-        self.open -= 1
-        if self.on_count:
-            self.on_count(self.open)
+    def leave(self, key):
+        """The connection is gone; once only, however many of its ends say so."""
+        self.waiting.pop(key, None)
+        if key in self.members:
+            self.members.discard(key)
+            self._counted()
 
-    def idle(self, task, holder):
+    def _counted(self):
+        if self.on_count:
+            self.on_count(len(self.members))
+
+    def idle(self, key, holder):
         """The connection waits (for a request, its reply to be read, or its pause): it may
         be asked to give way. One already waiting keeps its place in the line."""
-        if task not in self.waiting:
-            self.waiting[task] = holder
+        if key not in self.waiting:
+            self.waiting[key] = holder
 
-    def busy(self, task):
-        self.waiting.pop(task, None)
+    def busy(self, key):
+        self.waiting.pop(key, None)
 
     def give_way(self):
         """Close the connection that has waited longest; False when none is waiting."""
         if not self.waiting:
             return False
-        task = next(iter(self.waiting))
-        self.evict(task, self.waiting.pop(task))
+        key = next(iter(self.waiting))
+        self.evict(key, self.waiting.pop(key))
         return True
 
 
@@ -4280,17 +4317,18 @@ class UnreadRequest(Exception):
         self.error, self.http_form = error, http_form
 
 
-async def read_request(connection, first):
+async def read_request(connection, first, deadline):
     """The next request of a socket connection: (JSON line, whether it came as HTTP).
 
     A JSON line, or on a connection's first request an HTTP/1.x request whose body is the JSON
-    (`curl --unix-socket`). The whole request must arrive within READ_TIMEOUT. ConnectionClosed
-    when the peer is done (or idle past READ_TIMEOUT between keep-alive requests),
-    UnreadRequest when what it sent cannot be a request.
+    (`curl --unix-socket`). The whole request must arrive by `deadline` (the loop's clock:
+    READ_TIMEOUT after the connection began to wait for it). ConnectionClosed when the peer is
+    done (or idle past it between keep-alive requests), UnreadRequest when what it sent cannot
+    be a request.
     """
     http_form = False
     try:
-        async with asyncio.timeout(READ_TIMEOUT):
+        async with asyncio.timeout_at(deadline):
             line = await connection.readline()
             if first and HTTP_REQUEST_LINE.match(line):
                 http_form = True
@@ -4383,6 +4421,9 @@ METHOD_ALIASES = {"get_temp": "get_temperature"}
 
 
 def rpc_method(name, capability):
+    """Register a method: `handler(daemon, peer, params, corr_id)` returns its data, or raises
+    RequestError. A plain function answers at once, from the event loop's callback; one that
+    has to wait (a node read) is an `async def` and is answered by the connection's task."""
     def register(handler):
         METHODS[name] = (capability, handler)
         return handler
@@ -4456,6 +4497,26 @@ class RefusalSummary:
                 del self.peers[key]
 
 
+# A function's code flag for `async def` (inspect.CO_COROUTINE, without importing inspect).
+CO_COROUTINE = 0x80
+
+
+class Call:
+    """One request line parsed and checked against its peer, on its way to an answer;
+    `error` is set when it is refused before its method runs."""
+
+    __slots__ = ("peer", "started", "corr_id", "method", "node", "params", "handler", "error")
+
+    def __init__(self, peer, started):
+        self.peer, self.started = peer, started
+        self.corr_id = self.method = self.node = self.params = self.handler = self.error = None
+
+    @property
+    def waits(self):
+        """Its method has to wait (a node read): it is answered by a task, not at once."""
+        return self.error is None and bool(self.handler.__code__.co_flags & CO_COROUTINE)
+
+
 class Dispatcher:
     """From a socket peer's request line to its reply: the peer's capabilities, its rate
     limit, the method table, the handler's timeout, and one audit record per request.
@@ -4465,7 +4526,7 @@ class Dispatcher:
         self.daemon, self.metrics, self.log = daemon, daemon.metrics, daemon.log
         self.own_uid = os.geteuid()
         self.refusals = RefusalSummary(daemon.log, clock=daemon.clock)
-        self.in_flight = 0
+        self.in_flight = 0          # methods waiting for their answer (node reads)
 
     def peer(self, sock):
         settings = self.daemon.settings
@@ -4479,34 +4540,27 @@ class Dispatcher:
 
     async def handle(self, peer, line, started):
         """Answer one request line: (correlation_id, error or None, response bytes)."""
-        corr_id, method, node = None, None, None
+        return await self.answer(self.prepare(peer, line, started))
+
+    def prepare(self, peer, line, started):
+        """The Call of a request line: parsed, its method found and allowed for the peer."""
+        call = Call(peer, started)
         try:
             try:
-                corr_id, method, params = parse_request(line)
+                call.corr_id, call.method, call.params = parse_request(line)
             except RequestError as exc:
-                corr_id = exc.corr_id or corr_id
+                call.corr_id = exc.corr_id
                 raise
-            node = params.get("node") if isinstance(params.get("node"), str) else None
-            data = await self.call(peer, method, params, corr_id)
+            node = call.params.get("node")
+            call.node = node if isinstance(node, str) else None
+            call.handler = self.method_for(peer, call.method)
         except RequestError as exc:
-            error = exc.args[0]
-            corr_id = corr_id or str(uuid.uuid4())
-            if error in CHARGED_REFUSALS:
-                self.charge_refusal(peer, error)
-            self.audit(peer, corr_id, method, started, error, node)
-            return corr_id, error, response_line(corr_id, error=error)
-        except Exception:
-            corr_id = corr_id or str(uuid.uuid4())
-            self.log.log("error", "Method failed", corr_id=corr_id,
-                         error=traceback.format_exc(limit=5))
-            self.audit(peer, corr_id, method, started, E_INTERNAL, node)
-            return corr_id, E_INTERNAL, response_line(corr_id, error=E_INTERNAL)
-        self.audit(peer, corr_id, method, started, None, node)
-        return corr_id, None, response_line(corr_id, data=data)
+            call.error = exc.args[0]
+        return call
 
-    async def call(self, peer, method, params, corr_id):
-        """The method's data for a peer allowed to call it within its limits; RequestError
-        otherwise."""
+    @staticmethod
+    def method_for(peer, method):
+        """The handler of `method` if the peer may call it; RequestError otherwise."""
         if not peer.capabilities:
             raise RequestError(E_UNAUTHORIZED)
         name = METHOD_ALIASES.get(method, method)
@@ -4515,21 +4569,74 @@ class Dispatcher:
         capability, handler = METHODS[name]
         if capability not in peer.capabilities:
             raise RequestError(E_FORBIDDEN_CLEANUP if capability == CAP_CLEANUP else E_FORBIDDEN)
-        key, limiter = peer.limit_key, self.daemon.settings.limiter
-        if not limiter.acquire(key):
-            self.metrics.inc("pulse_proxy_rate_limit_hits_total")
-            raise RequestError(E_RATE_LIMITED)
+        return handler
+
+    def admit(self, call):
+        """The limiter that admitted the call (release it when done), or None: rate limited."""
+        limiter = self.daemon.settings.limiter
+        if limiter.acquire(call.peer.limit_key):
+            return limiter
+        self.metrics.inc("pulse_proxy_rate_limit_hits_total")
+        return None
+
+    def answer_now(self, call):
+        """(correlation_id, error, reply) of a call that does not wait: refused, or a method
+        that answers at once."""
+        if call.error is not None:
+            return self.refused(call, call.error)
+        limiter = self.admit(call)
+        if limiter is None:
+            return self.refused(call, E_RATE_LIMITED)
+        try:
+            data = call.handler(self.daemon, call.peer, call.params, call.corr_id)
+        except RequestError as exc:
+            return self.refused(call, exc.args[0])
+        except Exception:
+            return self.failed(call)
+        finally:
+            limiter.release(call.peer.limit_key)
+        return self.answered(call, data)
+
+    async def answer(self, call):
+        """(correlation_id, error, reply) of any call; one that waits is bounded by
+        HANDLER_TIMEOUT."""
+        if not call.waits:
+            return self.answer_now(call)
+        limiter = self.admit(call)
+        if limiter is None:
+            return self.refused(call, E_RATE_LIMITED)
         self.in_flight += 1
-        self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
         try:
             async with asyncio.timeout(HANDLER_TIMEOUT):
-                return await handler(self.daemon, peer, params, corr_id)
+                data = await call.handler(self.daemon, call.peer, call.params, call.corr_id)
         except TimeoutError:
-            raise RequestError(E_TIMEOUT) from None
+            return self.refused(call, E_TIMEOUT)
+        except RequestError as exc:
+            return self.refused(call, exc.args[0])
+        except Exception:
+            return self.failed(call)
         finally:
             self.in_flight -= 1
-            self.metrics.set("pulse_proxy_queue_depth", self.in_flight)
-            limiter.release(key)
+            limiter.release(call.peer.limit_key)
+        return self.answered(call, data)
+
+    def answered(self, call, data):
+        self.audit(call.peer, call.corr_id, call.method, call.started, None, call.node)
+        return call.corr_id, None, response_line(call.corr_id, data=data)
+
+    def refused(self, call, error):
+        corr_id = call.corr_id or str(uuid.uuid4())
+        if error in CHARGED_REFUSALS:
+            self.charge_refusal(call.peer, error)
+        self.audit(call.peer, corr_id, call.method, call.started, error, call.node)
+        return corr_id, error, response_line(corr_id, error=error)
+
+    def failed(self, call):
+        """A bug in a method: logged with its traceback, answered `internal error`."""
+        corr_id = call.corr_id or str(uuid.uuid4())
+        self.log.log("error", "Method failed", corr_id=corr_id, error=traceback.format_exc(limit=5))
+        self.audit(call.peer, corr_id, call.method, call.started, E_INTERNAL, call.node)
+        return corr_id, E_INTERNAL, response_line(corr_id, error=E_INTERNAL)
 
     def charge_refusal(self, peer, error):
         """A refused request costs its peer a token like a valid one, so a flood of them is
@@ -4566,7 +4673,14 @@ class Dispatcher:
 class SocketListener:
     """The Unix socket's connections: each peer identified, its requests read (one per
     connection, as Pulse connects, or many on one), answered by the dispatcher and written
-    back; at the connection cap, the connection waiting longest gives way."""
+    back; at the connection cap, the connection waiting longest gives way.
+
+    A connection has no task while its requests can be answered from the event loop's
+    callbacks (`opened`, `received`, `ended`, `read_timed_out`): a whole JSON line of a method
+    that answers at once (get_status) costs no task. Anything else (a line still arriving, the
+    HTTP form, a method that reads a node, a peer over its limit, a reply the peer does not
+    take) goes to the connection's task, `serve_connection`, which reads on from the buffer.
+    """
 
     def __init__(self, daemon, dispatcher):
         self.daemon, self.dispatcher = daemon, dispatcher
@@ -4576,24 +4690,141 @@ class SocketListener:
 
     def connection(self):
         """A new connection (the protocol factory of the socket's server)."""
-        return Connection(self.serve_connection)
+        return Connection(quick=self)
 
-    def evicted(self, task, holder):
+    # -- without a task ------------------------------------------------------------------------
+
+    def callback_failed(self, connection):
+        """A bug in a callback below costs its connection, never the daemon."""
+        self.daemon.log.log("error", "Connection handler failed",
+                            error=traceback.format_exc(limit=5))
+        connection.transport.abort()
+
+    def opened(self, connection):
+        try:
+            self.take_in(connection)
+        except Exception:
+            self.callback_failed(connection)
+
+    def take_in(self, connection):
+        connection.served = 0
+        connection.timer = None
+        admitted = self.slots.take(connection)
+        connection.peer = self.dispatcher.peer(connection.transport.get_extra_info("socket"))
+        if not admitted:
+            self.dispatcher.audit(connection.peer, None, None, time.monotonic(), E_BUSY)
+            connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+            connection.close()
+            return
+        self.wait_for_request(connection)
+
+    def wait_for_request(self, connection):
+        """The connection waits for its next request: it may give way at the cap, and it has
+        READ_TIMEOUT for the whole of it."""
+        loop = asyncio.get_running_loop()
+        connection.waiting_since = time.monotonic()
+        connection.timer = loop.call_at(loop.time() + READ_TIMEOUT, self.read_timed_out,
+                                        connection)
+        self.slots.idle(connection, connection.peer)
+
+    def received(self, connection):
+        try:
+            self.answer_at_once(connection)
+        except Exception:
+            self.callback_failed(connection)
+
+    def answer_at_once(self, connection):
+        """New bytes: a whole line answered at once if it can be, else the task takes over."""
+        if connection.gone:
+            return
+        line = connection.buffered_line()
+        if line is None or (not connection.served and HTTP_REQUEST_LINE.match(line)) \
+                or self.dispatcher.exhausted(connection.peer):
+            self.start(connection)
+            return
+        call = self.dispatcher.prepare(connection.peer, line, connection.waiting_since)
+        connection.consume(len(line) + 1)
+        self.stop_timer(connection)
+        self.slots.busy(connection)
+        if call.waits:
+            self.start(connection, call)
+            return
+        _, error, reply = self.dispatcher.answer_now(call)
+        connection.write(reply)
+        connection.served += 1
+        if connection.unsent() or connection.buffer or error == E_UNAUTHORIZED:
+            # a reply the peer has not taken, a pipelined line (answered in turn with every
+            # other connection's), or a peer that is refused: for the task
+            self.start(connection, closing=error == E_UNAUTHORIZED)
+            return
+        self.wait_for_request(connection)
+
+    def ended(self, connection):
+        """The peer sent all it will: a connection without a task has nothing half-read."""
+        connection.close()
+
+    def read_timed_out(self, connection):
+        """No request within READ_TIMEOUT: a first one is refused, a keep-alive one is over."""
+        connection.timer = None
+        if not connection.served:
+            self.dispatcher.audit(connection.peer, None, None, connection.waiting_since,
+                                  E_READ_TIMEOUT)
+            connection.write(response_line(str(uuid.uuid4()), error=E_READ_TIMEOUT))
+            if connection.unsent():
+                self.start(connection, closing=True)
+                return
+        connection.close()
+
+    def closed(self, connection):
+        self.stop_timer(connection)
+        self.slots.leave(connection)
+
+    @staticmethod
+    def stop_timer(connection):
+        """Cancel the connection's read deadline; when it was, on the loop's clock, or None."""
+        timer, connection.timer = connection.timer, None
+        if timer is None:
+            return None
+        timer.cancel()
+        return timer.when()
+
+    def close_idle(self):
+        """At shutdown: close the connections that wait for a request without a task."""
+        for connection in list(self.slots.members):
+            if connection.task is None:
+                connection.close()
+
+    def start(self, connection, call=None, closing=False):
+        """Hand the connection to a task, with the request already read (`call`), if any; one
+        that was waiting for a request keeps the deadline it had for it."""
+        deadline = self.stop_timer(connection)
+        connection.start(self.serve_connection(connection, call, closing, deadline))
+
+    def evicted(self, connection, peer):
         """Giving way at the cap: the connection gets `server busy` (unless it is not reading,
         then it gets nothing more) and is closed."""
-        connection, peer = holder
         self.dispatcher.audit(peer, None, None, time.monotonic(), E_BUSY)
-        if not connection.transport.get_write_buffer_size():
+        if not connection.unsent():
             connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
-        task.cancel()
+        if connection.task is not None:
+            connection.task.cancel()
+        connection.close()      # also when its task was cancelled before it began
 
-    async def serve_connection(self, connection):
+    # -- with a task -----------------------------------------------------------------------------
+
+    async def serve_connection(self, connection, call, closing, deadline):
         task = asyncio.current_task()
         handlers = self.daemon.handlers
         handlers.add(task)
-        admitted = self.slots.take()
         try:
-            await self.converse(connection, task, admitted)
+            await self.drain(connection)    # what was written before the task began
+            if closing:
+                return
+            if call is not None:
+                if not await self.reply(connection, call.peer,
+                                        await self.dispatcher.answer(call), False):
+                    return
+            await self.converse(connection, deadline)
         except WriteTimeout:
             self.daemon.metrics.inc("pulse_proxy_write_timeouts_total", ("socket",))
         except (ConnectionError, asyncio.CancelledError):
@@ -4603,28 +4834,24 @@ class SocketListener:
                                 error=traceback.format_exc(limit=5))
         finally:
             handlers.discard(task)
-            self.slots.leave(task)
             connection.close()
 
-    async def converse(self, connection, task, admitted):
-        dispatcher = self.dispatcher
-        peer = dispatcher.peer(connection.transport.get_extra_info("socket"))
-        if not admitted:
-            dispatcher.audit(peer, None, None, time.monotonic(), E_BUSY)
-            connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
-            await connection.drain()
-            return
-        first = True
+    async def converse(self, connection, deadline):
+        """Requests read and answered until the peer is done; the first by `deadline` if the
+        connection was already waiting for it."""
+        dispatcher, peer = self.dispatcher, connection.peer
+        loop = asyncio.get_running_loop()
         while True:
-            self.slots.idle(task, (connection, peer))
-            if not first and connection.buffer:
+            self.slots.idle(connection, peer)
+            if connection.served and connection.buffer:
                 # Lines a peer pipelined are already buffered: without this, one connection's
                 # backlog is answered back to back while every other connection waits. It
                 # yields as one waiting for a request, so at the cap it can give way meanwhile.
                 await asyncio.sleep(0)
-            started = time.monotonic()
+            started = time.monotonic() if deadline is None else connection.waiting_since
             try:
-                line, http_form = await read_request(connection, first)
+                line, http_form = await read_request(
+                    connection, not connection.served, deadline or loop.time() + READ_TIMEOUT)
             except ConnectionClosed as closed:
                 if closed.partial:
                     dispatcher.audit(peer, None, None, started, E_INVALID)
@@ -4632,29 +4859,36 @@ class SocketListener:
             except UnreadRequest as unread:
                 await self.refuse(peer, connection, started, unread)
                 return
+            deadline = None
             if dispatcher.exhausted(peer):
-                await self.pause_over_limit(task, connection, peer)
+                await self.pause_over_limit(connection, peer)
                 started = time.monotonic()
-            self.slots.busy(task)
-            _, error, reply = await dispatcher.handle(peer, line, started)
-            connection.write(encode_reply(reply, error, http_form))
-            await self.drain(task, connection, peer)
-            if http_form or error == E_UNAUTHORIZED:     # HTTP: always `Connection: close`
+            self.slots.busy(connection)
+            answer = await dispatcher.handle(peer, line, started)
+            if not await self.reply(connection, peer, answer, http_form):
                 return
-            first = False
 
-    async def drain(self, task, connection, peer):
+    async def reply(self, connection, peer, answer, http_form):
+        """Write an answer and wait for the peer to take it; False when the connection is
+        done after it (HTTP is always `Connection: close`; a peer refused as unauthorized)."""
+        _, error, reply = answer
+        connection.write(encode_reply(reply, error, http_form))
+        connection.served += 1
+        await self.drain(connection)
+        return not http_form and error != E_UNAUTHORIZED
+
+    async def drain(self, connection):
         """Wait for the peer to take the reply; meanwhile the connection is idle, so at the
         connection cap it gives way like one waiting for a request."""
         if not connection.unsent():
             return
-        self.slots.idle(task, (connection, peer))
+        self.slots.idle(connection, connection.peer)
         try:
             await connection.drain()
         finally:
-            self.slots.busy(task)
+            self.slots.busy(connection)
 
-    async def pause_over_limit(self, task, connection, peer):
+    async def pause_over_limit(self, connection, peer):
         """Wait before handling a request of a peer whose bucket is empty (it will be refused).
 
         Answering a flood is what costs the loop, whether it comes on keep-alive connections or
@@ -4667,7 +4901,7 @@ class SocketListener:
         connection cap it can give way like one waiting for a request.
         """
         self.pausing += 1
-        self.slots.idle(task, (connection, peer))   # set by converse too; evictable alone
+        self.slots.idle(connection, peer)   # set by converse too; evictable alone
         try:
             await asyncio.sleep(RATE_LIMIT_PAUSE * self.pausing * (0.5 + random.random()))
         finally:
@@ -4699,7 +4933,7 @@ class MetricsListener:
 
     async def serve_connection(self, connection):
         task = asyncio.current_task()
-        if not self.slots.take():
+        if not self.slots.take(task):
             self.slots.leave(task)
             connection.transport.close()
             return
@@ -4855,7 +5089,7 @@ class Daemon:
 
 
 @rpc_method("get_status", CAP_READ)
-async def get_status(daemon, peer, params, corr_id):
+def get_status(daemon, peer, params, corr_id):
     config = daemon.config
     return {"version": __version__, "public_key": daemon.public_key(),
             "ssh_dir": config["ssh_dir"], "socket": config["socket_path"],
@@ -4934,7 +5168,7 @@ def read_cleanup_request(path):
 
 
 @rpc_method("request_cleanup", CAP_CLEANUP)
-async def request_cleanup(daemon, peer, params, corr_id):
+def request_cleanup(daemon, peer, params, corr_id):
     """Queue the removal of the proxy's key from a node, for the root unit that watches the
     request file (the daemon itself cannot change a node). One pending file: a new request
     joins the hosts already waiting."""
@@ -5017,7 +5251,7 @@ class HttpsFront:
 
     async def serve_connection(self, connection):
         task = asyncio.current_task()
-        if not self.slots.take():
+        if not self.slots.take(task):
             self.slots.leave(task)
             connection.transport.abort()
             return
@@ -5244,6 +5478,7 @@ async def _run_daemon(daemon, config, log, loop, ready):
     sd_notify("STOPPING=1")
     log.log("info", "Shutting down", in_flight=daemon.dispatcher.in_flight)
     server.close()
+    daemon.socket.close_idle()
     for other in (metrics_server, https_server):
         if other:
             other.close()

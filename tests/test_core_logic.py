@@ -448,17 +448,18 @@ def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch)
     peer = psp.Peer(100000, 100000, 4242, frozenset(psp.CAPABILITIES))
 
     class Writer:
+        """The connection, as far as the wait and giving way use it."""
         data = b""
+        task = None
 
         def write(self, data):
             self.data += data
 
-        @property
-        def transport(self):
-            return self         # nothing of a reply is left unread: get_write_buffer_size
+        def unsent(self):
+            return 0            # nothing of a reply is left unread
 
-        def get_write_buffer_size(self):
-            return 0
+        def close(self):
+            pass
 
     async def scenario():
         daemon = psp.Daemon(config, psp.AuditLog("error"))
@@ -466,12 +467,14 @@ def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch)
         all_waiting.append(asyncio.Event())
 
         async def refused_connection(writer):
-            await daemon.socket.pause_over_limit(asyncio.current_task(), writer, peer)
+            await daemon.socket.pause_over_limit(writer, peer)
 
         tasks = [asyncio.create_task(refused_connection(writer)) for writer in writers]
+        for writer, task in zip(writers, tasks):
+            writer.task = task
         await all_waiting[0].wait()
         assert waits == [psp.RATE_LIMIT_PAUSE * n for n in (1, 2, 3)]
-        assert daemon.socket.pausing == 3 and list(daemon.socket.slots.waiting) == tasks
+        assert daemon.socket.pausing == 3 and list(daemon.socket.slots.waiting) == writers
         assert daemon.socket.slots.give_way()
         await asyncio.wait([tasks[0]])
         assert tasks[0].cancelled() and daemon.socket.pausing == 2
