@@ -4273,6 +4273,13 @@ class ConnectionSlots:
         self._counted()
         return len(self.members) <= self.cap or self.give_way()
 
+    def admit(self, key):
+        """`take`, undone at once when refused: False when the connection is to be closed."""
+        if self.take(key):
+            return True
+        self.leave(key)
+        return False
+
     def leave(self, key):
         """The connection is gone; once only, however many of its ends say so."""
         self.waiting.pop(key, None)
@@ -4933,8 +4940,7 @@ class MetricsListener:
 
     async def serve_connection(self, connection):
         task = asyncio.current_task()
-        if not self.slots.take(task):
-            self.slots.leave(task)
+        if not self.slots.admit(task):
             connection.transport.close()
             return
         self.slots.idle(task, None)
@@ -5251,8 +5257,7 @@ class HttpsFront:
 
     async def serve_connection(self, connection):
         task = asyncio.current_task()
-        if not self.slots.take(task):
-            self.slots.leave(task)
+        if not self.slots.admit(task):
             connection.transport.abort()
             return
         self.daemon.handlers.add(task)
@@ -6296,10 +6301,7 @@ def config_failure(exc, report=False):
 
 
 def cmd_serve(args):
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return config_failure(exc)
+    config = load_config(args.config)
     log = AuditLog(config["log_level"])
     for note in config["config_notes"]:
         log.log("warning", "Config key of the original proxy; run `config migrate --write`",
@@ -6673,10 +6675,7 @@ def cmd_host_addresses(args):
 
 def cmd_nodes(args):
     """The nodes the daemon reads, one name a line, found as the daemon finds them."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return config_failure(exc)
+    config = load_config(args.config)
     for node in Inventory(config, AuditLog("warning", sys.stderr)).current():
         print(node.name)
     return 0
@@ -6684,10 +6683,7 @@ def cmd_nodes(args):
 
 def cmd_config_get(args):
     """One key's effective value (defaults applied): a list one item a line, a mapping as JSON."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return config_failure(exc)
+    config = load_config(args.config)
     value = config[args.key]
     if isinstance(value, (list, tuple)):
         lines = [str(item) for item in value]
@@ -6708,10 +6704,7 @@ def run_key_command(args, action, dry_run=False):
         return fail(f"{args.command} must run as root: it logs in to the nodes with root's SSH "
                     f"key and writes the service's key files (try: sudo {PROG} "
                     f"{' '.join(sys.argv[1:])})")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return config_failure(exc)
+    config = load_config(args.config)
     admin = KeyAdmin(config, dry_run=dry_run)
     try:
         return 0 if asyncio.run(action(admin)) else 1
@@ -6748,10 +6741,7 @@ def cmd_smart_local(args):
     if os.geteuid() != 0:
         return fail(f"smart-local must run as root: smartctl opens this host's disks (it is run "
                     f"by {SMART_LOCAL_UNIT}; try: sudo {PROG} {' '.join(sys.argv[1:])})")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return config_failure(exc)
+    config = load_config(args.config)
     if not config["disk_temperatures"]:
         print("disk temperatures are off (disk_temperatures: false): nothing read")
         return 0
@@ -7028,6 +7018,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ConfigError as exc:      # a config a command cannot do without: every problem of it
+        return config_failure(exc)
     except OSError as exc:          # what a command did not expect still ends in one line
         return fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pulse_sensor_proxy as psp  # noqa: E402  (the imports below need the paths above)
 import gojson  # noqa: E402
+from pulse_client import exchange  # noqa: E402
 from sshnodes import free_port, make_keypair  # noqa: E402
 
 CID = "5f0c2a8e-3b1d-4c6e-9a7f-1e2d3c4b5a69"    # a correlation id as Pulse sends one (a UUID4)
@@ -90,17 +91,7 @@ def rpc(sock_path, request, uid=None, gid=None):
     """One request the way Pulse sends it: one line, one line back; as `uid` when given."""
     line = request if isinstance(request, str) else json.dumps(request)
     if uid is None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(20)
-            sock.connect(str(sock_path))
-            sock.sendall(line.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return gojson.check_reply(data)
+        return exchange(sock_path, line, timeout=20)
     # As another uid, through the operators' own client (`call` needs only the standard
     # library, so the system python3 runs it for any uid).
     params = dict(request.get("params") or {})

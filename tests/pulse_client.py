@@ -52,10 +52,16 @@ def classify(error):
 
 
 def call_once(socket_path, method, params, timeout=30.0):
+    return exchange(socket_path, json.dumps({"method": method, "params": params}), timeout)
+
+
+def exchange(socket_path, line, timeout=30.0):
+    """One line out and one line back on a new connection, as Pulse sends each request: the
+    reply as Go's decoder takes it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(socket_path)
-        sock.sendall(json.dumps({"method": method, "params": params}).encode() + b"\n")
+        sock.connect(str(socket_path))
+        sock.sendall(line.encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
