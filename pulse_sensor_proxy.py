@@ -4310,8 +4310,7 @@ class ConnectionSlots:
 
 
 # ---------------------------------------------------------------------------------------------
-# I/O: the wire (requests read from a connection; the replies are encoded by the pure
-# response_line, http_response and https_response above)
+# I/O: the wire: requests read from a connection (replies are encoded in pure logic above)
 # ---------------------------------------------------------------------------------------------
 
 
