@@ -21,6 +21,7 @@ processes per run). Needs root (test accounts, sshd). Loopback only; bounded loo
 import argparse
 import asyncio
 import concurrent.futures
+import json
 import os
 import statistics
 import subprocess
@@ -33,7 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
+import gojson  # noqa: E402
 from conftest import DaemonProcess, rpc  # noqa: E402
+from pulse_client import exchange_bytes  # noqa: E402
 from sshnodes import FIXTURES_DIR, NodeSet, SshLab, make_keypair, restricted_key_line, ssh_command  # noqa: E402
 
 LIMITS = {"per_minute": 10_000_000, "burst": 1_000_000, "max_concurrent": 1000}
@@ -123,11 +126,16 @@ def timed(call):
 
 
 def proxy_and_floor(daemon, floor, requests):
-    """(proxy samples, floor samples, {corr id: proxy sample}, CPU s) interleaved one by one."""
+    """(proxy samples, floor samples, {corr id: proxy sample}, CPU s) interleaved one by one.
+
+    A proxy sample is the socket exchange, as the floor's is its channel's: each reply is
+    decoded and checked (as Go's decoder would take it) once the clock has stopped."""
+    replies = []
+
     def proxy(index):
-        reply = rpc(daemon.socket, {"correlation_id": CORR.format(index),
-                                    "method": "get_temperature", "params": {"node": "n1"}})
-        assert reply["success"], reply
+        line = json.dumps({"correlation_id": CORR.format(index), "method": "get_temperature",
+                           "params": {"node": "n1"}})
+        replies.append(exchange_bytes(daemon.socket, line))
     for index in range(5):                   # warm: connections made, host key pinned
         proxy(index)
         floor.request()
@@ -140,7 +148,10 @@ def proxy_and_floor(daemon, floor, requests):
         by_id[CORR.format(index)] = pooled[-1]
         if not index % 2:
             floors.append(timed(floor.request))
-    return pooled, floors, by_id, cpu_seconds(daemon.proc.pid) - cpu_before
+    cpu = cpu_seconds(daemon.proc.pid) - cpu_before
+    for reply in map(gojson.check_reply, replies):
+        assert reply["success"], reply
+    return pooled, floors, by_id, cpu
 
 
 def handler_times(daemon, by_id):

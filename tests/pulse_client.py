@@ -58,6 +58,11 @@ def call_once(socket_path, method, params, timeout=30.0):
 def exchange(socket_path, line, timeout=30.0):
     """One line out and one line back on a new connection, as Pulse sends each request: the
     reply as Go's decoder takes it."""
+    return gojson.check_reply(exchange_bytes(socket_path, line, timeout))
+
+
+def exchange_bytes(socket_path, line, timeout=30.0):
+    """`exchange`'s reply as it came, undecoded."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(socket_path))
@@ -68,7 +73,7 @@ def exchange(socket_path, line, timeout=30.0):
             if not chunk:
                 break
             data += chunk
-    return gojson.check_reply(data)
+    return data
 
 
 class Outcome:
