@@ -486,3 +486,51 @@ def test_the_wait_over_the_limit_is_shared_and_gives_way_at_the_cap(monkeypatch)
         return daemon.socket.pausing
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_bug_in_a_connection_callback_costs_that_connection_only(monkeypatch, tmp_path):
+    """The socket's callbacks answer get_status without a task; an exception there (a bug)
+    is logged and aborts its connection, and the next connection is served."""
+    import asyncio
+    import io
+
+    config = dict(psp.validate_config({"allowed_source_subnets": ["127.0.0.1"],
+                                       "ssh_dir": str(tmp_path / "ssh")}), config_path="x")
+    stream = io.StringIO()
+    real_prepare = psp.Dispatcher.prepare
+    broken = [True]
+
+    def prepare(self, peer, line, started):
+        if broken[0]:
+            raise RuntimeError("a bug")
+        return real_prepare(self, peer, line, started)
+
+    monkeypatch.setattr(psp.Dispatcher, "prepare", prepare)
+
+    async def ask(path):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(json.dumps({"correlation_id": CID, "method": "get_status"}).encode() + b"\n")
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        return reply
+
+    async def scenario():
+        daemon = psp.Daemon(config, psp.AuditLog("info", stream=stream))
+        path = str(tmp_path / "s.sock")
+        server = await psp.start_socket_server(daemon, path)
+        try:
+            first = await ask(path)
+            broken[0] = False
+            second = await ask(path)
+        finally:
+            server.close()
+        return first, second, daemon.socket.slots.open
+
+    first, second, still_open = asyncio.run(scenario())
+    assert first == b"", "the connection of the failed callback is cut"
+    assert json.loads(second)["success"] is True
+    assert still_open == 0
+    failures = [json.loads(line) for line in stream.getvalue().splitlines()
+                if "Connection handler failed" in line]
+    assert len(failures) == 1 and "RuntimeError: a bug" in failures[0]["error"]

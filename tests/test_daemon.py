@@ -50,6 +50,26 @@ def test_keep_alive_answers_in_order(daemon):
     assert replies[1]["error"] == "unknown method" and "data" not in replies[1]
 
 
+def test_a_kept_alive_connection_idle_past_the_read_timeout_is_closed_without_a_word(daemon):
+    """The first request is answered at once; the wait for a second one has READ_TIMEOUT, and
+    its end is no refusal (nothing was sent), unlike a first request that never comes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(4 * psp.READ_TIMEOUT)
+        sock.connect(str(daemon.socket))
+        sock.sendall(json.dumps({"correlation_id": CID, "method": "get_status"}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            data += sock.recv(65536)
+        assert json.loads(data)["success"]
+        assert sock.recv(4096) == b"", "closed, and nothing more written"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(4 * psp.READ_TIMEOUT)
+        sock.connect(str(daemon.socket))
+        assert json.loads(sock.recv(4096))["error"] == "read timeout", "a first request is owed"
+    daemon.wait_log(lambda r: r.get("error") == "read timeout", "the first request's refusal")
+    assert [r.get("corr_id") for r in daemon.log_records() if r.get("error")] == [None]
+
+
 def test_missing_or_bad_correlation_id_gets_a_fresh_uuid(daemon):
     for value in (None, "not-a-uuid"):
         reply = daemon.rpc("get_status", correlation_id=value)
