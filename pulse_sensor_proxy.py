@@ -51,8 +51,8 @@ The module reads top-down: constants, configuration, pure logic (peers, rate lim
 validation, nodes, SMART, metrics), then I/O (audit log, keys on disk, nodes over SSH, the key
 commands), the request path (connections, the wire, the dispatcher, the socket and metrics
 listeners, the daemon that wires them, the methods, HTTPS mode), and the command line last.
-Start at `Daemon` to see how the parts fit, and at `SocketListener.converse` for the path of
-one request.
+Start at `Daemon` to see how the parts fit, and at `SocketListener` for the path of one
+request: `answer_at_once` for a method that answers at once, `converse` for the rest.
 """
 import argparse
 import base64
