@@ -4087,9 +4087,9 @@ class Connection:
     connection's task from the start. With one, the connection has no task until it needs one:
     `quick.opened`, `quick.received` (new bytes) and `quick.ended` (the end of the peer's
     data) are called from the event loop instead, and `quick.closed` once the connection is
-    gone (with or without a task), so that a request that can be
-    answered at once costs no task and no extra turns of the loop; `start` hands the
-    connection to a task when a request must wait. It is an asyncio Protocol by its methods,
+    gone (with or without a task), so that a request that can be answered at once costs no
+    task and no extra turns of the loop; `start` hands the connection to a task when a
+    request must wait. It is an asyncio Protocol by its methods,
     not by inheritance: loading the module (for `version` and `--help`) must not import asyncio.
     """
 
@@ -4125,8 +4125,8 @@ class Connection:
         else:
             self._wake(self.waiter)
 
-    def _taken(self, count):
-        """`count` bytes of the buffer were read: the peer may send again if it was held off."""
+    def consume(self, count):
+        """Take `count` bytes off the buffer: the peer may send again if it was held off."""
         del self.buffer[:count]
         if self.reading_paused and len(self.buffer) <= READ_BUFFER_BYTES // 2:
             self.reading_paused = False
@@ -4180,9 +4180,6 @@ class Connection:
         end = self.buffer.find(b"\n", 0, limit + 1)
         return bytes(self.buffer[:end]) if end >= 0 else None
 
-    def consume(self, count):
-        self._taken(count)
-
     async def readline(self, limit=MAX_REQUEST_BYTES):
         """The next line without its newline; RequestError(E_TOO_LARGE) past `limit`."""
         while True:
@@ -4191,7 +4188,7 @@ class Connection:
                 if end > limit:
                     raise RequestError(E_TOO_LARGE)
                 line = bytes(self.buffer[:end])
-                self._taken(end + 1)
+                self.consume(end + 1)
                 return line
             if len(self.buffer) > limit:
                 raise RequestError(E_TOO_LARGE)
@@ -4203,7 +4200,7 @@ class Connection:
             if not await self.read_more() and len(self.buffer) < count:
                 raise ConnectionClosed(partial=True)
         data = bytes(self.buffer[:count])
-        self._taken(count)
+        self.consume(count)
         return data
 
     # -- writing -----------------------------------------------------------------------------
@@ -4368,19 +4365,26 @@ def content_length(headers, too_large):
     return int(length)
 
 
-async def read_http_body(connection):
-    """The body of an HTTP/1.x request on the socket whose request line was read."""
+async def read_head(connection, budget, skip_blank=False):
+    """The lines of a request head up to the blank line that ends it, `budget` bytes in all
+    (RequestError(E_TOO_LARGE) past it); with `skip_blank`, blank lines before the first one
+    are passed over."""
     head = []
-    budget = MAX_REQUEST_BYTES
     while True:
         raw = (await connection.readline(budget)).rstrip(b"\r")
         if not raw:
-            break
+            if head or not skip_blank:
+                return head
+            continue
         budget -= len(raw) + 2
         if budget < 0:
             raise RequestError(E_TOO_LARGE)
         head.append(raw)
-    headers = parse_http_head(head)
+
+
+async def read_http_body(connection):
+    """The body of an HTTP/1.x request on the socket whose request line was read."""
+    headers = parse_http_head(await read_head(connection, MAX_REQUEST_BYTES))
     if "chunked" in headers.get("transfer-encoding", "").lower():
         raise RequestError(E_INVALID)
     length = content_length(headers, RequestError(E_TOO_LARGE))
@@ -4394,20 +4398,11 @@ async def read_http_body(connection):
 async def read_https_request(connection):
     """One HTTPS request's head (bounded) and its body, which a GET may have and nobody reads:
     (method, path, query, headers, keep_alive); HttpRefusal for one that cannot be served."""
-    head, budget = [], MAX_HTTP_HEAD_BYTES
-    while True:
-        try:
-            raw = (await connection.readline(budget)).rstrip(b"\r")
-        except RequestError:
-            raise HttpRefusal(431, "request head too large") from None
-        if not raw:
-            if head:
-                break
-            continue            # a stray empty line before the request line is allowed
-        budget -= len(raw) + 2
-        if budget < 0:
-            raise HttpRefusal(431, "request head too large")
-        head.append(raw)
+    try:
+        # a stray empty line before the request line is allowed
+        head = await read_head(connection, MAX_HTTP_HEAD_BYTES, skip_blank=True)
+    except RequestError:
+        raise HttpRefusal(431, "request head too large") from None
     method, path, query, headers, keep_alive = parse_https_request(b"\r\n".join(head))
     if "transfer-encoding" in headers:
         raise HttpRefusal(400, "chunked request bodies are not accepted")
@@ -4542,7 +4537,7 @@ class Dispatcher:
         return Peer(uid, gid, pid, caps)
 
     def exhausted(self, peer):
-        return self.daemon.settings.limiter.exhausted(peer.limit_key)
+        return self.daemon.limiter.exhausted(peer.limit_key)
 
     async def handle(self, peer, line, started):
         """Answer one request line: (correlation_id, error or None, response bytes)."""
@@ -4579,7 +4574,7 @@ class Dispatcher:
 
     def admit(self, call):
         """The limiter that admitted the call (release it when done), or None: rate limited."""
-        limiter = self.daemon.settings.limiter
+        limiter = self.daemon.limiter
         if limiter.acquire(call.peer.limit_key):
             return limiter
         self.metrics.inc("pulse_proxy_rate_limit_hits_total")
@@ -4648,7 +4643,7 @@ class Dispatcher:
         """A refused request costs its peer a token like a valid one, so a flood of them is
         paused by pause_over_limit as any other flood is."""
         self.metrics.inc("pulse_proxy_refused_requests_total", (result_for_error(error),))
-        if not self.daemon.settings.limiter.charge(peer.limit_key):
+        if not self.daemon.limiter.charge(peer.limit_key):
             self.metrics.inc("pulse_proxy_rate_limit_hits_total")
 
     def audit(self, peer, corr_id, method, started, error, node=None):
@@ -4700,17 +4695,25 @@ class SocketListener:
 
     # -- without a task ------------------------------------------------------------------------
 
-    def callback_failed(self, connection):
-        """A bug in a callback below costs its connection, never the daemon."""
-        self.daemon.log.log("error", "Connection handler failed",
-                            error=traceback.format_exc(limit=5))
-        connection.transport.abort()
+    def guarded(self, step, connection):
+        """Run a callback's work: a bug in it costs its connection, never the daemon."""
+        try:
+            step(connection)
+        except Exception:
+            self.daemon.log.log("error", "Connection handler failed",
+                                error=traceback.format_exc(limit=5))
+            connection.transport.abort()
 
     def opened(self, connection):
-        try:
-            self.take_in(connection)
-        except Exception:
-            self.callback_failed(connection)
+        self.guarded(self.take_in, connection)
+
+    def received(self, connection):
+        self.guarded(self.answer_at_once, connection)
+
+    def say(self, connection, error, started):
+        """A refusal that is the connection's last word: audited, and one reply line."""
+        self.dispatcher.audit(connection.peer, None, None, started, error)
+        connection.write(response_line(str(uuid.uuid4()), error=error))
 
     def take_in(self, connection):
         connection.served = 0
@@ -4718,8 +4721,7 @@ class SocketListener:
         admitted = self.slots.take(connection)
         connection.peer = self.dispatcher.peer(connection.transport.get_extra_info("socket"))
         if not admitted:
-            self.dispatcher.audit(connection.peer, None, None, time.monotonic(), E_BUSY)
-            connection.write(response_line(str(uuid.uuid4()), error=E_BUSY))
+            self.say(connection, E_BUSY, time.monotonic())
             connection.close()
             return
         self.wait_for_request(connection)
@@ -4729,15 +4731,9 @@ class SocketListener:
         READ_TIMEOUT for the whole of it."""
         loop = asyncio.get_running_loop()
         connection.waiting_since = time.monotonic()
-        connection.timer = loop.call_at(loop.time() + READ_TIMEOUT, self.read_timed_out,
-                                        connection)
+        connection.timer = loop.call_at(loop.time() + READ_TIMEOUT, self.guarded,
+                                        self.read_timed_out, connection)
         self.slots.idle(connection, connection.peer)
-
-    def received(self, connection):
-        try:
-            self.answer_at_once(connection)
-        except Exception:
-            self.callback_failed(connection)
 
     def answer_at_once(self, connection):
         """New bytes: a whole line answered at once if it can be, else the task takes over."""
@@ -4773,9 +4769,7 @@ class SocketListener:
         """No request within READ_TIMEOUT: a first one is refused, a keep-alive one is over."""
         connection.timer = None
         if not connection.served:
-            self.dispatcher.audit(connection.peer, None, None, connection.waiting_since,
-                                  E_READ_TIMEOUT)
-            connection.write(response_line(str(uuid.uuid4()), error=E_READ_TIMEOUT))
+            self.say(connection, E_READ_TIMEOUT, connection.waiting_since)
             if connection.unsent():
                 self.start(connection, closing=True)
                 return
