@@ -4,14 +4,16 @@
 Starts its own daemon (temporary directory, limits raised so the limiter does not measure
 itself) and talks to it over its Unix socket only. Every figure is printed with the command
 that reproduces it. Targets: p50 <= 0.5 ms, >= 5,000 requests/s, socket ready <= 1 s,
-`version` <= 100 ms, idle RSS <= 40 MB (run from bytecode, as the pyz runs it); one connection per request >= 80 % of a
-minimal asyncio Protocol server's rate (bench/minimal_server.py), measured in the same run with
-the same client processes, alternating which server goes first.
+`version` <= 100 ms and idle RSS <= 40 MB (both run from bytecode, as the pyz runs them); one
+connection per request >= 80 % of a minimal asyncio Protocol server's rate
+(bench/minimal_server.py), measured in the same run with the same client processes,
+alternating which server goes first.
 
     python bench/bench_core.py [--requests 2000] [--clients 10] [--rounds 3]
         [--before OLD/pulse_sensor_proxy.py] [--starts 10] [--versions 20]
 """
 import argparse
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -223,14 +225,23 @@ def bytecode_launcher(base):
     return launcher
 
 
+@contextlib.contextmanager
+def daemons_from(program):
+    """DaemonProcess starts `program` instead of the project's module meanwhile."""
+    import conftest
+    saved, conftest.MODULE = conftest.MODULE, Path(program)
+    try:
+        yield
+    finally:
+        conftest.MODULE = saved
+
+
 def installed_rss(base, launcher):
     """RSS (KiB) of the daemon run from bytecode after start-up + 20 requests: on its first
     start (the key is generated, which loads asyncssh as the first node read does), and on a
     restart (key on disk, no node read yet)."""
-    import conftest
     figures = {}
-    saved, conftest.MODULE = conftest.MODULE, launcher
-    try:
+    with daemons_from(launcher):
         for start in ("first start", "restart"):
             daemon = DaemonProcess(base / "installed", {"rate_limit": BENCH_LIMITS}).start()
             try:
@@ -239,21 +250,15 @@ def installed_rss(base, launcher):
                 figures[start] = rss_kib(daemon.proc.pid)
             finally:
                 daemon.stop()
-    finally:
-        conftest.MODULE = saved
     return figures
 
 
 def start_before_daemon(base, module):
     """The same bench's daemon, but from another copy of the module (the code before a change)."""
-    import conftest
     daemon = DaemonProcess(base / "before", {"rate_limit": BENCH_LIMITS})
     daemon.base.mkdir()
-    saved, conftest.MODULE = conftest.MODULE, Path(module)
-    try:
+    with daemons_from(module):
         daemon.start()
-    finally:
-        conftest.MODULE = saved
     return daemon
 
 
@@ -329,8 +334,8 @@ def main():
     (base / "installed").mkdir()
     launcher = bytecode_launcher(base)
     rss = installed_rss(base, launcher)
-    report("idle RSS from bytecode, asyncssh loaded (first start)", f"{rss['first start'] / 1024:.1f} MB",
-           "<= 40 MB", rss["first start"] <= 40 * 1024)
+    report("idle RSS from bytecode, asyncssh loaded (first start)",
+           f"{rss['first start'] / 1024:.1f} MB", "<= 40 MB", rss["first start"] <= 40 * 1024)
     report("idle RSS from bytecode, restart before a node read", f"{rss['restart'] / 1024:.1f} MB")
     print(f"  command: {command()}")
     ready = statistics.median(time_to_ready(base, args.starts))
@@ -338,7 +343,8 @@ def main():
            "<= 1 s", ready <= 1.0)
     print(f"  command: {command(f' --starts {args.starts}')}")
     version = statistics.median(version_times(args.versions))
-    report(f"`version` wall time from the .py, median of {args.versions}", f"{version * 1000:.1f} ms")
+    report(f"`version` wall time from the .py, median of {args.versions}",
+           f"{version * 1000:.1f} ms")
     version = statistics.median(version_times(args.versions, launcher))
     report(f"`version` wall time from bytecode, median of {args.versions}",
            f"{version * 1000:.1f} ms", "<= 100 ms", version <= 0.1)

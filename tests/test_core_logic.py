@@ -416,7 +416,8 @@ def test_a_method_over_the_handler_timeout_answers_timeout(monkeypatch):
 
     async def ask():
         daemon = psp.Daemon(config, psp.AuditLog("error"))
-        return await asyncio.wait_for(daemon.dispatcher.handle(peer, b'{"method": "get_status"}', 0.0), 20)
+        request = b'{"method": "get_status"}'
+        return await asyncio.wait_for(daemon.dispatcher.handle(peer, request, 0.0), 20)
 
     corr_id, error, reply = asyncio.run(ask())
     assert error == "timeout" and json.loads(reply)["error"] == "timeout"
