@@ -56,6 +56,7 @@ request: `answer_at_once` for a method that answers at once, `converse` for the 
 """
 import argparse
 import base64
+import bisect
 import contextlib
 import difflib
 import errno
@@ -65,6 +66,7 @@ import hmac
 import http
 import importlib
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -132,6 +134,9 @@ READ_TIMEOUT = 5.0                 # for a whole request to arrive
 HANDLER_TIMEOUT = 30.0             # for a method to answer
 READ_BUFFER_BYTES = 4 * MAX_REQUEST_BYTES   # read ahead of a connection, then it is held off
 MAX_CONNECTIONS = 256              # simultaneous socket connections
+SOCKET_BACKLOG = 512               # connections the kernel queues for the socket
+ACCEPT_BATCH = 16                  # accepted per loop pass: see SocketAcceptor
+ACCEPT_RETRY_DELAY = 1.0           # accepting pauses this long when out of fds (EMFILE)
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
 RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
 WRITE_TIMEOUT = 10.0               # for a reply to be read by its peer: Connection.drain
@@ -1205,8 +1210,13 @@ def parse_request(line):
     return corr_id, method, params or {}
 
 
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def normalize_correlation_id(value):
     if isinstance(value, str) and len(value) <= 64:
+        if CANONICAL_UUID.fullmatch(value):
+            return value        # what str(uuid.UUID(value)) gives, without building one
         try:
             return str(uuid.UUID(value))
         except ValueError:
@@ -1911,13 +1921,12 @@ class Metrics:
         series[labels] = float(value)
 
     def observe(self, name, value, labels=()):
+        """Count `value` in the first bucket it fits (render adds them up, as `le` wants)."""
         series, labels = self._series(name, labels)
         entry = series.get(labels)
         if entry is None:
-            entry = series[labels] = [[0] * len(LATENCY_BUCKETS), 0.0, 0]
-        for index, bound in enumerate(LATENCY_BUCKETS):
-            if value <= bound:
-                entry[0][index] += 1
+            entry = series[labels] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0, 0]
+        entry[0][bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
         entry[1] += value
         entry[2] += 1
 
@@ -1931,7 +1940,7 @@ class Metrics:
                 pairs = list(zip(label_names, labels))
                 if kind == "histogram":
                     buckets, total, count = value
-                    for bound, bucket in zip(LATENCY_BUCKETS, buckets):
+                    for bound, bucket in zip(LATENCY_BUCKETS, itertools.accumulate(buckets)):
                         out.append(f"{name}_bucket{_labels(pairs + [('le', repr(bound))])} {bucket}")
                     out.append(f"{name}_bucket{_labels(pairs + [('le', '+Inf')])} {count}")
                     out.append(f"{name}_sum{_labels(pairs)} {_number(total)}")
@@ -2026,6 +2035,7 @@ class AuditLog:
         self.fd = self.loop = None
         self.pending = bytearray()
         self.waiting_for_pipe = False   # a writer is registered with the loop
+        self.held = False           # records wait for `flush` (SocketAcceptor's batch)
         self.dropped = 0            # since the last report
         self.dropped_total = 0
         self.second, self.stamp = None, None
@@ -2044,7 +2054,9 @@ class AuditLog:
         if LOG_LEVELS[level] < self.level:
             return
         record = {"ts": self.timestamp(), "level": level, "msg": msg}
-        record.update((k, v) for k, v in fields.items() if v is not None)
+        for key, value in fields.items():
+            if value is not None:
+                record[key] = value
         line = self.encode(record) + "\n"
         if self.fd is not None:
             self.emit(line.encode())
@@ -2071,7 +2083,8 @@ class AuditLog:
             self.dropped_total += 1
             return
         self.pending += data
-        self.flush()
+        if not self.held:
+            self.flush()
 
     def flush(self):
         while self.pending:
@@ -4244,6 +4257,253 @@ class Connection:
             self.transport.close()
 
 
+class SocketTransport:
+    """One accepted socket driven straight by the event loop's reader and writer callbacks: the
+    part of an asyncio transport that Connection uses.
+
+    asyncio's own transport costs a task, a future and three turns of the loop per connection
+    before its protocol sees a byte; the Unix socket serves a new connection per request, so
+    this one reads what the kernel has already queued as soon as the connection is accepted.
+    Like asyncio's, it never calls `connection_lost` from inside a call of its protocol's (a
+    failed write in `data_received` must not end the connection under its caller's feet).
+    While its acceptor is accepting a batch, what is written is held until the batch's audit
+    records are written (SocketAcceptor); held bytes are not counted as unsent.
+    """
+
+    __slots__ = ("loop", "sock", "fd", "protocol", "acceptor", "held", "unsent", "high", "low",
+                 "reading", "paused_reading", "eof", "paused", "closing")
+
+    def __init__(self, loop, sock, protocol, acceptor):
+        self.loop, self.sock, self.fd, self.protocol = loop, sock, sock.fileno(), protocol
+        self.acceptor = acceptor
+        self.held = b""                     # written during the acceptor's batch
+        self.unsent = bytearray()           # written, not yet taken by the kernel
+        self.high, self.low = 64 * 1024, 16 * 1024
+        self.reading = False                # read_ready is registered with the loop
+        self.paused_reading = self.eof = False  # by the protocol; the peer sends no more
+        self.paused = self.closing = False  # the protocol's writing; no more of anything
+
+    def begin(self):
+        """Introduce the connection to its protocol and hand it what is already queued."""
+        self.protocol.connection_made(self)
+        if not self.closing:
+            self.read_ready()
+        self.watch()
+
+    def watch(self):
+        """Have the loop call read_ready exactly while there is reading to do."""
+        wanted = not (self.paused_reading or self.eof or self.closing)
+        if wanted != self.reading:
+            self.reading = wanted
+            if wanted:
+                self.loop.add_reader(self.fd, self.read_ready)
+            else:
+                self.loop.remove_reader(self.fd)
+
+    def read_ready(self):
+        try:
+            data = self.sock.recv(READ_BUFFER_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.end(exc)
+            return
+        if data:
+            self.protocol.data_received(data)
+            return
+        self.eof = True
+        self.watch()
+        if not self.protocol.eof_received():
+            self.close()
+
+    def pause_reading(self):
+        self.paused_reading = True
+        self.watch()
+
+    def resume_reading(self):
+        self.paused_reading = False
+        self.watch()
+
+    def write(self, data):
+        if self.closing or not data:
+            return
+        if self.acceptor.batch is not None:
+            if not self.held:
+                self.acceptor.batch.append(self)
+            self.held += data
+            return
+        self.send(data)
+
+    def release(self):
+        """The batch is over: send what was held (and end, if closed meanwhile)."""
+        data, self.held = self.held, b""
+        if self.sock is not None:
+            self.send(data)
+            if self.closing and not self.unsent:
+                self.end(None)
+
+    def send(self, data):
+        if not self.unsent:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.end(exc)
+                return
+            if sent == len(data):
+                return
+            self.loop.add_writer(self.fd, self.write_ready)
+            data = memoryview(data)[sent:]
+        self.unsent += data
+        if len(self.unsent) > self.high and not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def write_ready(self):
+        try:
+            sent = self.sock.send(self.unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.end(exc)
+            return
+        del self.unsent[:sent]
+        if self.paused and len(self.unsent) <= self.low:
+            self.paused = False
+            self.protocol.resume_writing()
+        if not self.unsent:
+            self.loop.remove_writer(self.fd)
+            if self.closing:
+                self.end(None)
+
+    def get_write_buffer_size(self):
+        return len(self.unsent)
+
+    def set_write_buffer_limits(self, high):
+        """Pause the protocol's writing while more than `high` bytes wait for the peer, and
+        resume it once at most a quarter of that does, as asyncio's transports do."""
+        self.high, self.low = high, high // 4
+
+    def get_extra_info(self, name, default=None):
+        return self.sock if name == "socket" else default
+
+    def close(self):
+        """No more reading; the connection ends once the peer took what was written."""
+        if not self.closing:
+            self.closing = True
+            self.watch()
+            if not (self.unsent or self.held):
+                self.end(None)
+
+    def abort(self):
+        self.end(None)
+
+    def end(self, exc):
+        """Close the socket at once; the protocol hears of it on the loop's next turn."""
+        if self.sock is None:
+            return
+        self.closing = True
+        self.watch()
+        self.held = b""
+        if self.unsent:
+            self.unsent.clear()
+            self.loop.remove_writer(self.fd)
+        self.sock.close()
+        self.sock = None
+        self.loop.call_soon(self.protocol.connection_lost, exc)
+
+
+class SocketAcceptor:
+    """A listening socket whose connections are accepted in the loop's reader callback, each
+    handed to a SocketTransport and a new protocol.
+
+    Connections accepted in one go are answered as one batch: their audit records are written
+    in one write, and only then are their replies sent, so a record is never behind its reply
+    and a burst of connections costs the log (journald) one write, not one per request. Out of
+    file descriptors (EMFILE), it logs that and pauses accepting for ACCEPT_RETRY_DELAY: the
+    kernel queues the connections meanwhile, as asyncio's servers do.
+    """
+
+    def __init__(self, sock, protocol_factory, log):
+        self.sock, self.protocol_factory, self.log = sock, protocol_factory, log
+        self.loop = asyncio.get_running_loop()
+        self.batch = None           # while accepting: transports whose writes are held
+        self.retry = None
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self.accept_ready)
+
+    def accept_ready(self):
+        self.batch, self.log.held = [], True
+        try:
+            self.accept_batch()
+        finally:
+            self.log.held = False
+            self.log.flush()
+            batch, self.batch = self.batch, None
+            for transport in batch:
+                transport.release()
+
+    def accept_batch(self):
+        # A few at a time: each is answered within this loop pass if it can be, and its peer
+        # may connect again meanwhile; the ends of those already answered (and every other
+        # connection's turn) come with the next pass.
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                self.log.log("error", "socket.accept() out of system resource", error=repr(exc))
+                self.loop.remove_reader(self.sock.fileno())
+                self.retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self.loop.add_reader,
+                                                  self.sock.fileno(), self.accept_ready)
+                return
+            conn.setblocking(False)
+            SocketTransport(self.loop, conn, self.protocol_factory(), self).begin()
+
+    def close(self):
+        if self.retry is not None:
+            self.retry.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class ReadDeadlines:
+    """When each connection that waits for a request without a task must have sent it. Every
+    deadline is READ_TIMEOUT from when it was set, so they fall due in the order they were set:
+    one loop timer, for the first, serves them all (a timer per connection costs each request
+    two timer entries and two cancels)."""
+
+    def __init__(self, expired):
+        self.expired = expired      # called with each key whose deadline passed
+        self.due = {}               # key -> deadline on the loop's clock, first due first
+        self.timer = None
+
+    def set(self, key):
+        loop = asyncio.get_running_loop()
+        when = self.due[key] = loop.time() + READ_TIMEOUT
+        if self.timer is None:
+            self.timer = loop.call_at(when, self.fire)
+
+    def pop(self, key):
+        """Forget the key's deadline; when it was, or None if it had none."""
+        return self.due.pop(key, None)
+
+    def fire(self):
+        loop = asyncio.get_running_loop()
+        self.timer = None
+        while self.due:
+            key = next(iter(self.due))
+            if self.due[key] > loop.time():
+                self.timer = loop.call_at(self.due[key], self.fire)
+                return
+            del self.due[key]
+            self.expired(key)
+
+
 class ConnectionSlots:
     """One listener's cap on open connections, and who gives way at it.
 
@@ -4688,6 +4948,8 @@ class SocketListener:
         self.slots = ConnectionSlots(MAX_CONNECTIONS, self.evicted, lambda count: (
             daemon.metrics.set("pulse_proxy_connections", count)))
         self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
+        self.deadlines = ReadDeadlines(lambda connection: self.guarded(self.read_timed_out,
+                                                                       connection))
 
     def connection(self):
         """A new connection (the protocol factory of the socket's server)."""
@@ -4717,7 +4979,6 @@ class SocketListener:
 
     def take_in(self, connection):
         connection.served = 0
-        connection.timer = None
         admitted = self.slots.take(connection)
         connection.peer = self.dispatcher.peer(connection.transport.get_extra_info("socket"))
         if not admitted:
@@ -4729,10 +4990,8 @@ class SocketListener:
     def wait_for_request(self, connection):
         """The connection waits for its next request: it may give way at the cap, and it has
         READ_TIMEOUT for the whole of it."""
-        loop = asyncio.get_running_loop()
         connection.waiting_since = time.monotonic()
-        connection.timer = loop.call_at(loop.time() + READ_TIMEOUT, self.guarded,
-                                        self.read_timed_out, connection)
+        self.deadlines.set(connection)
         self.slots.idle(connection, connection.peer)
 
     def answer_at_once(self, connection):
@@ -4746,7 +5005,7 @@ class SocketListener:
             return
         call = self.dispatcher.prepare(connection.peer, line, connection.waiting_since)
         connection.consume(len(line) + 1)
-        self.stop_timer(connection)
+        self.deadlines.pop(connection)
         self.slots.busy(connection)
         if call.waits:
             self.start(connection, call)
@@ -4767,7 +5026,6 @@ class SocketListener:
 
     def read_timed_out(self, connection):
         """No request within READ_TIMEOUT: a first one is refused, a keep-alive one is over."""
-        connection.timer = None
         if not connection.served:
             self.say(connection, E_READ_TIMEOUT, connection.waiting_since)
             if connection.unsent():
@@ -4776,17 +5034,8 @@ class SocketListener:
         connection.close()
 
     def closed(self, connection):
-        self.stop_timer(connection)
+        self.deadlines.pop(connection)
         self.slots.leave(connection)
-
-    @staticmethod
-    def stop_timer(connection):
-        """Cancel the connection's read deadline; when it was, on the loop's clock, or None."""
-        timer, connection.timer = connection.timer, None
-        if timer is None:
-            return None
-        timer.cancel()
-        return timer.when()
 
     def close_idle(self):
         """At shutdown: close the connections that wait for a request without a task."""
@@ -4797,7 +5046,7 @@ class SocketListener:
     def start(self, connection, call=None, closing=False):
         """Hand the connection to a task, with the request already read (`call`), if any; one
         that was waiting for a request keeps the deadline it had for it."""
-        deadline = self.stop_timer(connection)
+        deadline = self.deadlines.pop(connection)
         connection.start(self.serve_connection(connection, call, closing, deadline))
 
     def evicted(self, connection, peer):
@@ -5018,6 +5267,7 @@ class Daemon:
         self.handlers = set()       # every connection's task, of every listener: shutdown waits
         self.closing = set()        # pools of an older config, closing their connections
         self.public_key_stamp = self.public_key_line = None
+        self.public_key_checked = -math.inf
         self.settings = self.nodes = None
         self.apply_config(config)
         self.dispatcher = Dispatcher(self)
@@ -5067,9 +5317,14 @@ class Daemon:
         self.log.level = LOG_LEVELS[config["log_level"]]
         self.settings, self.nodes = Settings(config, limiter, ranges, subnets), nodes
 
-    def public_key(self):
+    def public_key(self, max_age=0.0):
         """The key's public line, read again only when the file changed (rotation writes a
-        new file), not on every get_status."""
+        new file); with `max_age`, whether it did is looked at only once in that many seconds
+        (get_status: not on every request)."""
+        now = time.monotonic()
+        if now < self.public_key_checked + max_age:
+            return self.public_key_line
+        self.public_key_checked = now
         path = os.path.join(self.config["ssh_dir"], KEY_NAME + ".pub")
         try:
             info = os.stat(path)
@@ -5090,7 +5345,7 @@ class Daemon:
 @rpc_method("get_status", CAP_READ)
 def get_status(daemon, peer, params, corr_id):
     config = daemon.config
-    return {"version": __version__, "public_key": daemon.public_key(),
+    return {"version": __version__, "public_key": daemon.public_key(max_age=1.0),
             "ssh_dir": config["ssh_dir"], "socket": config["socket_path"],
             "uptime_seconds": round(daemon.clock() - daemon.started, 3), "peer": peer.as_dict(),
             "capabilities": sorted(peer.capabilities)}     # where the original daemon put them
@@ -5385,8 +5640,14 @@ async def start_metrics_server(daemon):
 
 
 async def start_socket_server(daemon, path):
-    return await asyncio.get_running_loop().create_unix_server(daemon.socket.connection, path=path,
-                                                               backlog=512)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(SOCKET_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return SocketAcceptor(sock, daemon.socket.connection, daemon.log)
 
 
 async def run_daemon(config, log, ready=None):
