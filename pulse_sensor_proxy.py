@@ -134,8 +134,10 @@ READ_TIMEOUT = 5.0                 # for a whole request to arrive
 HANDLER_TIMEOUT = 30.0             # for a method to answer
 READ_BUFFER_BYTES = 4 * MAX_REQUEST_BYTES   # read ahead of a connection, then it is held off
 MAX_CONNECTIONS = 256              # simultaneous socket connections
+MAX_CACHED_PEERS = 4096            # (uid, gid) -> capabilities, per config: Dispatcher.peer
 SOCKET_BACKLOG = 512               # connections the kernel queues for the socket
 ACCEPT_BATCH = 16                  # accepted per loop pass: see SocketAcceptor
+LOOK_AGAIN_AFTER = 0.002           # an answered connection is watched by the loop this late
 ACCEPT_RETRY_DELAY = 1.0           # accepting pauses this long when out of fds (EMFILE)
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
 RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
@@ -1132,8 +1134,8 @@ class RateLimiter:
         return True
 
     def exhausted(self, key):
-        """True when the peer's next request would be refused for want of a token (takes none)."""
-        self.fit()
+        """True when the peer's next request would be refused for want of a token (takes none;
+        the node count is followed by `acquire`)."""
         entry = self.entries.get(key)
         return entry is not None and self._tokens(entry, self.clock()) < 1.0
 
@@ -1224,7 +1226,7 @@ def normalize_correlation_id(value):
     return str(uuid.uuid4())
 
 
-COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # data is a tree
 
 
 def response_line(corr_id, data=None, error=None):
@@ -2040,7 +2042,8 @@ class AuditLog:
         self.dropped_total = 0
         self.second, self.stamp = None, None
         # one encoder, not one per record (json.dumps builds one for non-default arguments)
-        self.encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        self.encode = json.JSONEncoder(separators=(",", ":"), default=str,
+                                       check_circular=False).encode
 
     def timestamp(self):
         """RFC 3339 UTC to the second, formatted once per second (a record per request)."""
@@ -2057,6 +2060,11 @@ class AuditLog:
         for key, value in fields.items():
             if value is not None:
                 record[key] = value
+        self.write(record)
+
+    def write(self, record):
+        """One record as it is: `ts`, `level` and `msg` first, no None values (`log` builds
+        it; the dispatcher builds its own, one per request)."""
         line = self.encode(record) + "\n"
         if self.fd is not None:
             self.emit(line.encode())
@@ -4106,12 +4114,17 @@ class Connection:
     not by inheritance: loading the module (for `version` and `--help`) must not import asyncio.
     """
 
+    __slots__ = ("serve", "quick", "buffer", "transport", "task", "waiter", "writable", "eof",
+                 "paused", "over_ssl", "gone", "reading_paused", "error",
+                 "peer", "served", "waiting_since")     # the last three: SocketListener's
+
     def __init__(self, serve=None, quick=None):
         self.serve, self.quick = serve, quick
         self.buffer = bytearray()
-        self.transport = self.task = self.waiter = self.writable = None
+        self.transport = self.task = self.waiter = self.writable = self.peer = None
         self.eof = self.paused = self.over_ssl = self.gone = self.reading_paused = False
         self.error = None           # what the connection was lost with, if not a clean close
+        self.served, self.waiting_since = 0, 0.0
 
     def start(self, coroutine):
         """Run `coroutine` as the connection's task; from now on it does the reading."""
@@ -4284,15 +4297,29 @@ class SocketTransport:
         self.paused = self.closing = False  # the protocol's writing; no more of anything
 
     def begin(self):
-        """Introduce the connection to its protocol and hand it what is already queued."""
+        """Introduce the connection to its protocol and hand it what is already queued. One
+        that got its request this way was usually answered at once, and its peer is about to
+        close it: the acceptor looks at it again before the loop is asked to watch it."""
         self.protocol.connection_made(self)
-        if not self.closing:
+        if not self.closing and self.read_ready():
+            self.acceptor.unwatched.append(self)
+        else:
+            self.watch()
+
+    def look_again(self):
+        """Read what came since `begin` (a peer that took its reply has often closed by now:
+        then the socket is closed without the loop ever watching it), then leave reading to
+        the loop."""
+        if self.wants_reading() and not self.reading:
             self.read_ready()
         self.watch()
 
+    def wants_reading(self):
+        return not (self.paused_reading or self.eof or self.closing)
+
     def watch(self):
         """Have the loop call read_ready exactly while there is reading to do."""
-        wanted = not (self.paused_reading or self.eof or self.closing)
+        wanted = self.wants_reading()
         if wanted != self.reading:
             self.reading = wanted
             if wanted:
@@ -4301,20 +4328,22 @@ class SocketTransport:
                 self.loop.remove_reader(self.fd)
 
     def read_ready(self):
+        """Hand the protocol what arrived; True when that was data."""
         try:
             data = self.sock.recv(READ_BUFFER_BYTES)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self.end(exc)
-            return
+            return False
         if data:
             self.protocol.data_received(data)
-            return
+            return True
         self.eof = True
         self.watch()
         if not self.protocol.eof_received():
             self.close()
+        return False
 
     def pause_reading(self):
         self.paused_reading = True
@@ -4400,7 +4429,8 @@ class SocketTransport:
         self.end(None)
 
     def end(self, exc):
-        """Close the socket at once; the protocol hears of it on the loop's next turn."""
+        """Close the socket at once; the protocol hears of it once the batch is over, or on
+        the loop's next turn."""
         if self.sock is None:
             return
         self.closing = True
@@ -4411,7 +4441,10 @@ class SocketTransport:
             self.loop.remove_writer(self.fd)
         self.sock.close()
         self.sock = None
-        self.loop.call_soon(self.protocol.connection_lost, exc)
+        if self.acceptor.batch is not None:
+            self.acceptor.lost.append((self.protocol, exc))
+        else:
+            self.loop.call_soon(self.protocol.connection_lost, exc)
 
 
 class SocketAcceptor:
@@ -4429,20 +4462,45 @@ class SocketAcceptor:
         self.sock, self.protocol_factory, self.log = sock, protocol_factory, log
         self.loop = asyncio.get_running_loop()
         self.batch = None           # while accepting: transports whose writes are held
+        self.lost = []              # (protocol, exception) of connections ended in the batch
+        self.unwatched = []         # transports of the last batch, to be looked at again
+        self.look_again = None      # the timer that does it if no batch comes first
         self.retry = None
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self.accept_ready)
 
     def accept_ready(self):
+        self.in_batch(self.accept_batch)
+
+    def looked_again(self):
+        self.look_again = None
+        self.in_batch(lambda: None)
+
+    def in_batch(self, step):
+        """`step`, then a look again at the last batch's connections (whose peers had the
+        longest to close them), holding every reply until the records are written. The look
+        comes with the next batch or, if none comes within LOOK_AGAIN_AFTER, then."""
         self.batch, self.log.held = [], True
         try:
-            self.accept_batch()
+            unwatched, self.unwatched = self.unwatched, []
+            step()
+            for transport in unwatched:
+                transport.look_again()
         finally:
             self.log.held = False
             self.log.flush()
             batch, self.batch = self.batch, None
             for transport in batch:
                 transport.release()
+            lost, self.lost = self.lost, []
+            for protocol, exc in lost:
+                try:
+                    protocol.connection_lost(exc)
+                except Exception as error:      # as the loop would for its own callback
+                    self.loop.call_exception_handler({"message": "connection_lost failed",
+                                                      "exception": error})
+        if self.unwatched and self.look_again is None:
+            self.look_again = self.loop.call_later(LOOK_AGAIN_AFTER, self.looked_again)
 
     def accept_batch(self):
         # A few at a time: each is answered within this loop pass if it can be, and its peer
@@ -4465,6 +4523,7 @@ class SocketAcceptor:
             SocketTransport(self.loop, conn, self.protocol_factory(), self).begin()
 
     def close(self):
+        """Accept no more; the connections already accepted go on (a pending look again too)."""
         if self.retry is not None:
             self.retry.cancel()
         self.loop.remove_reader(self.sock.fileno())
@@ -4692,15 +4751,11 @@ def rpc_method(name, capability):
 
 
 class Peer:
-    __slots__ = ("uid", "gid", "pid", "capabilities")
+    __slots__ = ("uid", "gid", "pid", "capabilities", "limit_key")
 
     def __init__(self, uid, gid, pid, capabilities):
         self.uid, self.gid, self.pid, self.capabilities = uid, gid, pid, capabilities
-
-    @property
-    def limit_key(self):
-        """What the rate limiter counts by: uid and pid, as the original daemon does."""
-        return self.uid, self.pid
+        self.limit_key = uid, pid   # what the rate limiter counts by, as the original daemon does
 
     def as_dict(self):
         return {"uid": self.uid, "gid": self.gid, "pid": self.pid,
@@ -4788,12 +4843,19 @@ class Dispatcher:
         self.own_uid = os.geteuid()
         self.refusals = RefusalSummary(daemon.log, clock=daemon.clock)
         self.in_flight = 0          # methods waiting for their answer (node reads)
+        self.capabilities_of, self.capabilities = None, {}  # settings -> {(uid, gid): caps}
 
     def peer(self, sock):
         settings = self.daemon.settings
         pid, uid, gid = peer_credentials(sock)
-        caps = peer_capabilities(uid, gid, self.own_uid, settings.config["allowed_peers"],
-                                 settings.idmapped_ranges)
+        if self.capabilities_of is not settings:
+            self.capabilities_of, self.capabilities = settings, {}
+        caps = self.capabilities.get((uid, gid))
+        if caps is None:
+            if len(self.capabilities) >= MAX_CACHED_PEERS:
+                self.capabilities.clear()
+            caps = self.capabilities[uid, gid] = peer_capabilities(
+                uid, gid, self.own_uid, settings.config["allowed_peers"], settings.idmapped_ranges)
         return Peer(uid, gid, pid, caps)
 
     def exhausted(self, peer):
@@ -4917,13 +4979,23 @@ class Dispatcher:
         # operators grep for, so a flood costs one log write per request, not two.
         if error in REFUSALS and not self.refusals.record(peer, error):
             return      # counted in the peer's summary line
-        message = "RPC request" if error is None else \
-            "Rate limit exceeded" if error == E_RATE_LIMITED else "RPC request failed"
-        self.log.log("info" if error is None else "warning", message,
-                     corr_id=corr_id, uid=peer.uid, gid=peer.gid, pid=peer.pid,
-                     method=method[:64] if isinstance(method, str) else None,
-                     node=sanitize_label(node) if node is not None else None, result=result,
-                     latency_ms=round(latency * 1000, 3), error=error)
+        log, level = self.log, "info" if error is None else "warning"
+        if LOG_LEVELS[level] < log.level:
+            return
+        record = {"ts": log.timestamp(), "level": level, "msg": "RPC request" if error is None
+                  else "Rate limit exceeded" if error == E_RATE_LIMITED else "RPC request failed"}
+        # what log.log(level, msg, **fields) would write, built without packing the fields
+        if corr_id is not None:
+            record["corr_id"] = corr_id
+        record["uid"], record["gid"], record["pid"] = peer.uid, peer.gid, peer.pid
+        if isinstance(method, str):
+            record["method"] = method[:64]
+        if node is not None:
+            record["node"] = sanitize_label(node)
+        record["result"], record["latency_ms"] = result, round(latency * 1000, 3)
+        if error is not None:
+            record["error"] = error
+        log.write(record)
 
 
 # ---------------------------------------------------------------------------------------------
