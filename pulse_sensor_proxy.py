@@ -5017,8 +5017,7 @@ class SocketListener:
 
     def __init__(self, daemon, dispatcher):
         self.daemon, self.dispatcher = daemon, dispatcher
-        self.slots = ConnectionSlots(MAX_CONNECTIONS, self.evicted, lambda count: (
-            daemon.metrics.set("pulse_proxy_connections", count)))
+        self.slots = ConnectionSlots(MAX_CONNECTIONS, self.evicted)    # counted at a scrape
         self.pausing = 0            # requests of peers over their limit, waiting: pause_over_limit
         self.deadlines = ReadDeadlines(lambda connection: self.guarded(self.read_timed_out,
                                                                        connection))
@@ -5285,6 +5284,7 @@ class MetricsListener:
         path = request[1].split(b"?")[0]
         if path == b"/metrics":
             daemon.metrics.set("pulse_proxy_queue_depth", daemon.dispatcher.in_flight)
+            daemon.metrics.set("pulse_proxy_connections", daemon.socket.slots.open)
             daemon.metrics.set("pulse_proxy_audit_dropped_total", daemon.log.dropped_total)
             daemon.pool.report_smart_ages(time.time())
             return http_response(200, daemon.metrics.render().encode(),
