@@ -1,4 +1,5 @@
 """The daemon as a real process: wire conformance, peers by SO_PEERCRED, limits, life cycle."""
+import concurrent.futures
 import json
 import os
 import shutil
@@ -48,6 +49,63 @@ def test_keep_alive_answers_in_order(daemon):
     assert [r["correlation_id"] for r in replies] == [r["correlation_id"] for r in requests]
     assert [r["success"] for r in replies] == [True, False, True]
     assert replies[1]["error"] == "unknown method" and "data" not in replies[1]
+
+
+def read_reply(sock):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        assert chunk, "closed before a whole reply"
+        data += chunk
+    return json.loads(data)
+
+
+def test_a_connection_answered_as_it_was_accepted_is_read_again(daemon):
+    """A request already queued when its connection is accepted is answered at once, and the
+    connection is only looked at again later (with the next connections accepted, or on its
+    own on an idle daemon): a second and third request on it are answered all the same."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(daemon.socket))
+        for _ in range(3):
+            cid = str(uuid.uuid4())
+            sock.sendall(json.dumps({"correlation_id": cid, "method": "get_status"}).encode() + b"\n")
+            reply = read_reply(sock)
+            assert reply["correlation_id"] == cid and reply["success"]
+
+
+def test_a_request_sent_after_the_connection_was_accepted_is_answered(daemon_factory):
+    """A connection with nothing to read yet when it is accepted is watched for its request
+    (at once: only one that was answered waits to be looked at again)."""
+    port = free_port()
+    daemon = daemon_factory({"metrics_address": f"127.0.0.1:{port}"})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(daemon.socket))
+        wait_for(lambda: metric_samples(daemon)[("pulse_proxy_connections", ())] == 1,
+                 what="the connection accepted, its request not yet sent")
+        sock.sendall(json.dumps({"correlation_id": CID, "method": "get_status"}).encode() + b"\n")
+        assert read_reply(sock)["correlation_id"] == CID
+
+
+def test_a_request_is_in_the_audit_log_before_its_reply_is_sent(daemon_factory):
+    """Connections accepted together are answered together, their records written in one go
+    before any of their replies: a client that reads the log as soon as it has its reply
+    finds its request there, however many others were answered with it."""
+    daemon = daemon_factory({"rate_limit": {"per_minute": 100000, "burst": 10000}})
+
+    def client(_):
+        late = []
+        for _ in range(40):
+            cid = str(uuid.uuid4())
+            assert rpc(daemon.socket, {"correlation_id": cid, "method": "get_status"})["success"]
+            if cid not in daemon.log_text():
+                late.append(cid)
+        return late
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        late = [cid for found in pool.map(client, range(8)) for cid in found]
+    assert late == [], f"{len(late)} replies came before their records"
 
 
 def test_a_kept_alive_connection_idle_past_the_read_timeout_is_closed_without_a_word(daemon):
