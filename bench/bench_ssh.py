@@ -5,7 +5,8 @@
   (b) the proxy's get_temperature end to end over its socket, warm (persistent connection),
       interleaved one by one with
   (f) the floor: the bench's own persistent asyncssh connection to the same sshd, a new exec
-      channel per request (what the proxy cannot do with less), alternating which goes first;
+      channel per request, with the proxy's choice of ciphers (what the proxy cannot do with
+      less), alternating which goes first;
       the proxy's overhead over it at p50 and p99, split into time inside its handler (its
       audit record's latency_ms) and outside (accept, framing, reply), and the daemon's CPU
       seconds per 1,000 readings,
@@ -35,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import gojson  # noqa: E402
-from conftest import DaemonProcess, rpc  # noqa: E402
+from conftest import DaemonProcess, psp, rpc  # noqa: E402
 from pulse_client import exchange_bytes  # noqa: E402
 from sshnodes import FIXTURES_DIR, NodeSet, SshLab, make_keypair, restricted_key_line, ssh_command  # noqa: E402
 
@@ -106,7 +107,7 @@ class Floor:
         known = asyncssh.import_known_hosts(node.known_hosts_text())
         self.conn = self.loop.run_until_complete(asyncssh.connect(
             node.host, node.port, username=node.user, client_keys=[str(key.private_path)],
-            known_hosts=known, agent_path=None))
+            known_hosts=known, agent_path=None, encryption_algs=psp.SSH_CIPHERS))
 
     def request(self):
         result = self.loop.run_until_complete(self.conn.run("sensors -j", encoding=None))
