@@ -52,7 +52,8 @@ validation, nodes, SMART, metrics), then I/O (audit log, keys on disk, nodes ove
 commands), the request path (connections, the wire, the dispatcher, the socket and metrics
 listeners, the daemon that wires them, the methods, HTTPS mode), and the command line last.
 Start at `Daemon` to see how the parts fit, and at `SocketListener` for the path of one
-request: `answer_at_once` for a method that answers at once, `converse` for the rest.
+request: `answer_at_once` for a method that answers at once, `converse` for the rest
+(`SocketAcceptor` and `SocketTransport` bring it the socket's bytes).
 """
 import argparse
 import base64
@@ -4278,7 +4279,7 @@ class SocketTransport:
     """One accepted socket driven straight by the event loop's reader and writer callbacks: the
     part of an asyncio transport that Connection uses.
 
-    asyncio's own transport costs a task, a future and three turns of the loop per connection
+    asyncio's own transport costs a task, a future and several turns of the loop per connection
     before its protocol sees a byte; the Unix socket serves a new connection per request, so
     this one reads what the kernel has already queued as soon as the connection is accepted.
     Like asyncio's, it never calls `connection_lost` from inside a call of its protocol's (a
@@ -4458,8 +4459,9 @@ class SocketAcceptor:
     Connections accepted in one go are answered as one batch: their audit records are written
     in one write, and only then are their replies sent, so a record is never behind its reply
     and a burst of connections costs the log (journald) one write, not one per request. Out of
-    file descriptors (EMFILE), it logs that and pauses accepting for ACCEPT_RETRY_DELAY: the
-    kernel queues the connections meanwhile, as asyncio's servers do.
+    file descriptors (EMFILE), or refused an accept for any other reason, it logs that and
+    pauses accepting for ACCEPT_RETRY_DELAY: the kernel queues the connections meanwhile, as
+    asyncio's servers do.
     """
 
     def __init__(self, sock, protocol_factory, log):
@@ -4485,12 +4487,12 @@ class SocketAcceptor:
         longest to close them), holding every reply until the records are written. The look
         comes with the next batch or, if none comes within LOOK_AGAIN_AFTER, then."""
         self.batch, self.log.held = [], True
+        unwatched, self.unwatched = self.unwatched, []
         try:
-            unwatched, self.unwatched = self.unwatched, []
             step()
+        finally:
             for transport in unwatched:
                 transport.look_again()
-        finally:
             self.log.held = False
             self.log.flush()
             batch, self.batch = self.batch, None
@@ -4518,9 +4520,11 @@ class SocketAcceptor:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                self.log.log("error", "socket.accept() out of system resource", error=repr(exc))
+                # out of fds (EMFILE) or anything else the kernel refuses: try again later, as
+                # asyncio does for the former, rather than fail on every pass meanwhile
+                out_of = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+                self.log.log("error", "socket.accept() out of system resource" if out_of
+                             else "socket.accept() failed", error=repr(exc))
                 self.loop.remove_reader(self.sock.fileno())
                 self.retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self.loop.add_reader,
                                                   self.sock.fileno(), self.accept_ready)
