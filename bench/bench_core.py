@@ -4,7 +4,8 @@
 Starts its own daemon (temporary directory, limits raised so the limiter does not measure
 itself) and talks to it over its Unix socket only. Every figure is printed with the command
 that reproduces it. Targets: p50 <= 0.5 ms, >= 5,000 requests/s, socket ready <= 1 s,
-`version` <= 100 ms and idle RSS <= 40 MB (both run from bytecode, as the pyz runs them); one
+`version` <= 100 ms and idle RSS <= 40 MB (both run from bytecode, as the pyz runs them; the
+RSS of a Python that only imports the runtime dependencies is printed beside it); one
 connection per request >= 80 % of a minimal asyncio Protocol server's rate
 (bench/minimal_server.py), measured in the same run with the same client processes,
 alternating which server goes first.
@@ -253,6 +254,19 @@ def installed_rss(base, launcher):
     return figures
 
 
+DEPENDENCIES_ONLY = ("import asyncio, json, socket, ssl, yaml, asyncssh\n"
+                     "print(next(line.split()[1] for line in open('/proc/self/status')\n"
+                     "           if line.startswith('VmRSS:')))")
+
+
+def dependencies_rss():
+    """RSS (KiB) of a Python that imports the daemon's runtime dependencies and nothing of the
+    module: the floor under the daemon's idle RSS once asyncssh is loaded."""
+    out = subprocess.run([PYTHON, "-c", DEPENDENCIES_ONLY], check=True, capture_output=True,
+                         text=True)
+    return int(out.stdout)
+
+
 def start_before_daemon(base, module):
     """The same bench's daemon, but from another copy of the module (the code before a change)."""
     daemon = DaemonProcess(base / "before", {"rate_limit": BENCH_LIMITS})
@@ -337,6 +351,8 @@ def main():
     report("idle RSS from bytecode, asyncssh loaded (first start)",
            f"{rss['first start'] / 1024:.1f} MB", "<= 40 MB", rss["first start"] <= 40 * 1024)
     report("idle RSS from bytecode, restart before a node read", f"{rss['restart'] / 1024:.1f} MB")
+    report("  RSS of the dependencies alone (asyncio, ssl, yaml, asyncssh)",
+           f"{dependencies_rss() / 1024:.1f} MB")
     print(f"  command: {command()}")
     ready = statistics.median(time_to_ready(base, args.starts))
     report(f"process start -> socket accepts, median of {args.starts}", f"{ready * 1000:.0f} ms",
