@@ -526,9 +526,9 @@ def hold_slow_clients(connect, count, on_tick):
 
 
 # Every fd the daemon may hold beyond its baseline: the capped connections, plus those accepted
-# in the current event-loop pass that are being answered `server busy` and closed (asyncio accepts
-# at most the listen backlog, 512, per pass), plus the metrics listener's own cap: 800, under the
-# soft RLIMIT_NOFILE of 1024 systemd gives a service unless the unit sets LimitNOFILE.
+# in the current event-loop pass that are being answered `server busy` and closed (at most the
+# listen backlog, 512, whatever a pass accepts), plus the metrics listener's own cap: 800, under
+# the soft RLIMIT_NOFILE of 1024 systemd gives a service unless the unit sets LimitNOFILE.
 FD_BOUND = psp.MAX_CONNECTIONS + 512 + psp.MAX_METRICS_CONNECTIONS
 
 
