@@ -144,14 +144,24 @@ class Clients:
             proc.join(timeout=30)
 
 
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def alternating_rates(clients, servers, rounds, per_client, keep_alive):
-    """{name: [rate per round]} with the order of the servers rotated every round."""
+    """({name: [rate per round]}, {name: [server CPU µs per request, per round]}) with the
+    order of the servers ({name: (socket path, pid)}) rotated every round."""
     names = list(servers)
-    rates = {name: [] for name in names}
+    rates, cpu = {name: [] for name in names}, {name: [] for name in names}
+    requests = len(clients.tasks) * per_client
     for index in range(rounds):
         for name in names[index % len(names):] + names[:index % len(names)]:
-            rates[name].append(clients.throughput(servers[name], per_client, keep_alive))
-    return rates
+            path, pid = servers[name]
+            began = cpu_seconds(pid)
+            rates[name].append(clients.throughput(path, per_client, keep_alive))
+            cpu[name].append((cpu_seconds(pid) - began) / requests * 1e6)
+    return rates, cpu
 
 
 def rss_kib(pid):
@@ -276,8 +286,9 @@ def start_before_daemon(base, module):
     return daemon
 
 
-def report_rates(rates, clients, label, keep_alive):
-    """Each server's median rate and rounds; the daemon's rate as a share of the others'."""
+def report_rates(rates, cpu, clients, label, keep_alive):
+    """Each server's median rate, rounds and CPU per request; the daemon's rate as a share of
+    the others'."""
     medians = {name: statistics.median(samples) for name, samples in rates.items()}
     for name, samples in rates.items():
         if name == "daemon":
@@ -285,7 +296,8 @@ def report_rates(rates, clients, label, keep_alive):
                    ">= 5,000 req/s", medians[name] >= 5000)
         else:
             report(f"  {name}, {label}", f"{medians[name]:,.0f} req/s")
-        print(f"    rounds: {', '.join(f'{rate:,.0f}' for rate in samples)}")
+        print(f"    rounds: {', '.join(f'{rate:,.0f}' for rate in samples)}; its CPU per "
+              f"request {statistics.median(cpu[name]):.0f} us")
     share = 100 * medians["daemon"] / medians["minimal server"]
     if keep_alive:
         report(f"  daemon / minimal server, {label}", f"{share:.0f} %")
@@ -328,12 +340,13 @@ def main():
             report(f"get_status p50, {label}", f"{p50:.3f} ms", "<= 0.5 ms", p50 <= 0.5)
             report(f"get_status p99, {label}", f"{p99:.3f} ms")
         print(f"  command: {command(f' --requests {args.requests}')}")
-        servers = {"daemon": path, "minimal server": minimal_path}
+        servers = {"daemon": (path, daemon.proc.pid), "minimal server": (minimal_path, minimal.pid)}
         if before:
-            servers["before"] = str(before.socket)
+            servers["before"] = (str(before.socket), before.proc.pid)
         for keep_alive, label in ((False, "one connection per request"), (True, "keep-alive")):
-            rates = alternating_rates(clients, servers, args.rounds, args.per_client, keep_alive)
-            report_rates(rates, args.clients, label, keep_alive)
+            rates, cpu = alternating_rates(clients, servers, args.rounds, args.per_client,
+                                           keep_alive)
+            report_rates(rates, cpu, args.clients, label, keep_alive)
         extra = f" --before {args.before}" if args.before else ""
         print(f"  command: {command(f' --clients {args.clients} --per-client {args.per_client}')}"
               f" --rounds {args.rounds}{extra}")

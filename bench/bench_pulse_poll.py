@@ -13,7 +13,6 @@ Needs root (test accounts, sshd). Loopback only.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,16 +21,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_core import command, report  # noqa: E402
+from bench_core import command, cpu_seconds, report  # noqa: E402
 from conftest import ROOT, DaemonProcess, as_uid  # noqa: E402
 from sshnodes import NodeSet, SshLab  # noqa: E402
 
 SSHDS, NAMES_PER_SSHD, CONTAINER_ROOT = 8, 8, 100000
-
-
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import gojson  # noqa: E402
+from bench_core import cpu_seconds  # noqa: E402
 from conftest import DaemonProcess, psp, rpc  # noqa: E402
 from pulse_client import exchange_bytes  # noqa: E402
 from sshnodes import FIXTURES_DIR, NodeSet, SshLab, make_keypair, restricted_key_line, ssh_command  # noqa: E402
@@ -88,11 +88,6 @@ def start_daemon(work, nodes):
     for node in nodes:
         authorize(node, public)
     return daemon
-
-
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Floor:
