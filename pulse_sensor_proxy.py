@@ -1234,11 +1234,20 @@ def normalize_correlation_id(value):
 COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)  # data is a tree
 
 
+class EncodedJSON(str):
+    """JSON text a method built itself from parts it encoded once: a reply takes it as it is."""
+
+
+@functools.lru_cache(maxsize=16)
+def capabilities_json(capabilities):
+    return COMPACT_JSON.encode(sorted(capabilities))
+
+
 def response_line(corr_id, data=None, error=None):
     """One reply line; `corr_id` is a normalized UUID, so it needs no escaping."""
     if error is None:
-        return f'{{"correlation_id":"{corr_id}","success":true,"data":' \
-               f'{COMPACT_JSON.encode(data)}}}\n'.encode()
+        body = data if type(data) is EncodedJSON else COMPACT_JSON.encode(data)
+        return f'{{"correlation_id":"{corr_id}","success":true,"data":{body}}}\n'.encode()
     return f'{{"correlation_id":"{corr_id}","success":false,"error":' \
            f'{COMPACT_JSON.encode(error)}}}\n'.encode()
 
@@ -4767,10 +4776,6 @@ class Peer:
         self.uid, self.gid, self.pid, self.capabilities = uid, gid, pid, capabilities
         self.limit_key = uid, pid   # what the rate limiter counts by, as the original daemon does
 
-    def as_dict(self):
-        return {"uid": self.uid, "gid": self.gid, "pid": self.pid,
-                "capabilities": sorted(self.capabilities)}
-
 
 PEERCRED = struct.Struct("=iII")
 
@@ -5350,6 +5355,7 @@ class Daemon:
         self.closing = set()        # pools of an older config, closing their connections
         self.public_key_stamp = self.public_key_line = None
         self.public_key_checked = -math.inf
+        self.status_of, self.status_text = (None, None), None     # status_head's
         self.settings = self.nodes = None
         self.apply_config(config)
         self.dispatcher = Dispatcher(self)
@@ -5399,6 +5405,18 @@ class Daemon:
         self.log.level = LOG_LEVELS[config["log_level"]]
         self.settings, self.nodes = Settings(config, limiter, ranges, subnets), nodes
 
+    def status_head(self):
+        """get_status's JSON object up to its uptime: the fields that change only with the key
+        (looked at once a second) or the config, encoded when one of them changed."""
+        key, settings = self.public_key(max_age=1.0), self.settings
+        if key is not self.status_of[0] or settings is not self.status_of[1]:
+            config = settings.config
+            self.status_of = key, settings
+            self.status_text = COMPACT_JSON.encode({
+                "version": __version__, "public_key": key, "ssh_dir": config["ssh_dir"],
+                "socket": config["socket_path"]})[:-1] + ","
+        return self.status_text
+
     def public_key(self, max_age=0.0):
         """The key's public line, read again only when the file changed (rotation writes a
         new file); with `max_age`, whether it did is looked at only once in that many seconds
@@ -5426,11 +5444,14 @@ class Daemon:
 
 @rpc_method("get_status", CAP_READ)
 def get_status(daemon, peer, params, corr_id):
-    config = daemon.config
-    return {"version": __version__, "public_key": daemon.public_key(max_age=1.0),
-            "ssh_dir": config["ssh_dir"], "socket": config["socket_path"],
-            "uptime_seconds": round(daemon.clock() - daemon.started, 3), "peer": peer.as_dict(),
-            "capabilities": sorted(peer.capabilities)}     # where the original daemon put them
+    """Built as text: what changes only with the key or the config is encoded once
+    (Daemon.status_head), the rest is numbers and the caller's capability list, whose JSON is
+    the encoder's; the top-level list is where the original daemon put the capabilities."""
+    caps = capabilities_json(peer.capabilities)
+    return EncodedJSON(f'{daemon.status_head()}"uptime_seconds":'
+                       f'{round(daemon.clock() - daemon.started, 3)!r},"peer":{{"uid":{peer.uid},'
+                       f'"gid":{peer.gid},"pid":{peer.pid},"capabilities":{caps}}},'
+                       f'"capabilities":{caps}}}')
 
 
 @rpc_method("get_temperature", CAP_READ)

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 import pulse_sensor_proxy as psp
-from conftest import (CID, MODULE, PYTHON, READER_UID, free_port, metric_samples, metrics_text,
-                      rpc, run_cli, send_raw, wait_for)
+from conftest import (CID, MODULE, PYTHON, READER_UID, as_uid, free_port, metric_samples,
+                      metrics_text, rpc, run_cli, send_raw, wait_for)
 
 def lines_of(data):
     return [json.loads(line) for line in data.decode().splitlines()]
@@ -39,6 +39,35 @@ def test_get_status_exactly_as_pulse_sends_it(daemon):
     assert data["peer"] == {"uid": 0, "gid": 0, "pid": data["peer"]["pid"],
                             "capabilities": ["admin", "cleanup", "read"]}
     assert data["capabilities"] == ["admin", "cleanup", "read"], "top level too, as the original answered"
+
+
+# One get_status exchange by any uid's python3, the reply's bytes as they came.
+CALL_RAW = f"""import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(b'{{"correlation_id": "{CID}", "method": "get_status"}}\\n')
+data = b""
+while not data.endswith(b"\\n"):
+    data += sock.recv(65536)
+sys.stdout.buffer.write(data)
+"""
+
+
+def test_get_status_is_the_json_encoders_text(daemon_factory):
+    """get_status is built as text from parts encoded once: byte for byte what encoding its
+    fields would give, for root and for a read-only uid."""
+    daemon = daemon_factory({"allowed_peers": [{"uid": READER_UID, "capabilities": ["read"]}]})
+    for uid in (None, READER_UID):
+        request = {"correlation_id": CID, "method": "get_status"}
+        if uid is None:
+            raw = send_raw(daemon.socket, json.dumps(request).encode() + b"\n", shutdown=True)
+        else:
+            raw = subprocess.run(
+                as_uid(uid) + ["/usr/bin/python3", "-I", "-c", CALL_RAW, str(daemon.socket)],
+                capture_output=True, timeout=30, check=True).stdout
+        reply = json.loads(raw)
+        assert reply["data"]["peer"]["uid"] == (uid or 0)
+        assert raw == json.dumps(reply, separators=(",", ":")).encode() + b"\n"
 
 
 def test_keep_alive_answers_in_order(daemon):
