@@ -139,7 +139,7 @@ MAX_CACHED_PEERS = 4096            # (uid, gid) -> capabilities, per config: Dis
 SOCKET_BACKLOG = 512               # connections the kernel queues for the socket
 ACCEPT_BATCH = 4                   # accepted per loop pass: see SocketAcceptor
 LOOK_AGAIN_AFTER = 0.002           # an answered connection is watched by the loop this late
-ACCEPT_RETRY_DELAY = 1.0           # accepting pauses this long when out of fds (EMFILE)
+ACCEPT_RETRY_DELAY = 1.0           # accepting pauses this long after a refused accept (EMFILE)
 SHUTDOWN_GRACE = 10.0              # in-flight requests may finish for this long on SIGTERM
 RATE_LIMIT_PAUSE = 0.002           # x requests waiting: Daemon.pause_over_limit
 WRITE_TIMEOUT = 10.0               # for a reply to be read by its peer: Connection.drain
@@ -4479,7 +4479,7 @@ class SocketAcceptor:
         self.batch = None           # while accepting: transports whose writes are held
         self.lost = []              # (protocol, exception) of connections ended in the batch
         self.unwatched = []         # transports of the last batch, to be looked at again
-        self.look_again = None      # the timer that does it if no batch comes first
+        self.look_timer = None      # does it if no batch comes first
         self.retry = None
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self.accept_ready)
@@ -4487,8 +4487,8 @@ class SocketAcceptor:
     def accept_ready(self):
         self.in_batch(self.accept_batch)
 
-    def looked_again(self):
-        self.look_again = None
+    def look_at_unwatched(self):
+        self.look_timer = None
         self.in_batch(lambda: None)
 
     def in_batch(self, step):
@@ -4514,8 +4514,8 @@ class SocketAcceptor:
                 except Exception as error:      # as the loop would for its own callback
                     self.loop.call_exception_handler({"message": "connection_lost failed",
                                                       "exception": error})
-        if self.unwatched and self.look_again is None:
-            self.look_again = self.loop.call_later(LOOK_AGAIN_AFTER, self.looked_again)
+        if self.unwatched and self.look_timer is None:
+            self.look_timer = self.loop.call_later(LOOK_AGAIN_AFTER, self.look_at_unwatched)
 
     def accept_batch(self):
         # A few at a time: each is answered within this loop pass if it can be, its reply
